@@ -1,0 +1,12 @@
+"""bnbench: fused BatchNorm + activation kernels, a drop-in layer, and a benchmark harness that tells the truth.
+
+Importing bnbench probes no device and compiles nothing; Triton is imported when a Triton path first runs.
+"""
+
+from bnbench.activations import Activation
+from bnbench.functional import batch_norm_act
+from bnbench.modules import BatchNormAct1d, BatchNormAct2d
+
+__version__ = "0.1.0"
+
+__all__ = ["Activation", "BatchNormAct1d", "BatchNormAct2d", "__version__", "batch_norm_act"]

@@ -1,0 +1,76 @@
+"""BatchNormAct1d / BatchNormAct2d: drop-in replacements for ``nn.BatchNorm1d/2d`` followed by an activation.
+
+They subclass the PyTorch modules, so parameters, buffers, state_dict, ``reset_parameters``, input checks and
+``isinstance`` checks are PyTorch's own; only ``forward`` (and ``extra_repr``) differ.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from bnbench.activations import Activation, parse_activation
+from bnbench.functional import BACKENDS, batch_norm_act
+
+__all__ = ["BatchNormAct1d", "BatchNormAct2d"]
+
+
+class _BatchNormActMixin:
+    """The shared body of BatchNormAct1d/2d; mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | Activation = "relu",
+        activation_param: float | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation, self.activation_param = parse_activation(activation, activation_param)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are only updated in training mode when they are tracked; in eval they are only read.
+        track = not self.training or self.track_running_stats
+        return batch_norm_act(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+            self.activation,
+            self.activation_param if self.activation is Activation.LEAKY_RELU else None,
+            self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        act = self.activation.value
+        if self.activation is Activation.LEAKY_RELU:
+            act += f", activation_param={self.activation_param}"
+        backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"{super().extra_repr()}, activation={act}{backend}"
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` followed by an activation, fused. Input (N, C) or (N, C, L)."""
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by an activation, fused. Input (N, C, H, W), NCHW or channels_last."""

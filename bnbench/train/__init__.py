@@ -1,0 +1,1 @@
+"""bnbench.train"""

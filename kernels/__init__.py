@@ -1,0 +1,28 @@
+"""Triton kernels for fused BatchNorm + activation, and their host launchers (installed as ``bnbench.kernels``).
+
+Importing this package imports triton; ``import bnbench`` does not import it until a Triton path runs.
+"""
+
+from .launchers import (
+    SUPPORTED_DTYPES,
+    Geometry,
+    KernelConfig,
+    Strides,
+    bn_act_bwd,
+    bn_act_fwd_eval,
+    bn_act_fwd_train,
+    interpreter_active,
+    plan,
+)
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Geometry",
+    "KernelConfig",
+    "Strides",
+    "bn_act_bwd",
+    "bn_act_fwd_eval",
+    "bn_act_fwd_train",
+    "interpreter_active",
+    "plan",
+]

@@ -1,0 +1,130 @@
+"""Triton helpers shared by the forward and backward kernels: tile addressing and the activation dispatcher.
+
+Every kernel sees its tensors as ``[N, C, S]`` through strides (``S`` = H*W, 1 for 2-D input). A *tile* is a
+``[BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S]`` block; the reduction axes (N and S) are walked tile by tile,
+numbered ``tile = tile_n * n_tiles_s + tile_s``. When H and W cannot be merged into one stride (a strided view
+of a 4-D tensor), ``SPLIT_S`` is set and ``s`` is split into ``(s // W, s % W)`` with strides ``stride_h``
+and ``stride_s`` (which then is the W stride).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr):
+    """Row indices (int64) of one tile along N and S, their masks, and the number of valid (n, s) pairs."""
+    tile_n = tile // n_tiles_s
+    tile_s = tile - tile_n * n_tiles_s
+    n = tile_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    s = tile_s.to(tl.int64) * BLOCK_SIZE_S + tl.arange(0, BLOCK_SIZE_S)
+    valid_n = tl.minimum(N - tile_n.to(tl.int64) * BLOCK_SIZE_N, BLOCK_SIZE_N)
+    valid_s = tl.minimum(S - tile_s.to(tl.int64) * BLOCK_SIZE_S, BLOCK_SIZE_S)
+    return n, s, n < N, s < S, (valid_n * valid_s).to(tl.float32)
+
+
+@triton.jit
+def _offsets(n, c, s, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S: tl.constexpr):
+    """int64 element offsets of a [BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S] tile."""
+    if SPLIT_S:
+        h = s // W
+        s_off = h * stride_h + (s - h * W) * stride_s
+    else:
+        s_off = s * stride_s
+    return n[:, None, None] * stride_n + c[None, :, None] * stride_c + s_off[None, None, :]
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(z):
+    # Sign-symmetric form: exp never overflows, tanh(+-inf) = +-1.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0.0, -t, t)
+
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
+_GELU_K = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_GELU_C = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr, act_param):
+    """act(z) in fp32, selected by the constexpr ACTIVATION (an ``Activation`` value)."""
+    if ACTIVATION == "identity":
+        return z
+    elif ACTIVATION == "relu":
+        return tl.maximum(z, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        return tl.where(z > 0.0, z, z * act_param)
+    elif ACTIVATION == "sigmoid":
+        return _sigmoid(z)
+    elif ACTIVATION == "tanh":
+        return _tanh(z)
+    elif ACTIVATION == "gelu":
+        return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * z * (1.0 + _tanh(_GELU_K * (z + _GELU_C * z * z * z)))
+    else:
+        tl.static_assert(ACTIVATION == "silu", "unknown ACTIVATION")
+        return z * _sigmoid(z)
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr, act_param):
+    """d act(z) / dz in fp32 (PyTorch's conventions at the kinks: relu'(0) = 0, leaky_relu'(0) = slope)."""
+    if ACTIVATION == "identity":
+        return tl.full(z.shape, 1.0, tl.float32)
+    elif ACTIVATION == "relu":
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        return tl.where(z > 0.0, 1.0, act_param)
+    elif ACTIVATION == "sigmoid":
+        sig = _sigmoid(z)
+        return sig * (1.0 - sig)
+    elif ACTIVATION == "tanh":
+        t = _tanh(z)
+        return 1.0 - t * t
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == "gelu_tanh":
+        t = _tanh(_GELU_K * (z + _GELU_C * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * z * z)
+    else:
+        tl.static_assert(ACTIVATION == "silu", "unknown ACTIVATION")
+        sig = _sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _load_channel_affine(
+    weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """fp32 weight and bias of a channel block (1 and 0 where the layer has none)."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+    else:
+        w = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(c.shape, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR: tl.constexpr):
+    """fp32 mean and rstd of a channel block; ``var_ptr`` holds rstd, or the variance when RSTD_FROM_VAR."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    if RSTD_FROM_VAR:
+        var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+    else:
+        rstd = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+    return mean, rstd

@@ -1,0 +1,196 @@
+"""Host-side planning: view tensors as [N, C, S] through strides, and pick tiles and the split of the reduction.
+
+No tensor is ever copied: (N, C), (N, C, L), NCHW, channels_last and strided views are all described by a
+:class:`Geometry` plus one :class:`Strides` per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+__all__ = ["Geometry", "KernelConfig", "Strides", "default_config", "geometry_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strides:
+    """Element strides of one tensor seen as [N, C, S]; ``h`` is used only when the geometry splits S."""
+
+    n: int
+    c: int
+    s: int
+    h: int
+
+    def args(self) -> tuple[int, int, int, int]:
+        return self.n, self.c, self.s, self.h
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Sizes of the [N, C, S] view. ``split_s``: S = H*W must be addressed as (s // W, s % W)."""
+
+    N: int
+    C: int
+    S: int
+    W: int
+    split_s: bool
+
+    @property
+    def rows(self) -> int:
+        """Elements per channel: the reduction size M = N*S."""
+        return self.N * self.S
+
+
+def _nchw(t: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Sizes and strides of t as (N, C, H, W)."""
+    if t.dim() == 2:
+        return (t.shape[0], t.shape[1], 1, 1), (t.stride(0), t.stride(1), 0, 0)
+    if t.dim() == 3:
+        return (t.shape[0], t.shape[1], 1, t.shape[2]), (t.stride(0), t.stride(1), 0, t.stride(2))
+    if t.dim() == 4:
+        return tuple(t.shape), tuple(t.stride())  # type: ignore[return-value]
+    raise ValueError(f"expected a 2-D, 3-D or 4-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, list[Strides]]:
+    """The common [N, C, S] view of same-shaped tensors (x, y, dy, dx), each with its own strides.
+
+    H and W merge into one S axis when every tensor allows it (stride_h == W * stride_w); N and S then merge
+    into one row axis when every tensor allows it (stride_n == S * stride_s, as in channels_last), so the
+    kernels see the longest runs the memory layout offers.
+    """
+    (N, C, H, W), _ = _nchw(tensors[0])
+    S = H * W
+    raw = [_nchw(t)[1] for t in tensors]
+    for t in tensors[1:]:
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+
+    def merged_s_stride(sh: int, sw: int) -> int | None:
+        if W == 1:
+            return sh if H > 1 else 1
+        if H == 1 or sh == W * sw:
+            return sw
+        return None
+
+    s_strides = [merged_s_stride(sh, sw) for (_, _, sh, sw) in raw]
+    if any(s is None for s in s_strides):
+        geom = Geometry(N, C, S, W, split_s=True)
+        return geom, [Strides(sn, sc, sw, sh) for (sn, sc, sh, sw) in raw]
+
+    strides = [Strides(sn, sc, ss, 0) for (sn, sc, _, _), ss in zip(raw, s_strides, strict=True)]
+    if S > 1 and all(st.n == S * st.s for st in strides):
+        # Rows merge: (n, s) is one axis of stride s. S becomes 1 (its stride is then irrelevant).
+        return Geometry(N * S, C, 1, 1, split_s=False), [Strides(st.s, st.c, 1, 0) for st in strides]
+    return Geometry(N, C, S, W if S > 1 else 1, split_s=False), strides
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings. ``num_partials`` = 1 selects the single-launch fused kernels (small inputs)."""
+
+    block_size_n: int
+    block_size_c: int
+    block_size_s: int
+    num_partials: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_size_n", "block_size_c", "block_size_s", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 1, got {value}")
+        if self.num_partials < 1:
+            raise ValueError(f"KernelConfig.num_partials must be >= 1, got {self.num_partials}")
+
+    def tiles(self, geom: Geometry) -> tuple[int, int]:
+        """(number of tiles along the reduction axes, tiles along S)."""
+        n_tiles_s = _cdiv(geom.S, self.block_size_s)
+        return _cdiv(geom.N, self.block_size_n) * n_tiles_s, n_tiles_s
+
+    def describe(self) -> str:
+        path = "fused" if self.num_partials == 1 else f"split{self.num_partials}"
+        return (
+            f"{path}:bn{self.block_size_n}xbc{self.block_size_c}xbs{self.block_size_s}:w{self.num_warps}"
+        )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_most(value: int, cap: int) -> int:
+    """The largest power of two <= min(value, cap) (at least 1)."""
+    value = max(1, min(value, cap))
+    return 1 << (value.bit_length() - 1)
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _low_waste_block(size: int, cap: int) -> int:
+    """Largest power-of-two block <= cap whose padding wastes at most 1/8 of ``size`` (>= 16 if size is)."""
+    block = min(_next_pow2(size), cap)
+    while block > 16 and _cdiv(size, block) * block > size * 9 // 8:
+        block //= 2
+    return block
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number; launches there are simulated one program at a time
+
+
+#: elements per channel block and tile that keep a program's working set in registers
+_TILE_ELEMENTS = {1: 4096, 2: 4096, 4: 2048, 8: 1024}
+#: the fused single-launch kernels are used while one program's share of the input stays this small
+_FUSED_MAX_BYTES_PER_PROGRAM = 64 << 10
+
+
+def default_config(geom: Geometry, x_strides: Strides, element_size: int, device: torch.device) -> KernelConfig:
+    """A launch heuristic for the shape and layout (tuned for 132-SM Hopper parts, sane elsewhere).
+
+    Tiles follow the unit-stride axis so loads coalesce: along C for (N, C) and channels_last, along S for
+    NCHW. The reduction is split over enough programs to fill every SM several times; small inputs use one
+    program per channel block and one launch.
+    """
+    target = _TILE_ELEMENTS.get(element_size, 2048)
+    N, C, S = geom.N, geom.C, geom.S
+    if S > 1 and x_strides.s == 1:  # NCHW-like: runs along S
+        block_s = _low_waste_block(S, 1024)
+        block_c = _pow2_at_most(target // block_s, min(_next_pow2(C), 16))
+        block_n = _pow2_at_most(target // (block_s * block_c), _next_pow2(N))
+    elif x_strides.c == 1 or S == 1:  # runs along C (or rows); tile over rows and C
+        if x_strides.c == 1 or x_strides.n != 1:
+            block_c = min(_next_pow2(C), 128 if element_size >= 4 else 256)
+        else:  # (N, C) transposed: N has unit stride
+            block_c = _pow2_at_most(target // min(_next_pow2(N), 256), _next_pow2(C))
+        rows_cap = _next_pow2(N) if S == 1 else _next_pow2(S)
+        rows = _pow2_at_most(target // block_c, rows_cap)
+        block_n, block_s = (rows, 1) if S == 1 else (1, rows)
+    else:  # exotic strides: a square-ish tile
+        block_c = min(_next_pow2(C), 32)
+        block_s = _pow2_at_most(target // block_c, _next_pow2(S))
+        block_n = 1
+    elems = block_n * block_c * block_s
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
+
+    n_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
+    # Launch-bound inputs: one program per channel block, one launch. Narrow the channel block (not below a
+    # 128-byte row segment where C is the unit-stride axis) to spread the work over more SMs.
+    sms = _sm_count(device)
+    min_block_c = max(1, 128 // element_size) if x_strides.c == 1 else 1
+    fused_block_c = block_c
+    while fused_block_c > min_block_c and _cdiv(C, fused_block_c) < 2 * sms:
+        fused_block_c //= 2
+    if n_tiles == 1 or geom.rows * fused_block_c * element_size <= _FUSED_MAX_BYTES_PER_PROGRAM:
+        return KernelConfig(block_n, fused_block_c, block_s, num_partials=1, num_warps=num_warps)
+    c_blocks = _cdiv(C, block_c)
+    partials = max(2, min(n_tiles, _cdiv(4 * sms, c_blocks)))
+    partials = _cdiv(n_tiles, _cdiv(n_tiles, partials))  # so that every program gets at least one tile
+    return KernelConfig(block_n, block_c, block_s, num_partials=partials, num_warps=num_warps)

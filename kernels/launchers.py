@@ -1,0 +1,306 @@
+"""Host launchers for the fused BatchNorm + activation kernels: check, allocate, launch.
+
+No autograd here (``bnbench.functional`` wraps these). Every tensor is addressed through its strides; nothing is
+copied. Statistics are fp32 whatever the input dtype; outputs take the input's dtype and memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._backward import (
+    _bn_act_bwd_combine_kernel,
+    _bn_act_bwd_dx_kernel,
+    _bn_act_bwd_fused_kernel,
+    _bn_act_bwd_reduce_kernel,
+)
+from ._forward import (
+    _bn_act_fwd_apply_kernel,
+    _bn_act_fwd_combine_kernel,
+    _bn_act_fwd_fused_kernel,
+    _bn_act_fwd_stats_kernel,
+)
+from ._plan import Geometry, KernelConfig, Strides, default_config, geometry_of
+
+__all__ = ["bn_act_bwd", "bn_act_fwd_eval", "bn_act_fwd_train", "interpreter_active", "plan"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+_MAX_GRID_X = 2**31 - 1
+
+
+def interpreter_active() -> bool:
+    """True when these kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_bn_act_fwd_apply_kernel, InterpretedFunction)
+
+
+def _alloc_like(t: torch.Tensor) -> torch.Tensor:
+    """Output allocation (same dtype, device and, for dense inputs, strides). Tests poison it."""
+    return torch.empty_like(t)
+
+
+def _check_input(x: torch.Tensor, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; the Triton kernels support float32, float16 and bfloat16")
+    if x.dim() not in (2, 3, 4):
+        raise ValueError(f"{name} must be 2-D, 3-D or 4-D (N, C, ...), got shape {tuple(x.shape)}")
+    if x.device.type != "cuda" and not interpreter_active():
+        raise ValueError(
+            f"{name} is on {x.device}; the Triton kernels run on CUDA tensors, or on CPU tensors only when "
+            "TRITON_INTERPRET=1 was set before triton was imported"
+        )
+
+
+def _check_channel_tensor(t: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    C = x.shape[1]
+    if t.dim() != 1 or t.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+    if t.stride(0) != 1 and C > 1:
+        raise ValueError(f"{name} must have unit stride, got stride {t.stride(0)}")
+
+
+def _activation_name(activation: str) -> str:
+    name = getattr(activation, "value", activation)
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(_ACTIVATIONS)}")
+    return name
+
+
+def plan(x: torch.Tensor, config: KernelConfig | None = None) -> tuple[Geometry, KernelConfig]:
+    """The [N, C, S] view of x and the launch configuration the launchers would use for it."""
+    geom, (x_strides,) = geometry_of(x)
+    return geom, config or default_config(geom, x_strides, x.element_size(), x.device)
+
+
+def _grid_tiles(n_tiles: int) -> tuple[int, int]:
+    """(programs along the tile axis, tiles per program) for an elementwise pass."""
+    tiles_per_program = triton.cdiv(n_tiles, _MAX_GRID_X)
+    return triton.cdiv(n_tiles, tiles_per_program), tiles_per_program
+
+
+def bn_act_fwd_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    momentum: float,
+    eps: float,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward: y = act(BN(x)) with batch statistics; updates running stats in place.
+
+    Returns (y, mean, rstd): y like x, mean and rstd fp32 of shape (C,) (what backward needs).
+    """
+    _check_input(x)
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_tensor(t, name, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    act = _activation_name(activation)
+    y = _alloc_like(x)
+    geom, (xs, ys) = geometry_of(x, y)
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    C = geom.C
+    mean = torch.empty(C, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(C, device=x.device, dtype=torch.float32)
+    if x.numel() == 0:
+        return y, mean.zero_(), rstd.fill_(float("nan"))
+    if geom.rows < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    has_running = running_mean is not None
+    rm = running_mean if has_running else mean
+    rv = running_var if has_running else rstd
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    c_blocks = triton.cdiv(C, cfg.block_size_c)
+    common = dict(
+        ACTIVATION=act,
+        BLOCK_SIZE_N=cfg.block_size_n,
+        BLOCK_SIZE_C=cfg.block_size_c,
+        BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s,
+        num_warps=cfg.num_warps,
+    )
+    if cfg.num_partials == 1:
+        _bn_act_fwd_fused_kernel[(c_blocks,)](
+            x, y, mean, rstd, w, b, rm, rv,
+            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
+            *xs.args(), *ys.args(),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running, **common,
+        )  # fmt: skip
+        return y, mean, rstd
+
+    P = min(cfg.num_partials, n_tiles)
+    tiles_per_program = triton.cdiv(n_tiles, P)
+    P = triton.cdiv(n_tiles, tiles_per_program)
+    count = torch.empty(P, device=x.device, dtype=torch.float32)
+    part_mean = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    _bn_act_fwd_stats_kernel[(P, c_blocks)](
+        x, count, part_mean, part_m2,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    combine_block_c = min(triton.next_power_of_2(C), 128)
+    _bn_act_fwd_combine_kernel[(triton.cdiv(C, combine_block_c),)](
+        count, part_mean, part_m2, mean, rstd, rm, rv,
+        P, C, float(geom.rows), float(eps), float(momentum),
+        HAS_RUNNING=has_running, BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16),
+        BLOCK_SIZE_C=combine_block_c,
+    )  # fmt: skip
+    programs, tiles_per_program = _grid_tiles(n_tiles)
+    _bn_act_fwd_apply_kernel[(programs, c_blocks)](
+        x, y, mean, rstd, w, b,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
+        *xs.args(), *ys.args(),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=False, **common,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def bn_act_fwd_eval(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Eval forward: y = act((x - running_mean) / sqrt(running_var + eps) * w + b), one elementwise pass."""
+    _check_input(x)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_tensor(t, name, x)
+    act = _activation_name(activation)
+    y = _alloc_like(x)
+    if x.numel() == 0:
+        return y
+    geom, (xs, ys) = geometry_of(x, y)
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    programs, tiles_per_program = _grid_tiles(n_tiles)
+    _bn_act_fwd_apply_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
+        x, y, running_mean, running_var,
+        weight if weight is not None else running_mean, bias if bias is not None else running_mean,
+        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
+        *xs.args(), *ys.args(),
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=True,
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return y
+
+
+def bn_act_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd_or_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    training: bool,
+    eps: float,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of act(BN(x)): returns (dx, dweight, dbias); dweight/dbias are None without weight/bias.
+
+    Training: ``mean``/``rstd_or_var`` are the fp32 batch mean and rstd saved by the forward. Eval: they are the
+    running mean and running variance (constants, so dx has no statistics terms).
+    """
+    _check_input(x)
+    _check_input(dy, "grad_output")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(
+            f"grad_output {tuple(dy.shape)} {dy.dtype} does not match input {tuple(x.shape)} {x.dtype}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_channel_tensor(t, name, x)
+    act = _activation_name(activation)
+    dx = _alloc_like(x)
+    C = x.shape[1]
+    dweight = torch.empty_like(weight) if weight is not None else None
+    dbias = torch.empty_like(bias) if bias is not None else None
+    if x.numel() == 0:
+        return dx, *(None if g is None else g.zero_() for g in (dweight, dbias))
+    geom, (xs, dys, dxs) = geometry_of(x, dy, dx)
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    c_blocks = triton.cdiv(C, cfg.block_size_c)
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    strides = (*xs.args(), *dys.args(), *dxs.args())
+    common = dict(
+        ACTIVATION=act,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_SIZE_N=cfg.block_size_n,
+        BLOCK_SIZE_C=cfg.block_size_c,
+        BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s,
+        num_warps=cfg.num_warps,
+    )
+    if cfg.num_partials == 1:
+        _bn_act_bwd_fused_kernel[(c_blocks,)](
+            x, dy, dx, mean, rstd_or_var, w, b,
+            dweight if dweight is not None else mean, dbias if dbias is not None else mean,
+            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(geom.rows), float(eps), float(act_param),
+            *strides, TRAINING=training, **common,
+        )  # fmt: skip
+        return dx, dweight, dbias
+
+    P = min(cfg.num_partials, n_tiles)
+    tiles_per_program = triton.cdiv(n_tiles, P)
+    P = triton.cdiv(n_tiles, tiles_per_program)
+    part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    _bn_act_bwd_reduce_kernel[(P, c_blocks)](
+        x, dy, dx, mean, rstd_or_var, w, b, part_dz, part_dz_xhat,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
+        *strides, TRAINING=training, **common,
+    )  # fmt: skip
+    sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
+    sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
+    combine_block_c = min(triton.next_power_of_2(C), 128)
+    _bn_act_bwd_combine_kernel[(triton.cdiv(C, combine_block_c),)](
+        part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
+        dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16), BLOCK_SIZE_C=combine_block_c,
+    )  # fmt: skip
+    if training:
+        programs, tiles_per_program = _grid_tiles(n_tiles)
+        _bn_act_bwd_dx_kernel[(programs, c_blocks)](
+            x, dy, dx, mean, rstd_or_var, w, b, sum_dz, sum_dz_xhat,
+            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(geom.rows),
+            float(act_param), *strides, **common,
+        )  # fmt: skip
+    return dx, dweight, dbias
+
+
+# Re-exported for callers that plan launches themselves (the profiler, tests forcing a path).
+__all__ += ["Geometry", "KernelConfig", "Strides"]

@@ -1,0 +1,45 @@
+"""Test set-up: the Triton interpreter on machines without CUDA, strict markers, seeding.
+
+TRITON_INTERPRET must be set before triton is imported (Triton decides at kernel-decoration time); importing
+torch does not import triton, so checking for CUDA first is safe.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed() -> int:
+    """Seed torch, numpy and random; returns the seed."""
+    value = 1234
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+    return value
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when there is one, else the CPU under the Triton interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
