@@ -47,10 +47,8 @@ def _tanh(z):
     return tl.where(z < 0.0, -t, t)
 
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
-_GELU_K = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
-_GELU_C = tl.constexpr(0.044715)
+# Literal constants below (Triton's interpreter and compiler agree on literals): 0.7071067811865476 = 1/sqrt(2),
+# 0.3989422804014327 = 1/sqrt(2*pi), 0.7978845608028654 = sqrt(2/pi), 0.044715 = the tanh-GELU cubic coefficient.
 
 
 @triton.jit
@@ -67,9 +65,9 @@ def _activation(z, ACTIVATION: tl.constexpr, act_param):
     elif ACTIVATION == "tanh":
         return _tanh(z)
     elif ACTIVATION == "gelu":
-        return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * z * (1.0 + _tanh(_GELU_K * (z + _GELU_C * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     else:
         tl.static_assert(ACTIVATION == "silu", "unknown ACTIVATION")
         return z * _sigmoid(z)
@@ -91,11 +89,11 @@ def _activation_grad(z, ACTIVATION: tl.constexpr, act_param):
         t = _tanh(z)
         return 1.0 - t * t
     elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
-        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACTIVATION == "gelu_tanh":
-        t = _tanh(_GELU_K * (z + _GELU_C * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * z * z)
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
     else:
         tl.static_assert(ACTIVATION == "silu", "unknown ACTIVATION")
         sig = _sigmoid(z)
@@ -103,9 +101,7 @@ def _activation_grad(z, ACTIVATION: tl.constexpr, act_param):
 
 
 @triton.jit
-def _load_channel_affine(
-    weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
-):
+def _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """fp32 weight and bias of a channel block (1 and 0 where the layer has none)."""
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(tl.float32)

@@ -122,12 +122,13 @@ def _bn_act_fwd_stats_kernel(
 def _bn_act_fwd_combine_kernel(
     count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr,
     P, C, total, eps, momentum,
-    HAS_RUNNING: tl.constexpr, BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, FINALIZE: tl.constexpr, BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
 ):  # fmt: skip
     """Merge P partials per channel in a fixed order. Grid (cdiv(C, BLOCK_SIZE_C),).
 
     mean = K + sum_p n_p (mean_p - K) / n with K = mean_0 (shifted, so no cancellation), then
-    M2 = sum_p M2_p + n_p (mean_p - mean)^2.
+    M2 = sum_p M2_p + n_p (mean_p - mean)^2. FINALIZE: write mean and rstd and update the running statistics;
+    otherwise write mean and M2 into ``mean_ptr`` and ``rstd_ptr`` (local statistics to merge across ranks).
     """
     c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
     c_mask = c < C
@@ -152,10 +153,14 @@ def _bn_act_fwd_combine_kernel(
         pm2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
         delta = mu - mean[None, :]
         m2 += tl.sum(tl.where(mask, pm2 + cnt[:, None] * delta * delta, 0.0), axis=0)
-    _finalize_stats(
-        mean, m2, total, c, c_mask, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr, eps, momentum,
-        HAS_RUNNING,
-    )  # fmt: skip
+    if FINALIZE:
+        _finalize_stats(
+            mean, m2, total, c, c_mask, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr, eps, momentum,
+            HAS_RUNNING,
+        )  # fmt: skip
+    else:
+        tl.store(mean_ptr + c, mean, mask=c_mask)
+        tl.store(rstd_ptr + c, m2, mask=c_mask)
 
 
 @triton.jit

@@ -112,9 +112,7 @@ class KernelConfig:
 
     def describe(self) -> str:
         path = "fused" if self.num_partials == 1 else f"split{self.num_partials}"
-        return (
-            f"{path}:bn{self.block_size_n}xbc{self.block_size_c}xbs{self.block_size_s}:w{self.num_warps}"
-        )
+        return f"{path}:bn{self.block_size_n}xbc{self.block_size_c}xbs{self.block_size_s}:w{self.num_warps}"
 
 
 def _cdiv(a: int, b: int) -> int:

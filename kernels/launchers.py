@@ -23,7 +23,17 @@ from ._forward import (
 )
 from ._plan import Geometry, KernelConfig, Strides, default_config, geometry_of
 
-__all__ = ["bn_act_bwd", "bn_act_fwd_eval", "bn_act_fwd_train", "interpreter_active", "plan"]
+__all__ = [
+    "bn_act_apply",
+    "bn_act_batch_stats",
+    "bn_act_bwd",
+    "bn_act_bwd_dx",
+    "bn_act_bwd_sums",
+    "bn_act_fwd_eval",
+    "bn_act_fwd_train",
+    "interpreter_active",
+    "plan",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
@@ -89,6 +99,57 @@ def _grid_tiles(n_tiles: int) -> tuple[int, int]:
     return triton.cdiv(n_tiles, tiles_per_program), tiles_per_program
 
 
+def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        _check_channel_tensor(t, name, x)
+
+
+def _stats_partials(x, geom, xs, cfg):
+    """Launch the partial-statistics kernel: (count[P], part_mean[P, C], part_m2[P, C], P)."""
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    P = min(cfg.num_partials, n_tiles)
+    tiles_per_program = triton.cdiv(n_tiles, P)
+    P = triton.cdiv(n_tiles, tiles_per_program)
+    count = torch.empty(P, device=x.device, dtype=torch.float32)
+    part_mean = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
+    _bn_act_fwd_stats_kernel[(P, triton.cdiv(geom.C, cfg.block_size_c))](
+        x, count, part_mean, part_m2,
+        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return count, part_mean, part_m2, P
+
+
+def _combine_stats(partials, geom, out_a, out_b, running_mean, running_var, *, eps, momentum, finalize):
+    count, part_mean, part_m2, P = partials
+    C = geom.C
+    block_c = min(triton.next_power_of_2(C), 128)
+    has_running = running_mean is not None
+    _bn_act_fwd_combine_kernel[(triton.cdiv(C, block_c),)](
+        count, part_mean, part_m2, out_a, out_b,
+        running_mean if has_running else out_a, running_var if has_running else out_b,
+        P, C, float(geom.rows), float(eps), float(momentum),
+        HAS_RUNNING=has_running, FINALIZE=finalize, BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16),
+        BLOCK_SIZE_C=block_c,
+    )  # fmt: skip
+
+
+def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_from_var, eps, act, act_param):
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    programs, tiles_per_program = _grid_tiles(n_tiles)
+    _bn_act_fwd_apply_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
+        x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
+        *xs.args(), *ys.args(),
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=rstd_from_var,
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return y
+
+
 def bn_act_fwd_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -107,70 +168,38 @@ def bn_act_fwd_train(
     Returns (y, mean, rstd): y like x, mean and rstd fp32 of shape (C,) (what backward needs).
     """
     _check_input(x)
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_tensor(t, name, x)
+    _check_channel_tensors(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     act = _activation_name(activation)
     y = _alloc_like(x)
-    geom, (xs, ys) = geometry_of(x, y)
-    cfg = config or default_config(geom, xs, x.element_size(), x.device)
-    C = geom.C
+    C = x.shape[1]
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     rstd = torch.empty(C, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return y, mean.zero_(), rstd.fill_(float("nan"))
+    geom, (xs, ys) = geometry_of(x, y)
     if geom.rows < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    has_running = running_mean is not None
-    rm = running_mean if has_running else mean
-    rv = running_var if has_running else rstd
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    n_tiles, n_tiles_s = cfg.tiles(geom)
-    c_blocks = triton.cdiv(C, cfg.block_size_c)
-    common = dict(
-        ACTIVATION=act,
-        BLOCK_SIZE_N=cfg.block_size_n,
-        BLOCK_SIZE_C=cfg.block_size_c,
-        BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s,
-        num_warps=cfg.num_warps,
-    )
-    if cfg.num_partials == 1:
-        _bn_act_fwd_fused_kernel[(c_blocks,)](
-            x, y, mean, rstd, w, b, rm, rv,
-            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
-            *xs.args(), *ys.args(),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running, **common,
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    if cfg.num_partials > 1:
+        partials = _stats_partials(x, geom, xs, cfg)
+        _combine_stats(partials, geom, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
+        _apply(
+            x, y, geom, xs, ys, cfg, mean, rstd, weight, bias,
+            rstd_from_var=False, eps=eps, act=act, act_param=act_param,
         )  # fmt: skip
         return y, mean, rstd
-
-    P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = triton.cdiv(n_tiles, P)
-    P = triton.cdiv(n_tiles, tiles_per_program)
-    count = torch.empty(P, device=x.device, dtype=torch.float32)
-    part_mean = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    part_m2 = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    _bn_act_fwd_stats_kernel[(P, c_blocks)](
-        x, count, part_mean, part_m2,
-        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
+    has_running = running_mean is not None
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    _bn_act_fwd_fused_kernel[(triton.cdiv(C, cfg.block_size_c),)](
+        x, y, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        running_mean if has_running else mean, running_var if has_running else rstd,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
+        *xs.args(), *ys.args(),
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
         SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    combine_block_c = min(triton.next_power_of_2(C), 128)
-    _bn_act_fwd_combine_kernel[(triton.cdiv(C, combine_block_c),)](
-        count, part_mean, part_m2, mean, rstd, rm, rv,
-        P, C, float(geom.rows), float(eps), float(momentum),
-        HAS_RUNNING=has_running, BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16),
-        BLOCK_SIZE_C=combine_block_c,
-    )  # fmt: skip
-    programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_fwd_apply_kernel[(programs, c_blocks)](
-        x, y, mean, rstd, w, b,
-        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *xs.args(), *ys.args(),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=False, **common,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -191,26 +220,121 @@ def bn_act_fwd_eval(
     _check_input(x)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_tensor(t, name, x)
+    _check_channel_tensors(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     act = _activation_name(activation)
     y = _alloc_like(x)
     if x.numel() == 0:
         return y
     geom, (xs, ys) = geometry_of(x, y)
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    return _apply(
+        x, y, geom, xs, ys, cfg, running_mean, running_var, weight, bias,
+        rstd_from_var=True, eps=eps, act=act, act_param=act_param,
+    )  # fmt: skip
+
+
+def bn_act_batch_stats(x: torch.Tensor, *, config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local per-channel statistics of x for a cross-device merge: (mean, M2), fp32 of shape (C,).
+
+    M2 is the sum of squared deviations from the mean over the N*S elements of each channel (so the biased
+    variance is M2 / (N*S)). Merged in a fixed order with Chan's formula; robust when |mean| >> std.
+    """
+    _check_input(x)
+    geom, (xs,) = geometry_of(x)
+    mean = torch.empty(geom.C, device=x.device, dtype=torch.float32)
+    m2 = torch.empty(geom.C, device=x.device, dtype=torch.float32)
+    if x.numel() == 0:
+        return mean.zero_(), m2.zero_()
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    partials = _stats_partials(x, geom, xs, cfg)
+    _combine_stats(partials, geom, mean, m2, None, None, eps=0.0, momentum=0.0, finalize=False)
+    return mean, m2
+
+
+def bn_act_apply(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """y = act((x - mean) * rstd * weight + bias) with given fp32 per-channel mean and rstd; one pass."""
+    _check_input(x)
+    _check_channel_tensors(x, weight=weight, bias=bias, mean=mean, rstd=rstd)
+    act = _activation_name(activation)
+    y = _alloc_like(x)
+    if x.numel() == 0:
+        return y
+    geom, (xs, ys) = geometry_of(x, y)
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    return _apply(
+        x, y, geom, xs, ys, cfg, mean, rstd, weight, bias,
+        rstd_from_var=False, eps=0.0, act=act, act_param=act_param,
+    )  # fmt: skip
+
+
+def _bwd_setup(dy, x, weight, bias, activation, config):
+    _check_input(x)
+    _check_input(dy, "grad_output")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(f"grad_output {tuple(dy.shape)} {dy.dtype} does not match input {tuple(x.shape)} {x.dtype}")
+    _check_channel_tensors(x, weight=weight, bias=bias)
+    act = _activation_name(activation)
+    dx = _alloc_like(x)
+    geom, (xs, dys, dxs) = geometry_of(x, dy, dx)
+    cfg = config or default_config(geom, xs, x.element_size(), x.device)
+    return act, dx, geom, (*xs.args(), *dys.args(), *dxs.args()), cfg
+
+
+def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dweight, dbias, *, training, eps,
+              act, act_param):  # fmt: skip
+    """Reduce + combine: fp32 (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_fwd_apply_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
-        x, y, running_mean, running_var,
-        weight if weight is not None else running_mean, bias if bias is not None else running_mean,
-        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *xs.args(), *ys.args(),
-        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=True,
+    C = geom.C
+    P = min(cfg.num_partials, n_tiles)
+    tiles_per_program = triton.cdiv(n_tiles, P)
+    P = triton.cdiv(n_tiles, tiles_per_program)
+    part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    _bn_act_bwd_reduce_kernel[(P, triton.cdiv(C, cfg.block_size_c))](
+        x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
+        part_dz, part_dz_xhat,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
+        *strides,
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
         SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return y
+    sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
+    sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
+    block_c = min(triton.next_power_of_2(C), 128)
+    _bn_act_bwd_combine_kernel[(triton.cdiv(C, block_c),)](
+        part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
+        dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
+        HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
+        BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16), BLOCK_SIZE_C=block_c,
+    )  # fmt: skip
+    return sum_dz, sum_dz_xhat
+
+
+def _bwd_dx(x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *, act,
+            act_param):  # fmt: skip
+    n_tiles, n_tiles_s = cfg.tiles(geom)
+    programs, tiles_per_program = _grid_tiles(n_tiles)
+    _bn_act_bwd_dx_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
+        x, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        sum_dz, sum_dz_xhat,
+        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
+        *strides,
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return dx
 
 
 def bn_act_bwd(
@@ -232,74 +356,87 @@ def bn_act_bwd(
     Training: ``mean``/``rstd_or_var`` are the fp32 batch mean and rstd saved by the forward. Eval: they are the
     running mean and running variance (constants, so dx has no statistics terms).
     """
-    _check_input(x)
-    _check_input(dy, "grad_output")
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(
-            f"grad_output {tuple(dy.shape)} {dy.dtype} does not match input {tuple(x.shape)} {x.dtype}"
-        )
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_channel_tensor(t, name, x)
-    act = _activation_name(activation)
-    dx = _alloc_like(x)
-    C = x.shape[1]
+    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
     if x.numel() == 0:
         return dx, *(None if g is None else g.zero_() for g in (dweight, dbias))
-    geom, (xs, dys, dxs) = geometry_of(x, dy, dx)
-    cfg = config or default_config(geom, xs, x.element_size(), x.device)
-    n_tiles, n_tiles_s = cfg.tiles(geom)
-    c_blocks = triton.cdiv(C, cfg.block_size_c)
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    strides = (*xs.args(), *dys.args(), *dxs.args())
-    common = dict(
-        ACTIVATION=act,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_SIZE_N=cfg.block_size_n,
-        BLOCK_SIZE_C=cfg.block_size_c,
-        BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s,
-        num_warps=cfg.num_warps,
-    )
-    if cfg.num_partials == 1:
-        _bn_act_bwd_fused_kernel[(c_blocks,)](
-            x, dy, dx, mean, rstd_or_var, w, b,
-            dweight if dweight is not None else mean, dbias if dbias is not None else mean,
-            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(geom.rows), float(eps), float(act_param),
-            *strides, TRAINING=training, **common,
+    if cfg.num_partials > 1:
+        sums = _bwd_sums(
+            x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dweight, dbias,
+            training=training, eps=eps, act=act, act_param=act_param,
         )  # fmt: skip
+        if training:
+            _bwd_dx(
+                x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, *sums, geom.rows,
+                act=act, act_param=act_param,
+            )  # fmt: skip
         return dx, dweight, dbias
-
-    P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = triton.cdiv(n_tiles, P)
-    P = triton.cdiv(n_tiles, tiles_per_program)
-    part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    _bn_act_bwd_reduce_kernel[(P, c_blocks)](
-        x, dy, dx, mean, rstd_or_var, w, b, part_dz, part_dz_xhat,
-        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *strides, TRAINING=training, **common,
+    _bn_act_bwd_fused_kernel[(triton.cdiv(geom.C, cfg.block_size_c),)](
+        x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
+        dweight if dweight is not None else mean, dbias if dbias is not None else mean,
+        geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),
+        *strides,
+        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
+        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
+        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
     )  # fmt: skip
-    sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
-    sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
-    combine_block_c = min(triton.next_power_of_2(C), 128)
-    _bn_act_bwd_combine_kernel[(triton.cdiv(C, combine_block_c),)](
-        part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
-        dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16), BLOCK_SIZE_C=combine_block_c,
-    )  # fmt: skip
-    if training:
-        programs, tiles_per_program = _grid_tiles(n_tiles)
-        _bn_act_bwd_dx_kernel[(programs, c_blocks)](
-            x, dy, dx, mean, rstd_or_var, w, b, sum_dz, sum_dz_xhat,
-            geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(geom.rows),
-            float(act_param), *strides, **common,
-        )  # fmt: skip
     return dx, dweight, dbias
+
+
+def bn_act_bwd_sums(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local per-channel fp32 (sum(dz), sum(dz * x_hat)) of a training backward, for a cross-device sum.
+
+    They are dbias and dweight of the local batch; :func:`bn_act_bwd_dx` takes their global values.
+    """
+    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
+    if x.numel() == 0:
+        zeros = torch.zeros(geom.C, device=x.device, dtype=torch.float32)
+        return zeros, zeros.clone()
+    return _bwd_sums(
+        x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, None, None,
+        training=True, eps=0.0, act=act, act_param=act_param,
+    )  # fmt: skip
+
+
+def bn_act_bwd_dx(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sum_dz: torch.Tensor,
+    sum_dz_xhat: torch.Tensor,
+    total: int,
+    *,
+    activation: str,
+    act_param: float = 0.0,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), one elementwise pass.
+
+    ``total`` is the number of elements per channel the statistics were taken over (all ranks together).
+    """
+    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
+    _check_channel_tensors(x, mean=mean, rstd=rstd, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
+    if x.numel() == 0:
+        return dx
+    return _bwd_dx(
+        x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total,
+        act=act, act_param=act_param,
+    )  # fmt: skip
 
 
 # Re-exported for callers that plan launches themselves (the profiler, tests forcing a path).

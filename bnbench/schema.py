@@ -1,0 +1,80 @@
+"""Results schemas: the columns every bench and train CSV carries (see MEASURE.md), and their validation.
+
+The harness and the training experiments write these files; reports only read them. A file that does not fit
+raises ValueError naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = [
+    "BENCH_COLUMNS",
+    "BENCH_STATUSES",
+    "BENCH_TIMERS",
+    "TRAIN_COLUMNS",
+    "validate_bench",
+    "validate_train",
+]
+
+#: one row per point = case x provider x timer; floats unrounded
+BENCH_COLUMNS: tuple[str, ...] = (
+    # provenance
+    "run_id", "timestamp_utc", "git_sha", "bnbench_version", "torch_version", "triton_version", "device_name",
+    "peak_copy_gbps",
+    # case
+    "op", "pass", "activation", "bn_mode", "dtype", "layout", "N", "C", "S", "shape", "numel",
+    # provider
+    "provider", "is_baseline", "kernel_config",
+    # method
+    "timer", "n_samples",
+    # statistics (milliseconds)
+    "ms_p20", "ms_p50", "ms_p80",
+    # derived
+    "bytes_min", "gbps", "frac_of_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "compile_s", "peak_mem_mb",
+    # correctness and status ("message" says why a point is not ok)
+    "max_rel_err", "status", "message",
+)  # fmt: skip
+
+BENCH_STATUSES = ("ok", "incorrect", "error", "skipped", "oom")
+#: cuda_event: triton.testing.do_bench; cuda_graph: CUDA-graph replay; wall: CPU wall clock;
+#: interpreter: Triton interpreter (correctness only, never in a speed table)
+BENCH_TIMERS = ("cuda_event", "cuda_graph", "wall", "interpreter")
+_BENCH_NUMERIC = ("N", "C", "S", "numel", "n_samples", "ms_p20", "ms_p50", "ms_p80", "bytes_min", "gbps")
+
+#: long format: one row per (run, step, metric)
+TRAIN_COLUMNS: tuple[str, ...] = (
+    "experiment", "dataset", "model", "depth", "width", "activation", "norm", "lr", "batch_size", "seed",
+    "step", "wall_s", "metric", "value",
+)  # fmt: skip
+
+
+def _require(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}")
+
+
+def validate_bench(frame: pd.DataFrame, source: str = "bench results") -> pd.DataFrame:
+    """Check a bench results frame; return it. Raises ValueError naming ``source`` and the bad column."""
+    _require(frame, BENCH_COLUMNS, source)
+    bad = sorted(set(frame["status"].dropna()) - set(BENCH_STATUSES))
+    if bad:
+        raise ValueError(f"{source}: column status has unknown value(s) {bad}; expected {BENCH_STATUSES}")
+    bad = sorted(set(frame["timer"].dropna()) - set(BENCH_TIMERS))
+    if bad:
+        raise ValueError(f"{source}: column timer has unknown value(s) {bad}; expected {BENCH_TIMERS}")
+    for column in _BENCH_NUMERIC:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
+            raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")
+    return frame
+
+
+def validate_train(frame: pd.DataFrame, source: str = "train results") -> pd.DataFrame:
+    """Check a training results frame; return it. Raises ValueError naming ``source`` and the bad column."""
+    _require(frame, TRAIN_COLUMNS, source)
+    for column in ("step", "value"):
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            raise ValueError(f"{source}: column {column} must be numeric, got dtype {frame[column].dtype}")
+    return frame
