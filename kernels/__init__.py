@@ -18,8 +18,10 @@ from .launchers import (
     interpreter_active,
     plan,
 )
+from .memory_saving import MEMORY_SAVING_ACTIVATIONS, bn_act_bwd_from_output
 
 __all__ = [
+    "MEMORY_SAVING_ACTIVATIONS",
     "SUPPORTED_DTYPES",
     "Geometry",
     "KernelConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "bn_act_apply",
     "bn_act_batch_stats",
     "bn_act_bwd",
+    "bn_act_bwd_from_output",
     "bn_act_bwd_dx",
     "bn_act_bwd_sums",
     "bn_act_fwd_eval",

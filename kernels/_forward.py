@@ -25,26 +25,34 @@ def _welford_tiles(
 ):  # fmt: skip
     """Per-channel (count, mean, M2) over tiles [tile_begin, tile_end), merged tile by tile (Chan et al.).
 
-    Each tile's own mean and M2 are computed exactly in registers (two passes over the tile), so a channel
-    with |mean| >> std loses nothing to cancellation.
+    Everything is computed on deviations from a pivot (each channel's first element in this range), and each
+    tile's own mean and M2 exactly in registers, so a channel with |mean| >> std loses nothing to cancellation
+    and its mean carries a single rounding.
     """
+    tile_n0 = tile_begin // n_tiles_s
+    n0 = tile_n0.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, 1)
+    s0 = (tile_begin - tile_n0 * n_tiles_s).to(tl.int64) * BLOCK_SIZE_S + tl.arange(0, 1)
+    pivot_offs = _offsets(n0, c, s0, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
+    pivot = tl.load(x_ptr + pivot_offs, mask=c_mask[None, :, None], other=0.0).to(tl.float32)
+    pivot = tl.sum(tl.sum(pivot, axis=2), axis=0)
     count = tl.zeros((), tl.float32)
-    mean = tl.zeros((BLOCK_SIZE_C,), tl.float32)
+    mean = tl.zeros((BLOCK_SIZE_C,), tl.float32)  # of the deviations from the pivot
     m2 = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     for tile in range(tile_begin, tile_end):
         n, s, n_mask, s_mask, tile_count = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tile_mean = tl.sum(tl.sum(x, axis=2), axis=0) / tile_count
-        centred = tl.where(mask, x - tile_mean[None, :, None], 0.0)
+        dev = tl.where(mask, x - pivot[None, :, None], 0.0)
+        tile_mean = tl.sum(tl.sum(dev, axis=2), axis=0) / tile_count
+        centred = tl.where(mask, dev - tile_mean[None, :, None], 0.0)
         tile_m2 = tl.sum(tl.sum(centred * centred, axis=2), axis=0)
         new_count = count + tile_count
         delta = tile_mean - mean
         mean += delta * (tile_count / new_count)
         m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
         count = new_count
-    return count, mean, m2
+    return count, pivot + mean, m2
 
 
 @triton.jit

@@ -1,0 +1,85 @@
+"""Correctness helpers shared by the tests and the benchmark: the float64 reference and dtype tolerances.
+
+The reference is ``nn.BatchNorm``'s functional form plus the activation (``bnbench.reference``) run in float64 on
+upcast copies of the inputs; errors are relative norms ``||out - ref|| / ||ref||``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from bnbench.activations import Activation, parse_activation
+from bnbench.reference import batch_norm_act_reference
+
+__all__ = ["TOLERANCE", "Reference", "reference", "rel_err", "tolerance"]
+
+#: relative-norm tolerance per input dtype (fp32 statistics and accumulation in every case)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    try:
+        return TOLERANCE[dtype]
+    except KeyError:
+        raise TypeError(f"no tolerance defined for dtype {dtype}") from None
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (0 when both are zero; inf if shapes differ)."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    expected = expected.detach().double()
+    diff = (actual.detach().double() - expected).norm().item()
+    scale = expected.norm().item()
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+@dataclasses.dataclass
+class Reference:
+    """Float64 outputs of BN + activation: y, the running statistics after the call, and gradients."""
+
+    y: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    grad_input: torch.Tensor | None = None
+    grad_weight: torch.Tensor | None = None
+    grad_bias: torch.Tensor | None = None
+
+
+def _f64(t: torch.Tensor | None, requires_grad: bool = False) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.detach().double().clone().requires_grad_(requires_grad)
+
+
+def reference(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | Activation = "relu",
+    activation_param: float | None = None,
+    grad_output: torch.Tensor | None = None,
+) -> Reference:
+    """Run the float64 reference on copies (the inputs are not modified); gradients when grad_output is given."""
+    act, param = parse_activation(activation, activation_param)
+    want_grad = grad_output is not None
+    x64, w64, b64 = _f64(x, want_grad), _f64(weight, want_grad), _f64(bias, want_grad)
+    rm64, rv64 = _f64(running_mean), _f64(running_var)
+    y = batch_norm_act_reference(x64, rm64, rv64, w64, b64, training, momentum, eps, act, param)
+    ref = Reference(y.detach(), rm64, rv64)
+    if want_grad:
+        y.backward(grad_output.detach().double())
+        ref.grad_input = x64.grad
+        ref.grad_weight = None if w64 is None else w64.grad
+        ref.grad_bias = None if b64 is None else b64.grad
+    return ref
