@@ -1,15 +1,18 @@
 """BatchNormAct1d / BatchNormAct2d: drop-in replacements for ``nn.BatchNorm1d/2d`` followed by an activation.
 
 They subclass the PyTorch modules, so parameters, buffers, state_dict, ``reset_parameters``, input checks and
-``isinstance`` checks are PyTorch's own; only ``forward`` (and ``extra_repr``) differ.
+``isinstance`` checks are PyTorch's own; only ``forward`` (and ``extra_repr``) differ. ``momentum=None`` (the
+cumulative average) is computed on the device, so a training step needs no host synchronisation: it compiles
+with ``fullgraph=True`` and is capturable in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from bnbench.activations import Activation, parse_activation
-from bnbench.functional import BACKENDS, batch_norm_act
+from bnbench.functional import BACKENDS, batch_norm_act, memory_saving_unsupported
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d"]
 
@@ -29,20 +32,25 @@ class _BatchNormActMixin:
         backend: str = "auto",
         device=None,
         dtype=None,
+        memory_saving: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.activation, self.activation_param = parse_activation(activation, activation_param)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
         self.backend = backend
+        if memory_saving and (reason := memory_saving_unsupported(self.activation, self.activation_param)):
+            raise ValueError(f"memory_saving=True is not supported for activation {self.activation.value!r}: {reason}")
+        self.memory_saving = bool(memory_saving)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # cumulative moving average, as a tensor: no host synchronisation
+                dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
+                exponential_average_factor = self.num_batches_tracked.to(dtype).reciprocal()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are only updated in training mode when they are tracked; in eval they are only read.
         track = not self.training or self.track_running_stats
@@ -58,6 +66,7 @@ class _BatchNormActMixin:
             self.activation,
             self.activation_param if self.activation is Activation.LEAKY_RELU else None,
             self.backend,
+            memory_saving=self.memory_saving,
         )
 
     def extra_repr(self) -> str:
@@ -65,7 +74,8 @@ class _BatchNormActMixin:
         if self.activation is Activation.LEAKY_RELU:
             act += f", activation_param={self.activation_param}"
         backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
-        return f"{super().extra_repr()}, activation={act}{backend}"
+        saving = ", memory_saving=True" if self.memory_saving else ""
+        return f"{super().extra_repr()}, activation={act}{backend}{saving}"
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
