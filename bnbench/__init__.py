@@ -4,9 +4,18 @@ Importing bnbench probes no device and compiles nothing; Triton is imported when
 """
 
 from bnbench.activations import Activation
+from bnbench.convert import ConversionReport, convert_bn_act
 from bnbench.functional import batch_norm_act
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
 __version__ = "0.1.0"
 
-__all__ = ["Activation", "BatchNormAct1d", "BatchNormAct2d", "__version__", "batch_norm_act"]
+__all__ = [
+    "Activation",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "ConversionReport",
+    "__version__",
+    "batch_norm_act",
+    "convert_bn_act",
+]
