@@ -13,7 +13,14 @@ bitwise reproducible), ``_bn_act_bwd_dx_kernel`` (training only). Small inputs: 
 import triton
 import triton.language as tl
 
-from ._common import _activation_grad, _load_channel_affine, _load_channel_stats, _offsets, _tile_rows
+from ._common import (
+    _activation_grad,
+    _channel_block,
+    _load_channel_affine,
+    _load_channel_stats,
+    _offsets,
+    _tile_rows,
+)
 
 
 @triton.jit
@@ -42,13 +49,13 @@ def _reduce_tiles(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz."""
     sum_dz = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
             x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, act_param,
@@ -70,11 +77,11 @@ def _dx_tiles(
     n_tiles_s, N, S, W, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-    ACTIVATION: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles."""
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
             x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, act_param,
@@ -94,14 +101,14 @@ def _bn_act_bwd_reduce_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Partial sums. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes part_dz[P, C], part_dz_xhat[P, C] (and dx in eval).
 
     ``var_ptr`` holds the saved rstd (training) or the running variance (eval).
     """
     pid_p = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, not TRAINING)
     w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
@@ -112,7 +119,7 @@ def _bn_act_bwd_reduce_kernel(
         act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_dz_ptr + row + c, sum_dz, mask=c_mask)
@@ -154,10 +161,10 @@ def _bn_act_bwd_dx_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx, elementwise. Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C))."""
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
@@ -172,7 +179,7 @@ def _bn_act_bwd_dx_kernel(
         n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
 
 
@@ -184,10 +191,10 @@ def _bn_act_bwd_fused_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),)."""
-    c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, not TRAINING)
     w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
@@ -195,7 +202,7 @@ def _bn_act_bwd_fused_kernel(
         x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     if HAS_WEIGHT:
         tl.store(dweight_ptr + c, sum_dz_xhat.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -208,5 +215,5 @@ def _bn_act_bwd_fused_kernel(
             0, n_tiles, n_tiles_s, N, S, W, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
             stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-            ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+            ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
         )  # fmt: skip

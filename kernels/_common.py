@@ -12,20 +12,39 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr):
-    """Row indices (int64) of one tile along N and S, their masks, and the number of valid (n, s) pairs."""
+def _index(value, INDEX_64: tl.constexpr):
+    """Index arithmetic in int64 only when some tensor spans 2**30 elements or more (the host decides)."""
+    if INDEX_64:
+        return tl.cast(value, tl.int64)  # tl.cast also takes the Python ints Triton makes of arguments equal to 1
+    else:
+        return value
+
+
+@triton.jit
+def _channel_block(pid, BLOCK_SIZE_C: tl.constexpr, INDEX_64: tl.constexpr = True):
+    """Channel indices of program ``pid`` along the channel grid axis."""
+    return _index(pid, INDEX_64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+
+
+@triton.jit
+def _tile_rows(
+    tile, n_tiles_s, N, S, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, INDEX_64: tl.constexpr = True
+):
+    """Row indices of one tile along N and S, their masks, and the number of valid (n, s) pairs."""
     tile_n = tile // n_tiles_s
     tile_s = tile - tile_n * n_tiles_s
-    n = tile_n.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    s = tile_s.to(tl.int64) * BLOCK_SIZE_S + tl.arange(0, BLOCK_SIZE_S)
-    valid_n = tl.minimum(N - tile_n.to(tl.int64) * BLOCK_SIZE_N, BLOCK_SIZE_N)
-    valid_s = tl.minimum(S - tile_s.to(tl.int64) * BLOCK_SIZE_S, BLOCK_SIZE_S)
+    n0 = _index(tile_n, INDEX_64) * BLOCK_SIZE_N
+    s0 = _index(tile_s, INDEX_64) * BLOCK_SIZE_S
+    n = n0 + tl.arange(0, BLOCK_SIZE_N)
+    s = s0 + tl.arange(0, BLOCK_SIZE_S)
+    valid_n = tl.minimum(N - n0, BLOCK_SIZE_N)
+    valid_s = tl.minimum(S - s0, BLOCK_SIZE_S)
     return n, s, n < N, s < S, (valid_n * valid_s).to(tl.float32)
 
 
 @triton.jit
 def _offsets(n, c, s, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S: tl.constexpr):
-    """int64 element offsets of a [BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S] tile."""
+    """Element offsets of a [BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S] tile (in the indices' integer type)."""
     if SPLIT_S:
         h = s // W
         s_off = h * stride_h + (s - h * W) * stride_s

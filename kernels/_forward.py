@@ -13,7 +13,15 @@ Eval forward: ``_bn_act_fwd_apply_kernel`` with RSTD_FROM_VAR, reading the runni
 import triton
 import triton.language as tl
 
-from ._common import _activation, _load_channel_affine, _load_channel_stats, _offsets, _tile_rows
+from ._common import (
+    _activation,
+    _channel_block,
+    _index,
+    _load_channel_affine,
+    _load_channel_stats,
+    _offsets,
+    _tile_rows,
+)
 
 
 @triton.jit
@@ -21,7 +29,7 @@ def _welford_tiles(
     x_ptr, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Per-channel (count, mean, M2) over tiles [tile_begin, tile_end), merged tile by tile (Chan et al.).
 
@@ -30,8 +38,8 @@ def _welford_tiles(
     and its mean carries a single rounding.
     """
     tile_n0 = tile_begin // n_tiles_s
-    n0 = tile_n0.to(tl.int64) * BLOCK_SIZE_N + tl.arange(0, 1)
-    s0 = (tile_begin - tile_n0 * n_tiles_s).to(tl.int64) * BLOCK_SIZE_S + tl.arange(0, 1)
+    n0 = _index(tile_n0, INDEX_64) * BLOCK_SIZE_N + tl.arange(0, 1)
+    s0 = _index(tile_begin - tile_n0 * n_tiles_s, INDEX_64) * BLOCK_SIZE_S + tl.arange(0, 1)
     pivot_offs = _offsets(n0, c, s0, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
     pivot = tl.load(x_ptr + pivot_offs, mask=c_mask[None, :, None], other=0.0).to(tl.float32)
     pivot = tl.sum(tl.sum(pivot, axis=2), axis=0)
@@ -39,7 +47,7 @@ def _welford_tiles(
     mean = tl.zeros((BLOCK_SIZE_C,), tl.float32)  # of the deviations from the pivot
     m2 = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, tile_count = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, tile_count = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +90,7 @@ def _apply_tiles(
     x_ptr, y_ptr, mean, scale, bias, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
     act_param, ACTIVATION: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * scale + bias) over tiles [tile_begin, tile_end); scale = rstd * weight.
 
@@ -90,7 +98,7 @@ def _apply_tiles(
     |mean| >> std.
     """
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -106,18 +114,18 @@ def _bn_act_fwd_stats_kernel(
     N, C, S, W, n_tiles, n_tiles_s, tiles_per_program,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Partial statistics. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes count[P], part_mean[P, C], part_m2[P, C]."""
     pid_p = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     tile_begin = pid_p * tiles_per_program
     tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
     count, mean, m2 = _welford_tiles(
         x_ptr, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h,
-        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S,
+        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_mean_ptr + row + c, mean, mask=c_mask)
@@ -179,13 +187,13 @@ def _bn_act_fwd_apply_kernel(
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RSTD_FROM_VAR: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * rstd * w + b), elementwise. Grid (cdiv(n_tiles, tiles_per_program), C blocks).
 
     ``var_ptr`` holds rstd (training, from the combine step) or the running variance (eval, RSTD_FROM_VAR).
     """
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR)
     w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
@@ -194,7 +202,7 @@ def _bn_act_fwd_apply_kernel(
     _apply_tiles(
         x_ptr, y_ptr, mean, rstd * w, b, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
-        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
 
 
@@ -205,19 +213,19 @@ def _bn_act_fwd_fused_kernel(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole training forward for one channel block in one launch (small inputs, where launches dominate).
 
     Grid (cdiv(C, BLOCK_SIZE_C),): statistics over all tiles, running-stat update, then the apply pass (whose
     second read of x mostly hits cache).
     """
-    c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     count, mean, m2 = _welford_tiles(
         x_ptr, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h,
-        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S,
+        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     rstd = _finalize_stats(
         mean, m2, count, c, c_mask, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr, eps, momentum,
@@ -227,5 +235,5 @@ def _bn_act_fwd_fused_kernel(
     _apply_tiles(
         x_ptr, y_ptr, mean, rstd * w, b, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
-        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip

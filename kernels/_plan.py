@@ -27,15 +27,21 @@ class Strides:
         return self.n, self.c, self.s, self.h
 
 
+#: element offsets at or past this need int64 index arithmetic (a margin below 2**31 covers masked lanes)
+_INT32_SAFE_EXTENT = 2**30
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """Sizes of the [N, C, S] view. ``split_s``: S = H*W must be addressed as (s // W, s % W)."""
+    """Sizes of the [N, C, S] view. ``split_s``: S = H*W must be addressed as (s // W, s % W).
+    ``index_64``: some tensor spans 2**30 elements or more, so offsets are computed in int64."""
 
     N: int
     C: int
     S: int
     W: int
     split_s: bool
+    index_64: bool = False
 
     @property
     def rows(self) -> int:
@@ -67,6 +73,10 @@ def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, list[Strides]]:
     for t in tensors[1:]:
         if t.shape != tensors[0].shape:
             raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+    extent = max(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) for t in tensors
+    )
+    index_64 = extent + 1 >= _INT32_SAFE_EXTENT
 
     def merged_s_stride(sh: int, sw: int) -> int | None:
         if W == 1:
@@ -77,14 +87,15 @@ def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, list[Strides]]:
 
     s_strides = [merged_s_stride(sh, sw) for (_, _, sh, sw) in raw]
     if any(s is None for s in s_strides):
-        geom = Geometry(N, C, S, W, split_s=True)
+        geom = Geometry(N, C, S, W, split_s=True, index_64=index_64)
         return geom, [Strides(sn, sc, sw, sh) for (sn, sc, sh, sw) in raw]
 
     strides = [Strides(sn, sc, ss, 0) for (sn, sc, _, _), ss in zip(raw, s_strides, strict=True)]
     if S > 1 and all(st.n == S * st.s for st in strides):
         # Rows merge: (n, s) is one axis of stride s. S becomes 1 (its stride is then irrelevant).
-        return Geometry(N * S, C, 1, 1, split_s=False), [Strides(st.s, st.c, 1, 0) for st in strides]
-    return Geometry(N, C, S, W if S > 1 else 1, split_s=False), strides
+        merged = Geometry(N * S, C, 1, 1, split_s=False, index_64=index_64)
+        return merged, [Strides(st.s, st.c, 1, 0) for st in strides]
+    return Geometry(N, C, S, W if S > 1 else 1, split_s=False, index_64=index_64), strides
 
 
 @dataclasses.dataclass(frozen=True)

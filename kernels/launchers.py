@@ -117,7 +117,7 @@ def _stats_partials(x, geom, xs, cfg):
         x, count, part_mean, part_m2,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     return count, part_mean, part_m2, P
 
@@ -145,7 +145,7 @@ def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_fro
         *xs.args(), *ys.args(),
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=rstd_from_var,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y
 
@@ -199,7 +199,7 @@ def bn_act_fwd_train(
         *xs.args(), *ys.args(),
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -307,7 +307,7 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
     sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
@@ -332,7 +332,7 @@ def _bwd_dx(x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     return dx
 
@@ -379,7 +379,7 @@ def bn_act_bwd(
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, num_warps=cfg.num_warps,
+        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
     return dx, dweight, dbias
 

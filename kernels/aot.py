@@ -1,0 +1,166 @@
+"""Ahead-of-time compilation of the kernels for a GPU target, on any machine (no GPU needed).
+
+The Triton interpreter checks indexing and math but not what only the compiler sees (types, constexpr use,
+register pressure). ``compile_kernel`` compiles one kernel through Triton's real pipeline down to a cubin for
+``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Used by the tests and by
+``bnbench profile``. Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT
+functions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from . import _backward, _forward
+
+__all__ = ["KERNELS", "CompiledKernel", "compile_kernel"]
+
+#: every kernel, by name
+KERNELS = {
+    name: getattr(module, name)
+    for module in (_forward, _backward)
+    for name in dir(module)
+    if name.startswith("_bn_act_") and name.endswith("_kernel")
+}
+
+_FLOAT_SCALARS = {"eps", "momentum", "act_param", "total"}
+#: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
+_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledKernel:
+    name: str
+    arch: int
+    num_warps: int
+    registers: int | None
+    spill_stores: int | None
+    spill_loads: int | None
+    shared_bytes: int
+    ptx_lines: int
+
+
+def _default_constexprs(kernel) -> dict:
+    defaults = {
+        "ACTIVATION": "relu",
+        "HAS_WEIGHT": True,
+        "HAS_BIAS": True,
+        "HAS_RUNNING": True,
+        "TRAINING": True,
+        "RSTD_FROM_VAR": False,
+        "FINALIZE": True,
+        "SPLIT_S": False,
+        "INDEX_64": True,
+        "BLOCK_SIZE_N": 1,
+        "BLOCK_SIZE_C": 16,
+        "BLOCK_SIZE_S": 128,
+        "BLOCK_SIZE_P": 16,
+    }
+    return {p.name: defaults[p.name] for p in kernel.params if p.is_constexpr}
+
+
+def _ptxas_candidates() -> list[str]:
+    """ptxas binaries to try: Triton's own (newest first), then the system's."""
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    paths = [os.path.join(bundled, name) for name in ("ptxas-blackwell", "ptxas")]
+    paths.append(shutil.which("ptxas") or "")
+    return [p for p in paths if p and os.path.exists(p)]
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, int | None]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``; Nones when no ptxas accepts the PTX."""
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for ptxas in _ptxas_candidates():
+            out = subprocess.run(
+                [ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if out.returncode == 0:
+                text = out.stdout + out.stderr
+                regs = re.search(r"Used (\d+) registers", text)
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+                if regs and spills:
+                    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+    return None, None, None
+
+
+def compile_kernel(
+    name: str,
+    *,
+    arch: int = 90,
+    dtype: torch.dtype = torch.float32,
+    num_warps: int = 4,
+    ones: tuple[str, ...] = (),
+    **constexprs,
+) -> CompiledKernel:
+    """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (defaults for the rest).
+
+    Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
+    ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
+    unit strides, one tile per program), a path the interpreter never takes.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .launchers import interpreter_active
+
+    if interpreter_active():
+        raise RuntimeError("compile_kernel needs real JIT kernels: run it where TRITON_INTERPRET is unset")
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; kernels: {', '.join(sorted(KERNELS))}")
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported by the kernels")
+    kernel = KERNELS[name]
+    known = {p.name for k in KERNELS.values() for p in k.params if p.is_constexpr}
+    unknown = sorted(set(constexprs) - known)
+    if unknown:
+        raise ValueError(f"unknown constexpr(s) {unknown}; the kernels take {sorted(known)}")
+    defaults = _default_constexprs(kernel)
+    values = {**defaults, **{k: v for k, v in constexprs.items() if k in defaults}}  # others: not this kernel's
+    signature = {}
+    args = set(kernel.arg_names)
+    unknown = sorted(set(ones) - args)
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}")
+    values.update({arg: 1 for arg in ones})
+    for param in kernel.params:
+        if param.is_constexpr or param.name in ones:
+            signature[param.name] = "constexpr"
+        elif param.name.endswith("_ptr"):
+            signature[param.name] = "*" + (_TRITON_DTYPES[dtype] if param.name in _DATA_POINTERS else "fp32")
+        elif param.name in _FLOAT_SCALARS:
+            signature[param.name] = "fp32"
+        else:
+            signature[param.name] = "i64"
+    constants = {(kernel.arg_names.index(k),): v for k, v in values.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    registers, spill_stores, spill_loads = _ptxas_report(ptx, arch)
+    return CompiledKernel(
+        name=name,
+        arch=arch,
+        num_warps=num_warps,
+        registers=registers,
+        spill_stores=spill_stores,
+        spill_loads=spill_loads,
+        shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
+        ptx_lines=ptx.count("\n"),
+    )
