@@ -1,0 +1,170 @@
+"""Assemble whole reports from loaded results: the sections (text, tables, figures) that ``summary.md`` and
+``index.html`` render, for a set of result folders or for a baseline/candidate comparison. Pure: no file I/O.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from bnbench.report.bench import bench_figures, bench_sections
+from bnbench.report.compare import compare_runs, compare_sections, has_regression
+from bnbench.report.compare_plots import compare_figures
+from bnbench.report.document import FigureRef, Section, Table, Text
+from bnbench.report.load import Result
+from bnbench.report.points import device_label
+
+__all__ = ["Report", "comparison_report", "results_report", "train_overview"]
+
+TRAIN_MODULE = "bnbench.report.train"
+
+
+@dataclass(frozen=True)
+class Report:
+    title: str
+    subtitle: str
+    sections: list[Section]
+
+    @property
+    def figures(self) -> dict[str, Any]:
+        """Every figure of the report by file stem (stems are unique within a report)."""
+        return {item.stem: item.figure for s in self.sections for item in s.items if isinstance(item, FigureRef)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "result"
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        out: list[tuple[str, str]] = []
+        for key, value in obj.items():
+            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [(prefix, str(obj))]
+
+
+def _sidecar_environment(meta: dict[str, Any]) -> pd.DataFrame | None:
+    """The ``environment`` object of results.json as field/value rows (raw samples are not shown)."""
+    env = meta.get("environment")
+    if not isinstance(env, dict) or not env:
+        return None
+    return pd.DataFrame(_flatten(env), columns=["field", "value"])
+
+
+def _train_module(result: Result):
+    try:
+        return importlib.import_module(TRAIN_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name != TRAIN_MODULE:
+            raise
+        raise ValueError(
+            f"{result.path}: is a training results folder, but this bnbench has no training report "
+            f"({TRAIN_MODULE} is missing), so its verdict table and figures cannot be made"
+        ) from None
+
+
+def train_overview(df: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment: data set, model, norms, seeds, runs (distinct configurations x seeds), steps, metrics."""
+    config = ["model", "depth", "width", "activation", "norm", "lr", "batch_size", "seed"]
+    rows = []
+    for experiment, group in df.groupby("experiment", sort=False):
+        rows.append(
+            {
+                "experiment": experiment,
+                "dataset": ", ".join(map(str, dict.fromkeys(group["dataset"]))),
+                "norms": ", ".join(map(str, dict.fromkeys(group["norm"]))),
+                "seeds": group["seed"].nunique(),
+                "runs": len(group[config].drop_duplicates()),
+                "max_step": group["step"].max(),
+                "metrics": ", ".join(map(str, dict.fromkeys(group["metric"]))),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _bench_part(result: Result, prefix: str, level: int) -> list[Section]:
+    sections = bench_sections(result.frame, level=level)
+    env = _sidecar_environment(result.meta)
+    if env is not None:
+        sections.insert(1, Section("Environment recorded in results.json", [Table(env)], level))
+    figures = [FigureRef(prefix + stem, fig, _bench_caption(stem)) for stem, fig in bench_figures(result.frame).items()]
+    if figures:
+        sections.append(Section("Figures", figures, level))
+    else:
+        sections.append(Section("Figures", [Text("No timed points: no figures.")], level))
+    return sections
+
+
+def _bench_caption(stem: str) -> str:
+    return {
+        "time_vs_batch": "Median time vs batch size per width (band: p20-p80).",
+        "bandwidth": "Effective bandwidth vs bytes moved, with the measured copy bandwidth.",
+        "speedup_vs_eager": "Speedup of the fused kernels over eager, batch x width.",
+        "speedup_vs_compile": "Speedup of the fused kernels over torch.compile, batch x width.",
+    }.get(stem, stem)
+
+
+def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
+    module = _train_module(result)
+    verdict = module.verdict_table(result.frame)
+    figures = module.train_figures(result.frame)
+    sections = [
+        Section("Experiments", [Table(train_overview(result.frame))], level),
+        Section("Verdict per claim", [Table(verdict)], level),
+    ]
+    env = _sidecar_environment(result.meta)
+    if env is not None:
+        sections.append(Section("Environment recorded in results.json", [Table(env)], level))
+    refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in figures.items()]
+    sections.append(Section("Figures", refs or [Text("The training report made no figures.")], level))
+    return sections
+
+
+def results_report(results: Sequence[Result], *, title: str | None = None) -> Report:
+    """A report of one or more bench/train result folders, one part per folder."""
+    if not results:
+        raise ValueError("no result folders given")
+    sections: list[Section] = []
+    single = len(results) == 1
+    for i, result in enumerate(results, start=1):
+        prefix = "" if single else f"{i}-{_slug(result.name)}-"
+        level = 2 if single else 3
+        if not single:
+            sections.append(Section(f"{result.name} ({result.kind})", [Text(str(result.path))], 2))
+        part = _bench_part if result.kind == "bench" else _train_part
+        sections += part(result, prefix, level)
+    kinds = ", ".join(dict.fromkeys(r.kind for r in results))
+    devices = [device_label(r.frame) for r in results if r.kind == "bench"]
+    subtitle = f"{len(results)} result folder(s) ({kinds})" + (
+        f"; devices: {', '.join(dict.fromkeys(devices))}" if devices else ""
+    )
+    default = f"bnbench report: {results[0].name}" if single else "bnbench report"
+    return Report(title or default, subtitle, sections)
+
+
+def comparison_report(
+    baseline: Result, candidate: Result, *, threshold: float = 0.10, title: str | None = None
+) -> tuple[Report, pd.DataFrame, bool]:
+    """(report, point-by-point comparison frame, whether any point regressed) for two bench folders."""
+    for role, result in (("baseline", baseline), ("candidate", candidate)):
+        if result.kind != "bench":
+            raise ValueError(
+                f"{role} {result.path}: is a {result.kind} results folder; only bench runs can be compared"
+            )
+    comparison = compare_runs(baseline.frame, candidate.frame, threshold=threshold)
+    sections = compare_sections(comparison, baseline.frame, candidate.frame, threshold=threshold)
+    device = device_label(candidate.frame)
+    heading = f"{candidate.name} vs {baseline.name} on {device}"
+    figures = compare_figures(comparison, threshold=threshold, title=heading)
+    if figures:
+        refs = [FigureRef(stem, fig, "Time ratio per point, candidate / baseline.") for stem, fig in figures.items()]
+        sections.insert(2, Section("Figure", refs))
+    subtitle = f"baseline {baseline.path}; candidate {candidate.path}; threshold {threshold:.0%}"
+    report = Report(title or f"bnbench comparison: {heading}", subtitle, sections)
+    return report, comparison, has_regression(comparison)

@@ -1,0 +1,212 @@
+"""Figures of one benchmark run: time vs batch size, effective bandwidth vs bytes, speedup heatmaps.
+
+Plot functions draw one panel on a given matplotlib ``ax`` and return it; :func:`bench_figures` lays panels out
+on Figures built without pyplot (no global state). Only timed points (status ok, a real timer) are drawn.
+Colours come from ``bnbench.report.style`` so a provider looks the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from bnbench.report.points import device_label, geomean, is_baseline, timed_points
+from bnbench.report.style import (
+    DTYPE_ORDER,
+    PASS_ORDER,
+    PROVIDER_ORDER,
+    color_for,
+    maybe_log_scale,
+    new_figure,
+    order_values,
+)
+
+__all__ = ["bench_figures", "plot_bandwidth", "plot_speedup_heatmap", "plot_time_vs_batch"]
+
+#: case dimensions that may vary inside one panel; when they do, each value gets its own line style
+_EXTRA_DIMS = ("op", "activation", "bn_mode", "layout", "S", "timer")
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _varying(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if df[c].nunique(dropna=False) > 1]
+
+
+def _series(frame: pd.DataFrame, extras: Sequence[str]):
+    """(provider, label, style index, rows) per line, in a stable order: provider order, then extra values."""
+    keys = ["provider", *extras]
+    combos = order_values(tuple(r) for r in frame[list(extras)].astype(str).itertuples(index=False))
+    for provider in order_values(frame["provider"], PROVIDER_ORDER):
+        rows = frame[frame["provider"] == provider]
+        for _, group in rows.groupby(keys, sort=True, dropna=False):
+            extra = tuple(group[list(extras)].astype(str).iloc[0])
+            label = provider + "".join(f", {c}={v}" for c, v in zip(extras, extra, strict=True))
+            yield provider, label, combos.index(extra) if extras else 0, group
+
+
+def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), title: str = ""):
+    """Median time vs batch size N, one line per provider (and per value of ``extras``), p20-p80 band."""
+    for provider, label, style, group in _series(frame, extras):
+        group = group.sort_values("N")
+        color = color_for(provider)
+        ax.plot(group["N"], group["ms_p50"], color=color, marker=_MARKERS[style % len(_MARKERS)],
+                linestyle=_LINESTYLES[style % len(_LINESTYLES)], label=label)  # fmt: skip
+        ax.fill_between(group["N"], group["ms_p20"], group["ms_p80"], color=color, alpha=0.2, linewidth=0)
+    maybe_log_scale(ax, frame["N"], "x")
+    maybe_log_scale(ax, pd.concat([frame["ms_p20"], frame["ms_p80"]]), "y")
+    ax.set_xlabel("batch size N")
+    ax.set_ylabel("time (ms): median, band p20-p80")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    return ax
+
+
+def plot_bandwidth(ax, frame: pd.DataFrame, *, copy_gbps: Sequence[float] = (), extras: Sequence[str] = (),
+                   title: str = ""):  # fmt: skip
+    """Effective bandwidth (minimal bytes / median time) vs tensor bytes per provider; the p20-p80 band as error
+    bars; a horizontal line at each measured copy bandwidth."""
+    for provider, label, style, group in _series(frame, extras):
+        group = group.sort_values("bytes_min")
+        gbps = group["gbps"].to_numpy(dtype=float)
+        p50 = group["ms_p50"].to_numpy(dtype=float)
+        low = gbps * p50 / group["ms_p80"].to_numpy(dtype=float)  # slower time, lower bandwidth
+        high = gbps * p50 / group["ms_p20"].to_numpy(dtype=float)
+        yerr = np.vstack([np.clip(gbps - low, 0, None), np.clip(high - gbps, 0, None)])
+        ax.errorbar(group["bytes_min"], gbps, yerr=yerr, color=color_for(provider), label=label, capsize=2,
+                    marker=_MARKERS[style % len(_MARKERS)], linestyle="none", markersize=4)  # fmt: skip
+    for value in order_values(copy_gbps):
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth {value:.0f} GB/s")
+    maybe_log_scale(ax, frame["bytes_min"], "x")
+    ax.set_xlabel("minimal bytes moved per call")
+    ax.set_ylabel("effective bandwidth (GB/s)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    return ax
+
+
+def speedup_grid(frame: pd.DataFrame, column: str) -> tuple[pd.DataFrame, int]:
+    """Batch (rows) x width (columns) of the geometric-mean ``column``, and the most cases pooled in a cell."""
+    values = frame.assign(_v=pd.to_numeric(frame[column], errors="coerce")).dropna(subset=["_v"])
+    if values.empty:
+        return pd.DataFrame(), 0
+    grid = values.groupby(["N", "C"])["_v"].apply(geomean).unstack("C").sort_index().sort_index(axis=1)
+    return grid, int(values.groupby(["N", "C"]).size().max())
+
+
+def plot_speedup_heatmap(ax, frame: pd.DataFrame, column: str, *, title: str = ""):
+    """Heatmap of ``column`` (a speedup) over batch size x width, centred on 1 on a log colour scale (green:
+    faster than the baseline, red: slower); each cell is annotated with its value."""
+    grid, _ = speedup_grid(frame, column)
+    if grid.empty:
+        raise ValueError(f"no {column} values to plot")
+    values = grid.to_numpy(dtype=float)
+    finite = values[np.isfinite(values) & (values > 0)]
+    span = max(float(np.max(np.abs(np.log(finite)))), np.log(1.1))
+    norm = LogNorm(vmin=float(np.exp(-span)), vmax=float(np.exp(span)))
+    ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", norm=norm, aspect="auto", origin="lower")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(n) for n in grid.index])
+    ax.set_xlabel("width C")
+    ax.set_ylabel("batch size N")
+    ax.set_title(title)
+    return ax
+
+
+def _panels(frame: pd.DataFrame, keys: Sequence[str]):
+    """(key values, rows) per panel, ordered by provider, dtype and pass order, then sorted values."""
+    orders = {"provider": PROVIDER_ORDER, "dtype": DTYPE_ORDER, "pass": PASS_ORDER}
+    ranks = {k: order_values(frame[k], orders.get(k, ())) for k in keys}
+    groups = list(frame.groupby(list(keys), sort=False, dropna=False))
+
+    def rank(key_values) -> tuple:
+        return tuple(
+            ranks[k].index(v) if v in ranks[k] else len(ranks[k]) for k, v in zip(keys, key_values, strict=True)
+        )
+
+    groups.sort(key=lambda kv: rank(kv[0]))
+    return groups
+
+
+def _legend(fig: Figure, axes) -> None:
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4))
+
+
+def _time_figure(timed: pd.DataFrame, device: str) -> Figure:
+    extras = _varying(timed, _EXTRA_DIMS)
+    panels = _panels(timed, ["dtype", "pass", "C"])
+    title = f"Time vs batch size on {device} (median; band p20-p80)"
+    fig, axes = new_figure(len(panels), max_cols=max(1, min(timed["C"].nunique(), 4)), title=title)
+    for ax, ((dtype, pass_, width), rows) in zip(axes, panels, strict=True):
+        plot_time_vs_batch(ax, rows, extras=extras, title=f"{dtype} · {pass_} · width C={width}")
+    _legend(fig, axes)
+    return fig
+
+
+def _bandwidth_figure(timed: pd.DataFrame, device: str) -> Figure | None:
+    rows = timed.dropna(subset=["gbps", "bytes_min"])
+    if rows.empty:
+        return None
+    extras = _varying(rows, [c for c in _EXTRA_DIMS if c != "S"])
+    panels = _panels(rows, ["dtype", "pass"])
+    fig, axes = new_figure(len(panels), title=f"Effective bandwidth vs bytes on {device}")
+    for ax, ((dtype, pass_), part) in zip(axes, panels, strict=True):
+        copy = pd.to_numeric(part["peak_copy_gbps"], errors="coerce").dropna().unique()
+        plot_bandwidth(ax, part, copy_gbps=list(copy), extras=extras, title=f"{dtype} · {pass_}")
+    _legend(fig, axes)
+    return fig
+
+
+def _heatmap_figure(timed: pd.DataFrame, column: str, baseline: str, device: str) -> Figure | None:
+    candidates = timed[~is_baseline(timed["is_baseline"])]
+    candidates = candidates[pd.to_numeric(candidates[column], errors="coerce").notna()]
+    if candidates.empty:
+        return None
+    keys = ["provider", "dtype", "pass"] + (["timer"] if candidates["timer"].nunique() > 1 else [])
+    panels = _panels(candidates, keys)
+    title = f"Speedup over {baseline} on {device} (median times; > 1: faster)"
+    fig, axes = new_figure(len(panels), title=title)
+    for ax, (key, part) in zip(axes, panels, strict=True):
+        _, pooled = speedup_grid(part, column)
+        name = f"{key[0]} vs {baseline} · {key[1]} · {key[2]}" + (f" · {key[3]}" if len(key) > 3 else "")
+        if pooled > 1:
+            name += f"\n(geomean of up to {pooled} cases per cell)"
+        plot_speedup_heatmap(ax, part, column, title=name)
+        image = ax.images[0]
+        bar = fig.colorbar(image, ax=ax, label=f"speedup vs {baseline}")
+        bar.minorticks_off()
+        ticks = [image.norm.vmin, 1.0, image.norm.vmax]
+        bar.set_ticks(ticks, labels=[f"{t:.2f}" for t in ticks])
+    return fig
+
+
+def bench_figures(df: pd.DataFrame) -> dict[str, Figure]:
+    """Figures of one run, by file stem, only those with data: ``time_vs_batch``, ``bandwidth``,
+    ``speedup_vs_eager``, ``speedup_vs_compile``. The caller saves (``bnbench._io.write_figure``) and owns them."""
+    timed = timed_points(df)
+    figures: dict[str, Figure] = {}
+    if timed.empty:
+        return figures
+    device = device_label(timed)
+    figures["time_vs_batch"] = _time_figure(timed, device)
+    for stem, fig in (
+        ("bandwidth", _bandwidth_figure(timed, device)),
+        ("speedup_vs_eager", _heatmap_figure(timed, "speedup_vs_eager", "eager", device)),
+        ("speedup_vs_compile", _heatmap_figure(timed, "speedup_vs_compile", "compile", device)),
+    ):
+        if fig is not None:
+            figures[stem] = fig
+    return figures

@@ -1,0 +1,92 @@
+"""``bnbench report``: tables, figures and an HTML page from result folders, or a baseline/candidate comparison.
+
+The only module of ``bnbench.report`` that writes files (through the atomic writers of ``bnbench._io``).
+Exit codes: 0 ok; 1 a regression in compare mode; 2 bad input (raised as ValueError/FileNotFoundError and
+turned into exit code 2 by ``bnbench.cli``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from bnbench import _io
+from bnbench.report.assemble import Report, comparison_report, results_report
+from bnbench.report.document import to_markdown
+from bnbench.report.html import figure_png, render_html
+from bnbench.report.load import load_result
+
+HELP = "tables, figures and an HTML page from result folders; run-to-run comparison"
+DESCRIPTION = (
+    "Report mode: 'bnbench report RESULTS_DIR... --out DIR' loads bench and/or train result folders, validates "
+    "them against the results schema, and writes summary.md, PNG figures (SVG too with --svg) and index.html, a "
+    "self-contained page. Compare mode: 'bnbench report --baseline A --candidate B --out DIR' matches the two "
+    "bench runs point by point, labels each point faster/slower/same/ambiguous from the p20-p80 noise bands, "
+    "writes summary.md, comparison.csv, a figure and index.html, and exits 1 when a point is slower by more than "
+    "--threshold outside its noise band (or became incorrect/error/oom), else 0."
+)
+
+EXIT_OK, EXIT_REGRESSION = 0, 1
+
+
+def configure(parser) -> None:
+    parser.add_argument("results", nargs="*", metavar="RESULTS_DIR", help="bench or train result folders")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: reports/report-<UTC time> or reports/compare-<UTC time>)")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR", help="compare mode: the reference run")
+    parser.add_argument("--candidate", type=Path, default=None, metavar="DIR", help="compare mode: the new run")
+    parser.add_argument("--threshold", type=float, default=0.10,
+                        help="compare mode: a slowdown beyond this fraction (outside the noise) is a regression")  # fmt: skip
+    parser.add_argument("--svg", action="store_true", help="also write every figure as SVG")
+    parser.add_argument("--title", default=None, help="page title")
+
+
+def _default_out(kind: str) -> Path:
+    return Path("reports") / f"{kind}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write(report: Report, out: Path, *, svg: bool) -> list[Path]:
+    """Figures (PNG, and SVG on request), summary.md and index.html; the page embeds the same PNG bytes."""
+    written, png = [], {}
+    for stem, fig in report.figures.items():
+        png[stem] = figure_png(fig)
+        written.append(_io.write_bytes(out / f"{stem}.png", png[stem]))
+        if svg:
+            written.append(_io.write_figure(out / f"{stem}.svg", fig))
+    written.append(_io.write_text(out / "summary.md", to_markdown(report.sections, title=report.title)))
+    page = render_html(report.title, report.sections, subtitle=report.subtitle, png=png)
+    written.append(_io.write_text(out / "index.html", page))
+    return written
+
+
+def run(args) -> int:
+    compare = args.baseline is not None or args.candidate is not None
+    if compare:
+        if args.baseline is None or args.candidate is None:
+            raise ValueError(f"compare mode needs both --baseline and --candidate (got baseline={args.baseline}, "
+                             f"candidate={args.candidate})")  # fmt: skip
+        if args.results:
+            raise ValueError(f"give either RESULTS_DIR... or --baseline/--candidate, not both (got {args.results})")
+        if not args.threshold >= 0:
+            raise ValueError(f"--threshold must be >= 0 (0.1 = 10%), got {args.threshold}")
+        baseline, candidate = load_result(args.baseline), load_result(args.candidate)
+        report, comparison, regressed = comparison_report(
+            baseline, candidate, threshold=args.threshold, title=args.title
+        )
+        out = args.out or _default_out("compare")
+        _write(report, out, svg=args.svg)
+        _io.write_csv(out / "comparison.csv", comparison)
+        counts = comparison["label"].value_counts()
+        summary = ", ".join(f"{int(n)} {label}" for label, n in counts.items())
+        n_reg = int(comparison["regression"].sum())
+        print(f"{len(comparison)} points: {summary}; {n_reg} regression(s) (threshold {args.threshold:.0%})")
+        print(f"report written to {out}/ (summary.md, index.html, comparison.csv)")
+        return EXIT_REGRESSION if regressed else EXIT_OK
+    if not args.results:
+        raise ValueError("give one or more RESULTS_DIR, or --baseline A --candidate B")
+    results = [load_result(path) for path in args.results]
+    report = results_report(results, title=args.title)
+    out = args.out or _default_out("report")
+    written = _write(report, out, svg=args.svg)
+    print(f"report of {len(results)} result folder(s) written to {out}/ ({len(written)} files; open index.html)")
+    return EXIT_OK

@@ -1,0 +1,92 @@
+"""One look for every bnbench figure: a fixed colour per provider (and per training norm), the display order of
+dtypes, passes and providers, and small helpers that build figures without pyplot's global state.
+
+Every figure function in ``bnbench.report`` takes its colours from here, so "triton" is the same green in the
+time plot, the bandwidth plot, the comparison plot and the training curves.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = [
+    "DTYPE_ORDER",
+    "NORM_COLORS",
+    "PASS_ORDER",
+    "PROVIDER_COLORS",
+    "PROVIDER_ORDER",
+    "color_for",
+    "maybe_log_scale",
+    "new_figure",
+    "order_values",
+]
+
+#: benchmark providers (MEASURE.md): the baselines and bnbench's fused kernels
+PROVIDER_COLORS: dict[str, str] = {
+    "eager": "#1f77b4",  # blue
+    "compile": "#ff7f0e",  # orange
+    "compile-max-autotune": "#8c564b",  # brown
+    "triton": "#2ca02c",  # green
+}
+#: training runs: no normalisation, PyTorch's BatchNorm (eager), bnbench's fused layer (the triton kernels)
+NORM_COLORS: dict[str, str] = {
+    "none": "#7f7f7f",  # grey
+    "eager": PROVIDER_COLORS["eager"],
+    "fused": PROVIDER_COLORS["triton"],
+}
+#: colours for names not listed above, chosen by a stable hash of the name (never by call order), so an
+#: unexpected provider still gets the same colour in every figure of every run
+_EXTRA_COLORS = ("#d62728", "#9467bd", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39")
+
+PROVIDER_ORDER = ("eager", "compile", "compile-max-autotune", "triton")
+DTYPE_ORDER = ("fp32", "float32", "tf32", "fp16", "float16", "bf16", "bfloat16")
+PASS_ORDER = ("fwd", "bwd", "fwd_bwd", "eval")
+
+#: size of one panel in inches
+PANEL_SIZE = (4.6, 3.4)
+
+
+def color_for(name: str) -> str:
+    """The colour of a provider or training norm; the same name always gets the same colour."""
+    if name in PROVIDER_COLORS:
+        return PROVIDER_COLORS[name]
+    if name in NORM_COLORS:
+        return NORM_COLORS[name]
+    return _EXTRA_COLORS[zlib.crc32(str(name).encode()) % len(_EXTRA_COLORS)]
+
+
+def order_values(values: Iterable, order: Iterable = ()) -> list:
+    """Distinct values, the ones named in ``order`` first (in that order), the rest sorted."""
+    distinct = list(dict.fromkeys(v for v in values if v is not None and v == v))  # drop None and NaN
+    order = list(order)
+    known = [v for v in order if v in distinct]
+    rest = sorted((v for v in distinct if v not in order), key=lambda v: (str(type(v)), v))
+    return known + rest
+
+
+def new_figure(n_panels: int, *, max_cols: int = 3, title: str = "") -> tuple[Figure, list]:
+    """A Figure (no pyplot) with ``n_panels`` axes on a grid, flattened in reading order; extra cells are removed."""
+    if n_panels < 1:
+        raise ValueError(f"a figure needs at least one panel, got n_panels={n_panels}")
+    ncols = min(n_panels, max_cols)
+    nrows = -(-n_panels // ncols)
+    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.9), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel())
+    for ax in axes[n_panels:]:
+        fig.delaxes(ax)
+    if title:
+        fig.suptitle(title)
+    return fig, axes[:n_panels]
+
+
+def maybe_log_scale(ax, values, axis: str = "x"):
+    """Use a log axis when the positive ``values`` span a decade or more (sizes in a sweep usually do)."""
+    values = np.asarray(list(values), dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size and values.max() / values.min() >= 10:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    return ax
