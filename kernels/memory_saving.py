@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import launchers
 from ._backward import _bn_act_bwd_combine_kernel
 from ._memory_saving import _bn_act_ms_dx_kernel, _bn_act_ms_fused_kernel, _bn_act_ms_reduce_kernel
 from ._plan import KernelConfig, default_config, geometry_of
-from .launchers import _activation_name, _alloc_like, _check_channel_tensors, _check_input, _grid_tiles
+from .launchers import _activation_name, _check_channel_tensors, _check_input, _grid_tiles
 
 __all__ = ["MEMORY_SAVING_ACTIVATIONS", "bn_act_bwd_from_output"]
 
@@ -51,7 +52,7 @@ def bn_act_bwd_from_output(
         )
     if not min_abs_weight > 0.0:
         raise ValueError(f"min_abs_weight must be positive, got {min_abs_weight}")
-    dx = _alloc_like(y)
+    dx = launchers._alloc_like(y)  # looked up at call time: tests poison it
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
     if y.numel() == 0:
