@@ -68,7 +68,7 @@ def _step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.
     ("backend", "momentum", "memory_saving"),
     [
         ("torch", 0.1, False),  # reference composition, compiled natively
-        ("torch", None, False),  # cumulative average: the factor is a device tensor, no graph break
+        ("torch", None, True),  # cumulative average (a device tensor: no graph break), memory-saving Function
         ("triton", 0.1, False),  # custom ops + autograd.Function, kernels under the interpreter on CPU
         ("triton", None, True),  # cumulative average and the memory-saving backward op
     ],

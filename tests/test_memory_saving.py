@@ -248,3 +248,16 @@ def test_saved_memory_on_a_stack_cuda():
     # output included: eager ~3 per block, fused ~2, memory-saving ~1 (plus the output and small vectors)
     assert held["memory_saving"] < held["fused"] < held["eager"], held
     assert held["memory_saving"] < BLOCKS + 1.5, held
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cumulative_momentum_matches_nn_batchnorm(backend, seed):
+    """momentum=None (factor 1/num_batches_tracked on the device) composes with the memory-saving path."""
+    layer = bnbench.BatchNormAct1d(3, momentum=None, activation="identity", backend=backend, memory_saving=True)
+    reference = nn.BatchNorm1d(3, momentum=None)
+    for step in range(3):
+        x = torch.randn(6, 3) * (step + 1) + step
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-6, atol=1e-7)
+    assert layer.num_batches_tracked.item() == 3
