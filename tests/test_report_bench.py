@@ -179,4 +179,4 @@ def test_varying_case_dimensions_get_their_own_lines():
     b = a.assign(activation="gelu", ms_p50=a["ms_p50"] * 1.1)
     fig = Figure()
     ax = bench_plots.plot_time_vs_batch(fig.subplots(), pd.concat([a, b]), extras=["activation"])
-    assert sorted(ln.get_label() for ln in ax.get_lines()) == ["eager, activation=gelu", "eager, activation=relu"]
+    assert sorted(ln.get_label() for ln in ax.get_lines()) == ["eager (gelu)", "eager (relu)"]

@@ -184,6 +184,20 @@ def test_train_folder_goes_into_the_same_page(tmp_path, fake_train_report):
     assert (out / "2-train-accuracy_vs_step.png").exists() and (out / "1-bench-time_vs_batch.png").exists()
 
 
+def test_the_real_training_report_joins_the_page(tmp_path):
+    # the training engineer's bnbench.report.train on a synthetic bn-paper frame: whatever figures it makes
+    # must all be embedded, and its verdict table shown
+    from bnbench.report import train as train_report
+
+    frame = synthetic_train()
+    result = load_result(_folder(tmp_path / "train", frame))
+    report = results_report([result])
+    page = render_html(report.title, report.sections)
+    assert len(_embedded_images(page)) == len(train_report.train_figures(frame)) >= 1
+    for claim in train_report.verdict_table(frame)["claim"]:
+        assert claim in page
+
+
 def test_train_folder_without_a_training_report_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bnbench.report.train", None)  # as if train.py did not exist
     train = _folder(tmp_path / "train", synthetic_train())

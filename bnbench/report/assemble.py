@@ -110,9 +110,17 @@ def _bench_caption(stem: str) -> str:
     }.get(stem, stem)
 
 
+def _held_text(held) -> str:
+    if held is None or (isinstance(held, float) and held != held):
+        return "inconclusive"
+    return "yes" if bool(held) else "no"
+
+
 def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
     module = _train_module(result)
     verdict = module.verdict_table(result.frame)
+    if "held" in verdict.columns:  # True / False / None (the results cannot decide)
+        verdict = verdict.assign(held=verdict["held"].map(_held_text))
     figures = module.train_figures(result.frame)
     sections = [
         Section("Experiments", [Table(train_overview(result.frame))], level),

@@ -45,7 +45,8 @@ def _series(frame: pd.DataFrame, extras: Sequence[str]):
         rows = frame[frame["provider"] == provider]
         for _, group in rows.groupby(keys, sort=True, dropna=False):
             extra = tuple(group[list(extras)].astype(str).iloc[0])
-            label = provider + "".join(f", {c}={v}" for c, v in zip(extras, extra, strict=True))
+            detail = [f"{c}={v}" if c in ("S",) else v for c, v in zip(extras, extra, strict=True)]
+            label = provider + (f" ({', '.join(detail)})" if detail else "")
             yield provider, label, combos.index(extra) if extras else 0, group
 
 
@@ -142,7 +143,11 @@ def _legend(fig: Figure, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4))
+        longest = max(len(label) for label in handles)
+        fit = int(fig.get_figwidth() * 72 / (6 * longest + 40))  # about 6 points per character at size 10
+        fig.legend(
+            list(handles.values()), list(handles), loc="outside lower center", ncols=max(1, min(len(handles), fit))
+        )
 
 
 def _time_figure(timed: pd.DataFrame, device: str) -> Figure:

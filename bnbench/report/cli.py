@@ -10,12 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from bnbench import _io
-from bnbench.report.assemble import Report, comparison_report, results_report
-from bnbench.report.document import to_markdown
-from bnbench.report.html import figure_png, render_html
-from bnbench.report.load import load_result
-
 HELP = "tables, figures and an HTML page from result folders; run-to-run comparison"
 DESCRIPTION = (
     "Report mode: 'bnbench report RESULTS_DIR... --out DIR' loads bench and/or train result folders, validates "
@@ -29,24 +23,37 @@ DESCRIPTION = (
 EXIT_OK, EXIT_REGRESSION = 0, 1
 
 
+#: appended to the help of options whose default is None: "%(default).0s" prints nothing but stops
+#: ArgumentDefaultsHelpFormatter (used by bnbench.cli) from adding "(default: None)"
+_NO_DEFAULT = "%(default).0s"
+
+
 def configure(parser) -> None:
-    parser.add_argument("results", nargs="*", metavar="RESULTS_DIR", help="bench or train result folders")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: reports/report-<UTC time> or reports/compare-<UTC time>)")  # fmt: skip
-    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR", help="compare mode: the reference run")
-    parser.add_argument("--candidate", type=Path, default=None, metavar="DIR", help="compare mode: the new run")
-    parser.add_argument("--threshold", type=float, default=0.10,
-                        help="compare mode: a slowdown beyond this fraction (outside the noise) is a regression")  # fmt: skip
+    parser.add_argument("results", nargs="*", metavar="RESULTS_DIR", help="bench or train result folders" + _NO_DEFAULT)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: reports/report/<UTC time>/, or reports/compare/<UTC time>/ "
+                        "in compare mode)" + _NO_DEFAULT)  # fmt: skip
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="compare mode: the reference bench run" + _NO_DEFAULT)  # fmt: skip
+    parser.add_argument("--candidate", type=Path, default=None, metavar="DIR",
+                        help="compare mode: the bench run under test" + _NO_DEFAULT)  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=0.10, metavar="FRACTION",
+                        help="compare mode: a point slower by more than this fraction (0.1 = 10%%) outside its noise "
+                        "band is a regression")  # fmt: skip
     parser.add_argument("--svg", action="store_true", help="also write every figure as SVG")
-    parser.add_argument("--title", default=None, help="page title")
+    parser.add_argument("--title", default=None, help="page title (default: from the folder names)" + _NO_DEFAULT)
 
 
 def _default_out(kind: str) -> Path:
-    return Path("reports") / f"{kind}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    return Path("reports") / kind / f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _write(report: Report, out: Path, *, svg: bool) -> list[Path]:
+def _write(report, out: Path, *, svg: bool) -> list[Path]:
     """Figures (PNG, and SVG on request), summary.md and index.html; the page embeds the same PNG bytes."""
+    from bnbench import _io
+    from bnbench.report.document import to_markdown
+    from bnbench.report.html import figure_png, render_html
+
     written, png = [], {}
     for stem, fig in report.figures.items():
         png[stem] = figure_png(fig)
@@ -60,6 +67,11 @@ def _write(report: Report, out: Path, *, svg: bool) -> list[Path]:
 
 
 def run(args) -> int:
+    # imported here: `bnbench --help` and the other subcommands need neither pandas nor matplotlib
+    from bnbench import _io
+    from bnbench.report.assemble import comparison_report, results_report
+    from bnbench.report.load import load_result
+
     compare = args.baseline is not None or args.candidate is not None
     if compare:
         if args.baseline is None or args.candidate is None:

@@ -79,7 +79,7 @@ def synthetic_train(
     norms: Sequence[str] = ("none", "eager", "fused"),
     seeds: Sequence[int] = (0, 1),
     steps: int = 50,
-    metrics: Sequence[str] = ("test_accuracy", "train_loss"),
+    metrics: Sequence[str] = ("test_acc", "train_loss"),
 ) -> pd.DataFrame:
     """A valid long-format train frame: one row per (norm, seed, step, metric), accuracy rising faster with BN."""
     rows = []
@@ -89,7 +89,7 @@ def synthetic_train(
             rng = np.random.default_rng(seed)
             for step in range(0, steps + 1, 5):
                 accuracy = 0.1 + 0.88 * (1 - np.exp(-rate * step)) + float(rng.normal(0, 0.005))
-                values = {"test_accuracy": accuracy, "train_loss": 2.3 * np.exp(-rate * step)}
+                values = {"test_acc": accuracy, "train_loss": 2.3 * np.exp(-rate * step)}
                 for metric in metrics:
                     rows.append(
                         {
