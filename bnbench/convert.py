@@ -258,7 +258,7 @@ class _Converter:
         for node in graph.nodes:
             if node.op == "call_module":
                 calls.setdefault(node.target, []).append(node)
-        changed = False
+        fused_children: dict[str, nn.Module] = {}
         for name in bn_names:
             qual = prefix + name
             bn = getattr(module, name)
@@ -272,14 +272,17 @@ class _Converter:
             fused = self._fused(bn, *found, qual)
             if fused is None:
                 continue
-            setattr(module, name, fused)
             act_node.replace_all_uses_with(nodes[0])
             graph.erase_node(act_node)
-            changed = True
-        if not changed:
+            fused_children[name] = fused
+        if not fused_children:
             return module
         graph.lint()
+        # Built from the untouched module, then given the fused children: a caller still holding the original
+        # module (inplace=True) keeps a consistent BatchNorm + activation, not a fused layer plus the activation.
         rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        for name, fused in fused_children.items():
+            setattr(rewritten, name, fused)
         rewritten.train(module.training)
         return rewritten
 

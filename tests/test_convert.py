@@ -169,9 +169,13 @@ def test_resnet_converts_what_is_safe_and_reports_the_rest(seed, launches):
 def test_inplace_shares_parameters_and_keeps_mode(seed):
     model = _randomise(TinyResNet()).eval()
     weight = model.stem[1].weight
+    block = model.layer1[0]
     converted = convert_bn_act(model, inplace=True)
     assert converted is model
     assert converted.stem[1].weight is weight  # an optimizer holding `weight` still updates the fused layer
+    # a traced block is replaced in its parent; the old object stays a consistent (unfused) block
+    assert converted.layer1[0] is not block and type(block.bn1) is nn.BatchNorm2d
+    assert converted.layer1[0].bn1.weight is block.bn1.weight
     assert not converted.stem[1].training and not converted.layer1[0].training
     assert converted.stem[1].running_mean is not None
 
