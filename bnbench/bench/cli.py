@@ -1,0 +1,289 @@
+"""``bnbench bench``: the benchmark sweep from the command line, and the only module of the harness that touches
+the disk (results CSV, JSON sidecar, PNG figures, summary.md; the profiler's files go through here too).
+
+Every file is written whole through :mod:`bnbench._io` (a temporary file, then a rename). The CSV and the JSON
+sidecar are rewritten after every point, so Ctrl-C leaves the finished points on disk and ``--resume`` picks up
+from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import shlex
+import sys
+from pathlib import Path
+
+HELP = "benchmark sweep vs eager and torch.compile -> CSV, JSON, PNG, summary.md"
+DESCRIPTION = """\
+Measure fused BatchNorm + activation against PyTorch eager and torch.compile over a sweep of cases, check every
+point against a float64 reference, and write results.csv (one row per point; columns in MEASURE.md),
+results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
+
+Cases come from a preset or from comma lists. Presets: 'quick' (the default when no axis is given; 12 cases of
+BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: about two
+minutes on a 2-core CPU including torch.compile's C++ builds, a few seconds per case), 'standard' (MEASURE.md's
+baseline shapes in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
+'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
+axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
+relu, fwd,fwd_bwd, nchw).
+
+Timing: triton.testing.do_bench (L2 flushed, CUDA events; p20/p50/p80) on a GPU; wall-clock medians after warm-up on
+CPU. Without a GPU the triton provider runs only under TRITON_INTERPRET=1, on tiny cases, as a correctness check
+(timer=interpreter, never in a speed table); otherwise its points are recorded as skipped, saying why.
+Exit status: 0 all points correct, 1 some point incorrect, 2 bad arguments."""
+
+#: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
+FINISHED_STATUSES = ("ok", "incorrect", "skipped")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    cases = parser.add_argument_group("cases (comma lists; with --preset they filter it)")
+    cases.add_argument(
+        "--preset",
+        choices=("quick", "standard", "resnet50"),
+        default=None,
+        help="a named sweep (default: quick, when no axis option is given)",
+    )
+    cases.add_argument("--batch", metavar="N,...", help="batch sizes, e.g. 64,256,1024")
+    cases.add_argument("--width", metavar="C,...", help="channel counts, e.g. 64,256,1024")
+    cases.add_argument(
+        "--spatial", metavar="S,...", help="1 for BatchNorm1d on (N, C); HxW (or H) for BatchNorm2d, e.g. 1,28x28"
+    )
+    cases.add_argument("--dtype", metavar="D,...", help="fp32, fp16, bf16")
+    cases.add_argument("--activation", metavar="A,...", help="identity, relu, leaky_relu, sigmoid, tanh, gelu, ...")
+    cases.add_argument(
+        "--pass",
+        dest="passes",
+        metavar="P,...",
+        help="fwd (training forward), bwd (backward of a saved forward), fwd_bwd, eval",
+    )
+    cases.add_argument(
+        "--layout", metavar="L,...", help="nchw (contiguous) and/or channels_last (4-D only; dropped for spatial 1)"
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--providers", default="eager,compile,triton", help="comma list of eager, compile, compile-max-autotune, triton"
+    )
+    run.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: reports/bench/<device>-<UTC timestamp>/)"
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: skip points already recorded there (error/oom are retried)",
+    )
+    run.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    run.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run (auto: cuda when available)"
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of the inputs (every provider sees the same data)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU runs: PyTorch threads. 1 by default: when another process holds a core, OpenMP thread pools "
+        "stall for whole scheduler ticks and medians came out 100x off on a shared 2-core machine; raise it on "
+        "an idle machine to measure multi-threaded CPU code (recorded in results.json)",
+    )
+    run.add_argument(
+        "--cpu-budget-s", type=float, default=0.3, help="CPU: seconds of timed samples per point (at least 20 samples)"
+    )
+    run.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench's rep (ms of timed calls)")
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="GPU: also time small fwd/eval points as a CUDA-graph replay (timer=cuda_graph)")  # fmt: skip
+
+
+def _select(args):
+    from bnbench.bench import cases as c
+
+    def parsed(value, parse):
+        return None if value is None else parse(value)
+
+    return c.select_cases(
+        args.preset,
+        batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
+        width=parsed(args.width, lambda v: c.parse_ints(v, "--width")),
+        spatial=parsed(args.spatial, c.parse_spatial),
+        dtypes=parsed(args.dtype, c.parse_dtypes),
+        activations=parsed(args.activation, c.parse_activations),
+        passes=parsed(args.passes, c.parse_passes),
+        layouts=parsed(args.layout, c.parse_layouts),
+    )
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _load_previous(out: Path):
+    """(frame, sidecar) of an earlier run in ``out`` (for --resume), or (None, {})."""
+    import pandas as pd
+
+    from bnbench.schema import validate_bench
+
+    csv = out / "results.csv"
+    if not csv.exists():
+        return None, {}
+    frame = validate_bench(pd.read_csv(csv), str(csv))
+    sidecar_path = out / "results.json"
+    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.exists() else {}
+    return frame, sidecar
+
+
+def _done_keys(frame) -> set[tuple]:
+    if frame is None:
+        return set()
+    finished = frame[frame["status"].isin(FINISHED_STATUSES)]
+    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    return {tuple(str(v) for v in row) for row in finished[cols].itertuples(index=False)}
+
+
+def _drop_rerun(frame, points) -> object:
+    """Earlier rows of the points about to be measured again (error/oom), so each point has one row."""
+    if frame is None or not len(points):
+        return frame
+    rerun = {(*case.key(), provider.name) for case, provider in points}
+    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    keep = [tuple(str(v) for v in row) not in rerun for row in frame[cols].itertuples(index=False)]
+    return frame[keep]
+
+
+def _dry_run(points, done: set, device) -> int:
+    print(f"{len(points)} point(s) to measure on {device}" + (f" ({len(done)} already done)" if done else ""))
+    reasons: dict[str, int] = {}
+    for i, (case, provider) in enumerate(points, 1):
+        reason = provider.skip_reason(case, device)
+        note = ""
+        if reason:
+            reasons.setdefault(reason, len(reasons) + 1)
+            note = f"  [skipped, see ({reasons[reason]})]"
+        print(f"{i:4d}. {provider.name:<21} {case.label()}{note}")
+    for reason, number in reasons.items():
+        print(f"({number}) {reason}")
+    return 0
+
+
+def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
+    """The results CSV and the JSON sidecar, each written whole."""
+    from bnbench import _io
+
+    _io.write_csv(out / "results.csv", frame)
+    _io.write_json(out / "results.json", sidecar)
+
+
+def write_report(out: Path, frame) -> str | None:
+    """summary.md and the PNG figures from the report module; returns the summary (None if the report module is
+    not available, which is said on stderr)."""
+    from bnbench import _io
+
+    try:
+        from bnbench.report.bench import bench_figures, summary_markdown
+    except ModuleNotFoundError as err:
+        if err.name not in ("bnbench.report.bench", "bnbench.report"):
+            raise
+        print("bnbench bench: bnbench.report.bench is not available: no summary.md or plots", file=sys.stderr)
+        return None
+    summary = summary_markdown(frame)
+    _io.write_text(out / "summary.md", summary)
+    for stem, fig in bench_figures(frame).items():
+        _io.write_figure(out / f"{stem}.png", fig, dpi=120, bbox_inches="tight")
+    return summary
+
+
+def run(args) -> int:
+    import pandas as pd
+    import torch
+
+    from bnbench import envinfo
+    from bnbench.bench import runner
+    from bnbench.bench.bandwidth import measure_copy_bandwidth
+    from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
+    from bnbench.bench.providers import get_providers
+    from bnbench.bench.workload import TOLERANCE
+
+    cases = _select(args)
+    providers = get_providers(args.providers)
+    device = _device(args.device)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.cpu_budget_s <= 0 or args.rep_ms <= 0:
+        raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out: the folder of the run to continue")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    info = envinfo.collect()
+    out = args.out or Path("reports/bench") / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
+    previous, old_sidecar = _load_previous(out) if args.resume else (None, {})
+    if not args.resume and (out / "results.csv").exists():
+        raise ValueError(f"{out} already holds results.csv: pass --resume to continue it, or choose another --out")
+    done = _done_keys(previous)
+    points = runner.plan_points(cases, providers, done)
+    if args.dry_run:
+        return _dry_run(points, done, device)
+    if args.resume and previous is None:
+        print(f"bnbench bench: nothing to resume in {out} (no results.csv); starting a new run there", file=sys.stderr)
+
+    run_id = str(previous["run_id"].iloc[0]) if previous is not None and len(previous) else out.name
+    copy = measure_copy_bandwidth(device)
+    print(f"bnbench bench: {len(points)} point(s) on {device}; copy bandwidth {copy.gbps:.1f} GB/s; out {out}")
+    ctx = runner.RunContext(
+        device=device, copy_gbps=copy.gbps, provenance=runner.provenance_from_env(info, run_id), seed=args.seed,
+        timing=runner.TimingSettings(rep_ms=args.rep_ms, cpu_budget_s=args.cpu_budget_s, cuda_graph=args.cuda_graph),
+    )  # fmt: skip
+    kept = _drop_rerun(previous, points)
+    samples: dict[str, list[float]] = dict(old_sidecar.get("samples_ms", {}))
+    sidecar = {
+        "environment": info,
+        "run": {
+            "run_id": run_id, "started_utc": started.isoformat(timespec="seconds"),
+            "command": "bnbench bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+            "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
+            "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
+            "timing": dataclasses.asdict(ctx.timing),
+            "tolerance_max_rel_err": TOLERANCE, "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
+        },
+        "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
+        "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
+    }  # fmt: skip
+    rows: list[dict] = []
+
+    def frame_now() -> pd.DataFrame:
+        new = runner.results_frame(rows)
+        parts = [f for f in (kept, new) if f is not None and len(f)]
+        merged = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else new)
+        return runner.add_speedups(merged) if len(merged) else merged
+
+    from tqdm.auto import tqdm
+
+    with tqdm(points, desc="bench", unit="pt", dynamic_ncols=True, file=sys.stderr) as bar:
+        for case, provider in bar:
+            bar.set_postfix_str(f"{provider.name} {case.label()}", refresh=True)
+            for result in runner.measure_point(case, provider, ctx):
+                rows.append(result.row)
+                samples[runner.point_id(result.row)] = result.samples_ms
+            sidecar["samples_ms"] = samples
+            sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            write_bench_outputs(out, frame_now(), sidecar)
+    frame = frame_now()
+    write_bench_outputs(out, frame, {**sidecar, "samples_ms": samples})
+    summary = write_report(out, frame)
+    if summary is not None:
+        print(summary)
+    incorrect = frame[frame["status"].eq("incorrect")]
+    counts = frame["status"].value_counts().to_dict()
+    print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    if len(incorrect):
+        print(f"bnbench bench: {len(incorrect)} incorrect point(s): see summary.md", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,122 @@
+"""Cases, presets and the parsing of the sweep axes (pure data: no tensors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnbench.bench import cases as c
+from bnbench.bench.bytes_model import bytes_min, frac_of_copy, gbps
+
+
+def test_parse_spatial_one_means_bn1d_and_hxw_bn2d():
+    assert c.parse_spatial("1,28x28,7,7X5") == [None, (28, 28), (7, 7), (7, 5)]
+
+
+@pytest.mark.parametrize("text", ["0", "28x", "x28", "28x28x2", "a", "1,,2"])
+def test_parse_spatial_rejects_bad_values_naming_them(text):
+    with pytest.raises(ValueError, match="--spatial"):
+        c.parse_spatial(text)
+
+
+def test_parse_ints_names_the_bad_values():
+    assert c.parse_ints("64, 256") == [64, 256]
+    with pytest.raises(ValueError, match=r"'-3'.*'x'"):
+        c.parse_ints("64,-3,x", "--batch")
+
+
+def test_parse_names_accept_aliases_and_reject_unknown():
+    assert c.parse_dtypes("fp32,bfloat16,half") == ["fp32", "bf16", "fp16"]
+    assert c.parse_layouts("contiguous,nhwc") == ["nchw", "channels_last"]
+    assert c.parse_passes("fwd+bwd,eval") == ["fwd_bwd", "eval"]
+    assert c.parse_activations("ReLU,gelu") == ["relu", "gelu"]
+    for parse, bad in ((c.parse_dtypes, "fp8"), (c.parse_passes, "backward"), (c.parse_layouts, "nhcw")):
+        with pytest.raises(ValueError, match=bad):
+            parse(bad)
+    with pytest.raises(ValueError, match="swish"):
+        c.parse_activations("relu,swish")
+
+
+def test_case_columns_and_shape():
+    case = c.Case("bn2d", "fwd_bwd", "relu", "bf16", "channels_last", 128, 256, 28, 28)
+    cols = case.columns()
+    assert (cols["S"], cols["shape"], cols["numel"], cols["bn_mode"]) == (
+        784,
+        "128x256x28x28",
+        128 * 256 * 784,
+        "train",
+    )
+    assert c.Case("bn1d", "eval", "relu", "fp32", "nchw", 1, 8).bn_mode == "eval"  # eval allows one row per channel
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(op="bn1d", layout="channels_last"), "channels_last"),  # a 2-D tensor has no channels_last form
+        (dict(pass_="backward"), "unknown pass"),
+        (dict(dtype="fp64"), "unknown dtype"),
+        (dict(N=0), "positive"),
+        (dict(N=1, H=1, W=1, op="bn1d"), "more than 1 value"),  # training needs N*S >= 2
+        (dict(activation="swish"), "swish"),
+    ],
+)
+def test_case_rejects_impossible_values(kwargs, match):
+    base = dict(op="bn2d", pass_="fwd", activation="relu", dtype="fp32", layout="nchw", N=4, C=8, H=2, W=2)
+    with pytest.raises(ValueError, match=match):
+        c.Case(**{**base, **kwargs})
+
+
+def test_grid_drops_channels_last_for_bn1d_and_deduplicates():
+    cases = c.grid([2, 2], [8], [None, (4, 4)], ["fp32"], ["relu"], ["fwd"], ["nchw", "channels_last"])
+    assert [(x.op, x.layout) for x in cases] == [("bn1d", "nchw"), ("bn2d", "nchw"), ("bn2d", "channels_last")]
+
+
+def test_quick_preset_is_small_and_has_both_layouts():
+    quick = c.preset_cases("quick")
+    assert len(quick) == len(set(quick)) == 12  # sized for ~2 minutes on 2 CPU cores with compile
+    assert {x.layout for x in quick if x.op == "bn2d"} == {"nchw", "channels_last"}
+    assert max(x.numel for x in quick) <= 1 << 20
+
+
+def test_standard_preset_holds_the_measure_md_baseline_table():
+    std = c.preset_cases("standard")
+    have = {(x.shape_str, x.dtype, x.pass_, x.layout) for x in std}
+    for shape in ("256x1024", "32768x1024", "262144x256", "401408x64", "16384x8192"):
+        for dtype in ("fp32", "bf16"):
+            assert {(shape, dtype, p, "nchw") for p in ("fwd", "fwd_bwd")} <= have
+    assert ("128x256x28x28", "bf16", "fwd_bwd", "channels_last") in have
+    assert ("128x256x28x28", "bf16", "fwd_bwd", "nchw") in have
+    assert len(std) == len(set(std))
+
+
+def test_resnet50_preset_covers_its_53_bn_layers():
+    # ResNet-50 has 53 BatchNorm layers: the stem, 3 per bottleneck (16 blocks) and 4 downsample branches
+    assert sum(count for *_, count in c.RESNET50_BN_LAYERS) == 53
+    cases = c.preset_cases("resnet50")
+    assert {x.N for x in cases} == {64, 128, 256}
+    assert {x.layout for x in cases} == {"channels_last"} and {x.dtype for x in cases} == {"bf16", "fp32"}
+    assert len(cases) == len(c.RESNET50_BN_LAYERS) * 3 * 2 * 2
+
+
+def test_select_cases_filters_a_preset_or_builds_a_grid():
+    assert c.select_cases(None) == c.preset_cases("quick")
+    filtered = c.select_cases("quick", passes=["fwd"], spatial=[None])
+    assert filtered and all(x.pass_ == "fwd" and x.op == "bn1d" for x in filtered)
+    built = c.select_cases(None, batch=[64], dtypes=["bf16"])
+    assert {(x.N, x.C, x.dtype) for x in built} == {(64, 256, "bf16")}  # other axes from GRID_DEFAULTS
+    with pytest.raises(ValueError, match="no benchmark case"):
+        c.select_cases("quick", batch=[3])
+    with pytest.raises(ValueError, match="unknown preset"):
+        c.select_cases("huge")
+
+
+def test_bytes_model_passes_and_units():
+    T = 256 * 1024 * 2  # one bf16 tensor of 256x1024
+    assert [bytes_min(p, 256 * 1024, "bf16") for p in ("fwd", "bwd", "fwd_bwd", "eval")] == [2 * T, 3 * T, 5 * T, 2 * T]
+    assert bytes_min("fwd", 10, "fp32") == 80
+    assert gbps(1e9, 1.0) == pytest.approx(1000.0)  # 1 GB in 1 ms is 1000 GB/s
+    assert gbps(1e9, 0.0) != gbps(1e9, 0.0)  # NaN: no time, no rate
+    assert frac_of_copy(500.0, 1000.0) == 0.5
+    with pytest.raises(ValueError, match="unknown pass"):
+        bytes_min("bwd_fwd", 10, "fp32")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        bytes_min("fwd", 10, "int8")
