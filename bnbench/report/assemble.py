@@ -144,7 +144,8 @@ def results_report(results: Sequence[Result], *, title: str | None = None) -> Re
         prefix = "" if single else f"{i}-{_slug(result.name)}-"
         level = 2 if single else 3
         if not single:
-            sections.append(Section(f"{result.name} ({result.kind})", [Text(str(result.path))], 2))
+            what = "benchmark run" if result.kind == "bench" else "training experiments"
+            sections.append(Section(f"{result.name} ({result.kind})", [Text(f"{what}: {result.path.resolve()}")], 2))
         part = _bench_part if result.kind == "bench" else _train_part
         sections += part(result, prefix, level)
     kinds = ", ".join(dict.fromkeys(r.kind for r in results))

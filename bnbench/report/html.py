@@ -10,6 +10,7 @@ import io
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from bnbench.report.document import FigureRef, Section, Table, Text, format_value
@@ -22,9 +23,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { border-bottom: 1px solid #eee; margin-top: 2.2rem; }
 table { border-collapse: collapse; margin: .6rem 0 1.2rem; font-size: .86rem; }
-th, td { border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; }
+th, td { border: 1px solid #ddd; padding: .25rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
-td:first-child, th:first-child { text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1rem 0 2rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -46,15 +47,21 @@ def figure_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _cell(value) -> str:
+    numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+    return (
+        f'<td class="num">{html.escape(format_value(value))}</td>'
+        if numeric
+        else f"<td>{html.escape(format_value(value))}</td>"
+    )
+
+
 def table_html(frame: pd.DataFrame) -> str:
     """An HTML table of the frame's values formatted like the Markdown summary; every cell escaped."""
     if frame.empty:
         return "<p><em>(none)</em></p>"
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_value(v))}</td>" for v in row) + "</tr>"
-        for row in frame.itertuples(index=False)
-    )
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
     return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
