@@ -177,6 +177,11 @@ class _Converter:
         for name in self.all_bn:
             if name not in self.report.converted and name not in self.report.skipped:
                 self.report.skipped[name] = "not followed by a supported activation in any forward seen"
+        order = {name: i for i, name in enumerate(self.all_bn)}  # report in the model's module order
+        for entries in (self.report.converted, self.report.skipped):
+            ordered = sorted(entries.items(), key=lambda item: order.get(item[0], len(order)))
+            entries.clear()
+            entries.update(ordered)
         return model
 
     # -- checks ------------------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ def test_resnet_converts_what_is_safe_and_reports_the_rest(seed, launches):
         "layer1.1.bn1": "relu",
         "head.2": "silu",
     }
+    assert list(report.converted) == ["stem.1", "layer1.0.bn1", "layer1.1.bn1", "head.2"]  # model order
     assert set(report.skipped) == {
         "layer1.0.bn2",
         "layer1.1.bn2",
