@@ -180,3 +180,13 @@ def test_varying_case_dimensions_get_their_own_lines():
     fig = Figure()
     ax = bench_plots.plot_time_vs_batch(fig.subplots(), pd.concat([a, b]), extras=["activation"])
     assert sorted(ln.get_label() for ln in ax.get_lines()) == ["eager (gelu)", "eager (relu)"]
+
+
+def test_heatmap_panels_of_one_figure_share_one_colour_scale(frame):
+    figure = bench.bench_figures(frame)["speedup_vs_eager"]
+    limits = {(im.norm.vmin, im.norm.vmax) for ax in figure.axes for im in ax.images}
+    assert len(limits) == 1
+    (vmin, vmax), *_ = limits
+    assert vmin * vmax == pytest.approx(1.0)  # centred on a speedup of 1
+    triton = frame[frame["provider"] == "triton"]
+    assert vmax >= triton["speedup_vs_eager"].max() * 0.999  # no cell beyond the scale

@@ -100,15 +100,24 @@ def speedup_grid(frame: pd.DataFrame, column: str) -> tuple[pd.DataFrame, int]:
     return grid, int(values.groupby(["N", "C"]).size().max())
 
 
-def plot_speedup_heatmap(ax, frame: pd.DataFrame, column: str, *, title: str = ""):
+def _log_span(values) -> float:
+    """The largest |log(speedup)| among finite positive values, at least log(1.1) so 1.0 stays mid-scale."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr) & (arr > 0)]
+    return max(float(np.max(np.abs(np.log(arr)))) if arr.size else 0.0, float(np.log(1.1)))
+
+
+def plot_speedup_heatmap(ax, frame: pd.DataFrame, column: str, *, title: str = "", limit: float | None = None):
     """Heatmap of ``column`` (a speedup) over batch size x width, centred on 1 on a log colour scale (green:
-    faster than the baseline, red: slower); each cell is annotated with its value."""
+    faster than the baseline, red: slower) from 1/limit to limit (default: this panel's extremes; pass one
+    limit to every panel of a figure so equal colours mean equal speedups); each cell is annotated."""
     grid, _ = speedup_grid(frame, column)
     if grid.empty:
         raise ValueError(f"no {column} values to plot")
     values = grid.to_numpy(dtype=float)
-    finite = values[np.isfinite(values) & (values > 0)]
-    span = max(float(np.max(np.abs(np.log(finite)))), np.log(1.1))
+    span = float(np.log(limit)) if limit is not None else _log_span(values)
+    if not span > 0:
+        raise ValueError(f"limit must be > 1, got {limit}")
     norm = LogNorm(vmin=float(np.exp(-span)), vmax=float(np.exp(span)))
     ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", norm=norm, aspect="auto", origin="lower")
     for (i, j), value in np.ndenumerate(values):
@@ -184,12 +193,14 @@ def _heatmap_figure(timed: pd.DataFrame, column: str, baseline: str, device: str
     panels = _panels(candidates, keys)
     title = f"Speedup over {baseline} on {device} (median times; > 1: faster)"
     fig, axes = new_figure(len(panels), title=title)
+    grids = [speedup_grid(part, column)[0] for _, part in panels]
+    limit = float(np.exp(_log_span(np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids]))))
     for ax, (key, part) in zip(axes, panels, strict=True):
         _, pooled = speedup_grid(part, column)
         name = f"{key[0]} vs {baseline} · {key[1]} · {key[2]}" + (f" · {key[3]}" if len(key) > 3 else "")
         if pooled > 1:
             name += f"\n(geomean of up to {pooled} cases per cell)"
-        plot_speedup_heatmap(ax, part, column, title=name)
+        plot_speedup_heatmap(ax, part, column, title=name, limit=limit)
         image = ax.images[0]
         bar = fig.colorbar(image, ax=ax, label=f"speedup vs {baseline}")
         bar.minorticks_off()
