@@ -199,6 +199,18 @@ def write_report(out: Path, frame) -> str | None:
     return summary
 
 
+def write_profile_outputs(out: Path, markdown: str, kernels, profiles) -> None:
+    """``bnbench profile``'s files: profile.md, kernels.csv and one Chrome trace per profiled provider."""
+    from bnbench import _io
+
+    _io.write_text(out / "profile.md", markdown)
+    _io.write_csv(out / "kernels.csv", kernels)
+    for p in profiles:
+        if p.profiler is not None:
+            with _io.atomic_path(out / f"trace-{p.provider}.json") as tmp:
+                p.profiler.export_chrome_trace(str(tmp))
+
+
 def run(args) -> int:
     import pandas as pd
     import torch
