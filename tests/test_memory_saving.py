@@ -230,6 +230,20 @@ def test_saved_memory_on_a_stack_cpu_bookkeeping(seed):
     assert counts == {"eager": 3 * BLOCKS, "fused": 2 * BLOCKS, "memory_saving": BLOCKS + 1}
 
 
+@pytest.mark.slow  # two Inductor compilations
+def test_saved_memory_survives_torch_compile(seed):
+    """AOTAutograd's partitioner chooses what a compiled graph saves; it must still keep y, not x."""
+    torch._dynamo.reset()
+    x = torch.randn(64, C, requires_grad=True)
+    counts = {}
+    for kind in ("fused", "memory_saving"):
+        compiled = torch.compile(_stack(kind), fullgraph=True)
+        compiled(x)  # compile outside the hooks
+        counts[kind] = _saved_activation_storages(compiled, x)
+    torch._dynamo.reset()
+    assert counts == {"fused": 2 * BLOCKS, "memory_saving": BLOCKS + 1}
+
+
 @pytest.mark.gpu
 def test_saved_memory_on_a_stack_cuda():
     """Bytes still allocated after the forward (what backward holds), with torch.cuda memory statistics."""
