@@ -1,0 +1,415 @@
+"""SyncBatchNormAct on torch.distributed: gloo process groups of 2 and 3 CPU processes on the loopback interface.
+
+Spawning is slow (each process imports torch), so each process group runs a list of checks in one go. A check
+computes its reference itself: every rank draws the same global batch from a seed and keeps its own slice.
+The references are ``nn.BatchNorm*`` + the activation in float64 on the whole global batch (the definition of
+``nn.SyncBatchNorm``, which refuses CPU tensors, so on CPU it is compared by definition; the gpu-marked test
+compares against nn.SyncBatchNorm itself) and single-process BatchNormAct. Every process has hard time limits:
+the group's collectives time out after 60 s and the parent kills whatever is left after its deadline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bnbench.activations import apply_activation, parse_activation
+from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
+
+HAS_CUDA = torch.cuda.is_available()
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spawning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, checks: list[str], results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (the Triton check runs in the interpreter)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )  # fmt: skip
+        for name in checks:
+            CHECKS[name](rank, world)
+        results.put((rank, "ok", ""))
+    except BaseException:
+        results.put((rank, "failed", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_group(world: int, checks: list[str], timeout_s: float = 150.0) -> None:
+    """Run ``checks`` on ``world`` spawned gloo ranks; fail with the first rank's traceback. Every process is
+    joined or killed before this returns."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, checks, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    reports, failure = {}, None
+    try:
+        while len(reports) < world and failure is None:
+            try:
+                rank, status, text = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue_module.Empty:
+                failure = f"timed out after {timeout_s} s; reports so far: {sorted(reports)}"
+                break
+            reports[rank] = status
+            if status != "ok":
+                failure = f"rank {rank} failed:\n{text}"
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()) if failure is None else 1.0)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert failure is None, failure
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _splits(total: int, world: int) -> list[int]:
+    """Unequal per-rank batch sizes; with 3 ranks the middle one gets an empty batch."""
+    if world == 2:
+        return [total // 2 - 1, total - total // 2 + 1]
+    return [1, 0, total - 1] + [0] * (world - 3)
+
+
+def _local(t: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]]
+
+
+def _bn_class(dim: int):
+    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dim]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).norm() / expected.norm().clamp_min(1e-12)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.1, channels_last=False, offset=0.0,
+                      backend="torch", tol=2e-5, steps=2, affine=True):  # fmt: skip
+    """SyncBatchNormAct on this rank's slice vs nn.BatchNorm + activation (float64) on the global batch: outputs,
+    input/weight/bias gradients and running statistics over ``steps`` training steps, then eval outputs."""
+    act, act_param = parse_activation(activation, param)
+    C, sizes = shape[1], _splits(shape[0], world)
+    gen = torch.Generator().manual_seed(sum(shape) + len(activation))
+    layer = SyncBatchNormAct(C, momentum=momentum, affine=affine, activation=act, activation_param=param,
+                             backend=backend)  # fmt: skip
+    ref = _bn_class(len(shape))(C, momentum=momentum, affine=affine, dtype=torch.float64)
+    if affine:
+        with torch.no_grad():
+            w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+            layer.weight.copy_(w), layer.bias.copy_(b), ref.weight.copy_(w), ref.bias.copy_(b)
+    for step in range(steps):
+        xg = torch.randn(shape, generator=gen) * 2 + offset
+        gg = torch.randn(shape, generator=gen)
+        x = _local(xg, rank, sizes).clone()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(_local(gg, rank, sizes))
+        xr = xg.double().requires_grad_(True)
+        ref.zero_grad(set_to_none=True)
+        yr = apply_activation(ref(xr), act, act_param)
+        yr.backward(gg.double())
+        what = f"{shape} {activation} step {step} rank {rank}"
+        if x.numel():
+            _close(y, _local(yr, rank, sizes), tol, f"output {what}")
+            _close(x.grad, _local(xr.grad, rank, sizes), tol, f"input grad {what}")
+        else:
+            assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+        if affine:  # local sums, as nn.SyncBatchNorm returns them: over the ranks they are the global gradient
+            _close(_sum_over_ranks(layer.weight.grad), ref.weight.grad, tol, f"weight grad {what}")
+            _close(_sum_over_ranks(layer.bias.grad), ref.bias.grad, tol, f"bias grad {what}")
+        _close(layer.running_mean, ref.running_mean, tol, f"running_mean {what}")
+        _close(layer.running_var, ref.running_var, tol, f"running_var {what}")
+        assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
+    layer.eval(), ref.eval()
+    x = torch.randn(shape, generator=gen) + offset
+    with torch.no_grad():
+        _close(layer(x), apply_activation(ref(x.double()), act, act_param), tol, f"eval {shape}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks (run inside the spawned ranks)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_matches_global_batch(rank: int, world: int) -> None:
+    # (N, C): the BatchNorm1d case; C=3 not a power of two; momentum=None is the cumulative average
+    _compare_training(rank, world, shape=(7, 3), activation="relu", momentum=None)
+    # (N, C, L) with a leaky slope, and a mean offset of 1e3 x the std: the merge must not cancel
+    _compare_training(rank, world, shape=(6, 4, 5), activation="leaky_relu", param=0.2, offset=2000.0, tol=1e-4)
+    # (N, C, H, W) channels_last with a smooth activation; no affine parameters
+    _compare_training(rank, world, shape=(5, 3, 3, 2), activation="gelu", channels_last=True, affine=False)
+    # (N, C, D, H, W): 5-D input as nn.SyncBatchNorm accepts it
+    _compare_training(rank, world, shape=(4, 2, 2, 3, 2), activation="sigmoid", steps=1)
+
+
+def check_triton_interpreter(rank: int, world: int) -> None:
+    """The Triton path (kernels under the interpreter) on tiny inputs; the kernels really run."""
+    from bnbench import kernels
+
+    calls = {}
+    originals = {
+        n: getattr(kernels, n) for n in ("bn_act_batch_stats", "bn_act_apply", "bn_act_bwd_sums", "bn_act_bwd_dx")
+    }
+
+    def spy(name):
+        def wrapped(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name in originals:
+            setattr(kernels, name, spy(name))
+        _compare_training(rank, world, shape=(6, 3), activation="relu", backend="triton", tol=1e-5, steps=1)
+        _compare_training(rank, world, shape=(4, 3, 2, 3), activation="silu", backend="triton", tol=1e-5, steps=1,
+                          channels_last=True)  # fmt: skip
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    assert set(calls) == set(originals), f"Triton launchers called: {calls}"
+
+
+_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce", "broadcast", "barrier",
+                "reduce_scatter", "all_gather_object")  # fmt: skip
+
+
+def _count_collectives(fn) -> dict[str, int]:
+    counts, originals = {}, {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+
+    def counting(name):
+        def wrapped(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name in originals:
+            setattr(dist, name, counting(name))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return counts
+
+
+def check_two_collectives_per_step(rank: int, world: int) -> None:
+    layer = SyncBatchNormAct(4, activation="tanh", backend="torch")
+    x = torch.randn(3 + rank, 4, 2, requires_grad=True)
+    assert _count_collectives(lambda: layer(x).sum().backward()) == {"all_gather": 1, "all_reduce": 1}
+    # an input that needs no gradient: nothing to all-reduce (dweight/dbias are local), as in nn.SyncBatchNorm
+    assert _count_collectives(lambda: layer(x.detach()).sum().backward()) == {"all_gather": 1}
+    layer.eval()
+    assert _count_collectives(lambda: layer(x).sum().backward()) == {}
+
+
+def check_errors_raise_on_every_rank(rank: int, world: int) -> None:
+    last = world - 1
+    layer = SyncBatchNormAct(4, backend="torch")
+    # one rank's input has another channel count: every rank raises (none hangs in the gather)
+    x = torch.randn(3, 5 if rank == last else 4, 2)
+    with pytest.raises(ValueError, match=f"rank {last}: input has 5 channels, the layer 4"):
+        layer(x)
+    # one rank's input on another device than the layer ("meta" stands in for a second device on CPU)
+    x = torch.randn(3, 4, device="meta" if rank == last else "cpu")
+    with pytest.raises(ValueError, match=f"rank {last}: input is on another device than the layer"):
+        layer(x)
+    # a single value per channel over all ranks together: the same error everywhere
+    x = torch.randn(1 if rank == 0 else 0, 4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, got 1 over all"):
+        layer(x)
+    # and the group is still in step afterwards
+    y = layer(torch.randn(2, 4, requires_grad=True))
+    y.sum().backward()
+
+
+def check_ddp_equals_single_process(rank: int, world: int) -> None:
+    """DDP + SyncBatchNormAct trained on shards == one process trained on the global batch (SGD, 3 steps)."""
+    from bnbench.distributed_bench import train_ddp
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    net = model()
+    rows = train_ddp(net, x, y, steps=3, batch_size=4, lr=0.5, device=torch.device("cpu"), seed=3)
+    assert set(rows["metric"]) == {"train_loss", "step_ms"} and (rows["rank"] == rank).all()
+    ref = model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(48, generator=gen)
+    for step in range(3):
+        idx = order[step * 4 * world : (step + 1) * 4 * world]
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    for (name, p), q in zip(ref.state_dict().items(), net.state_dict().values(), strict=True):
+        _close(q, p, 1e-5, f"{name} after DDP training")
+
+
+def check_bench_rows(rank: int, world: int) -> None:
+    from bnbench.distributed_bench import DIST_COLUMNS, SyncCase, bench_sync
+    from bnbench.schema import validate_bench
+
+    frame = bench_sync([SyncCase(8, 4, (2, 2))], device=torch.device("cpu"), warmup=1, reps=3)
+    validate_bench(frame)
+    assert set(DIST_COLUMNS) <= set(frame.columns) and (frame["rank"] == rank).all()
+    status = dict(zip(frame["provider"], frame["status"], strict=True))
+    # the Triton provider runs only in the interpreter here (not timed); nn.SyncBatchNorm refuses CPU tensors
+    assert status == {"sync_fused": "skipped", "sync_fused_torch": "ok", "sync_eager": "skipped"}, status
+    ok = frame[frame["status"] == "ok"].iloc[0]
+    assert ok["n_samples"] == 3 and 0 < ok["collective_share"] <= 1
+
+
+CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_interpreter, check_two_collectives_per_step,
+                                  check_errors_raise_on_every_rank, check_ddp_equals_single_process, check_bench_rows)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_two_ranks():
+    run_group(2, list(CHECKS))
+
+
+def test_three_ranks_with_an_empty_rank():
+    run_group(3, ["check_matches_global_batch", "check_errors_raise_on_every_rank"])
+
+
+def test_without_process_group_equals_batch_norm_act():
+    """No initialised group: exactly BatchNormAct (same code path), training steps with momentum=None, then eval."""
+    from bnbench.modules import BatchNormAct2d
+
+    torch.manual_seed(0)
+    sync, plain = (
+        SyncBatchNormAct(3, momentum=None, activation="silu"),
+        BatchNormAct2d(3, momentum=None, activation="silu"),
+    )
+    for _ in range(2):
+        x = torch.randn(4, 3, 2, 2, requires_grad=True)
+        y1, y2 = sync(x), plain(x)
+        assert torch.equal(y1, y2)
+        g1, g2 = torch.autograd.grad(y1.sum(), (x, sync.weight)), torch.autograd.grad(y2.sum(), (x, plain.weight))
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    assert torch.equal(sync.running_var, plain.running_var) and int(sync.num_batches_tracked) == 2
+    sync.eval(), plain.eval()
+    assert torch.equal(sync(x), plain(x))
+
+
+def test_world_size_one_runs_no_collective():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        layer = SyncBatchNormAct(3, backend="torch")
+        x = torch.randn(5, 3, requires_grad=True)
+        assert _count_collectives(lambda: layer(x).sum().backward()) == {}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        SyncBatchNormAct(3, backend="cuda")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        SyncBatchNormAct(3, activation="swish")
+    with pytest.raises(ValueError, match="expected a 2-D to 5-D input"):
+        SyncBatchNormAct(3)(torch.randn(3))
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        convert_sync_bn_act("resnet")
+
+
+class _Block(nn.Module):
+    """A forward that calls a SyncBatchNorm then a functional activation (converted through torch.fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.SyncBatchNorm(4)
+
+    def forward(self, x):
+        return nn.functional.leaky_relu(self.bn(self.conv(x)), 0.2)
+
+
+def _model() -> nn.Module:
+    from bnbench.modules import BatchNormAct2d
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        _Block(), nn.BatchNorm2d(4), nn.GELU(),  # a Sequential pair
+        BatchNormAct2d(4, activation="tanh"),  # already fused: keeps its activation
+        nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2),  # no activation after it: identity
+    )  # fmt: skip
+
+
+def test_convert_sync_bn_act():
+    model = _model()
+    converted, report = convert_sync_bn_act(model, return_report=True)
+    assert report.converted == {"0.bn": "leaky_relu(0.2)", "1": "gelu", "3": "tanh", "5": "identity"}
+    assert "5" in report.skipped and all(
+        isinstance(m, SyncBatchNormAct) for m in (converted[1], converted[3], converted[5])
+    )
+    assert isinstance(converted[2], nn.Identity) and isinstance(converted[0].bn, SyncBatchNormAct)
+    # state_dict: the keys of nn.SyncBatchNorm.convert_sync_batchnorm, loadable both ways
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+    assert list(converted.state_dict()) == list(torch_sync.state_dict())
+    converted.load_state_dict(torch_sync.state_dict())
+    torch_sync.load_state_dict(converted.state_dict())
+    # outside a process group nn.SyncBatchNorm runs as BatchNorm: same outputs and running statistics as the original
+    for train in (True, False):
+        model.train(train), converted.train(train)
+        x = torch.randn(3, 3, 4, 4)
+        torch.testing.assert_close(converted(x), model(x))
+    torch.testing.assert_close(converted.state_dict(), model.state_dict())
+    assert converted is not model and isinstance(model[1], nn.BatchNorm2d)  # inplace=False converts a copy
+    group = object()  # stored, not used outside a process group
+    assert all(m.process_group is group for m in convert_sync_bn_act(_model(), group).modules()
+               if isinstance(m, SyncBatchNormAct))  # fmt: skip
