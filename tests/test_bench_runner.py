@@ -141,3 +141,25 @@ def test_max_rel_err_missing_or_nonfinite_is_infinite():
     assert max_rel_err({"y": torch.ones(3)}, ref) == (0.0, "y")
     assert max_rel_err({"y": None}, ref)[0] == math.inf
     assert max_rel_err({"y": torch.tensor([1.0, float("nan"), 1.0])}, ref)[0] == math.inf
+
+
+def test_every_pass_checks_out_with_eager_and_running_stats_are_checked():
+    # each pass runs its own semantics; a provider that forgets to update the running statistics is caught in
+    # the training passes only (eval reads them, bwd has no forward in the checked call)
+    passes = [Case("bn1d", p, "leaky_relu", "fp32", "nchw", 8, 3) for p in ("fwd", "bwd", "fwd_bwd", "eval")]
+    stale = Provider("stale", False, lambda case: lambda x, rm, rv, *rest: batch_norm_act_reference(
+        x, rm.clone(), rv.clone(), *rest))  # fmt: skip
+    frame, _ = run_sweep(passes, [PROVIDERS["eager"], stale], CTX)
+    assert (frame[frame["provider"] == "eager"]["status"] == "ok").all()
+    got = dict(zip(frame[frame["provider"] == "stale"]["pass"], frame[frame["provider"] == "stale"]["status"],
+                   strict=True))  # fmt: skip
+    assert got == {"fwd": "incorrect", "bwd": "ok", "fwd_bwd": "incorrect", "eval": "ok"}
+    assert frame[(frame["provider"] == "stale") & (frame["pass"] == "fwd")]["message"].str.contains("running").all()
+
+
+def test_inputs_are_reproducible_and_in_the_case_layout():
+    case = Case("bn2d", "fwd_bwd", "relu", "bf16", "channels_last", 2, 3, 4, 5)
+    a, b = make_inputs(case, "cpu", seed=7), make_inputs(case, "cpu", seed=7)
+    assert torch.equal(a.x, b.x) and torch.equal(a.dy, b.dy) and not torch.equal(a.x, make_inputs(case, "cpu", 8).x)
+    assert a.x.dtype == torch.bfloat16 and a.x.is_contiguous(memory_format=torch.channels_last)
+    assert a.weight.dtype == torch.float32 and a.x.requires_grad and a.weight.requires_grad

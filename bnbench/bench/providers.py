@@ -97,8 +97,8 @@ def _triton_skip(case: Case, device: torch.device) -> str | None:
         return None
     if not _interpreter_active():
         return (
-            "no CUDA device: the Triton kernels run on CPU only in the interpreter; set TRITON_INTERPRET=1 "
-            "to check their correctness on tiny cases (no timing)"
+            "no CUDA device in use: on CPU tensors the Triton kernels run only in the interpreter; set "
+            "TRITON_INTERPRET=1 to check their correctness on tiny cases (no timing)"
         )
     if case.numel > INTERPRETER_MAX_NUMEL:
         return (

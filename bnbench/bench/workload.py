@@ -68,13 +68,14 @@ class Inputs:
 def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs:
     """Fresh inputs for ``case`` on ``device``; the same seed gives the same values (every provider of a case
     sees the same data)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: large cases stay fast
     dtype = torch_dtype(case.dtype)
     memory_format = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
 
     def tensor(*shape: int, scale: float = 1.0, offset: float = 0.0, uniform: bool = False) -> torch.Tensor:
-        t = torch.rand(shape, generator=gen) if uniform else torch.randn(shape, generator=gen)
-        return (t * scale + offset).to(device)
+        draw = torch.rand if uniform else torch.randn
+        return draw(shape, generator=gen, device=device) * scale + offset
 
     x = tensor(*case.shape, offset=0.5).to(dtype=dtype, memory_format=memory_format)
     dy = tensor(*case.shape).to(dtype=dtype, memory_format=memory_format)
