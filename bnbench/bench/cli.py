@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -259,7 +258,8 @@ def run(args) -> int:
         "environment": info,
         "run": {
             "run_id": run_id, "started_utc": started.isoformat(timespec="seconds"),
-            "command": "bnbench bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+            "options": {k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+                        for k, v in vars(args).items() if not k.startswith("_")},
             "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
             "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
             "timing": dataclasses.asdict(ctx.timing),
