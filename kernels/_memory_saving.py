@@ -17,7 +17,7 @@ Small inputs: ``_bn_act_ms_fused_kernel``, one program per channel block.
 import triton
 import triton.language as tl
 
-from ._common import _activation_grad, _load_channel_affine, _offsets, _tile_rows
+from ._common import _activation_grad, _channel_block, _load_channel_affine, _offsets, _tile_rows
 
 
 @triton.jit
@@ -63,13 +63,13 @@ def _ms_reduce_tiles(
     stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz."""
     sum_dz = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_SIZE_C,), tl.float32)
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _ms_grad_tile(
             y_ptr, dy_ptr, n, c, s, mask, W, b, inv_w, act_param,
@@ -92,10 +92,11 @@ def _ms_dx_tiles(
     stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles."""
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _ms_grad_tile(
             y_ptr, dy_ptr, n, c, s, mask, W, b, inv_w, act_param,
@@ -115,12 +116,12 @@ def _bn_act_ms_reduce_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Partial sums from y. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes part_dz[P, C], part_dz_xhat[P, C] (and dx
     in eval). ``rstd_ptr`` holds the saved rstd (training) or the running variance (eval)."""
     pid_p = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     rstd, w, b, inv_w = _load_rstd_inv_w(
         rstd_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight, not TRAINING, HAS_WEIGHT, HAS_BIAS
@@ -131,7 +132,7 @@ def _bn_act_ms_reduce_kernel(
         y_ptr, dy_ptr, dx_ptr, rstd, w, b, inv_w, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W, act_param,
         stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_dz_ptr + row + c, sum_dz, mask=c_mask)
@@ -146,10 +147,10 @@ def _bn_act_ms_dx_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx from y, elementwise. Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C))."""
-    c = tl.program_id(1).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     rstd, w, b, inv_w = _load_rstd_inv_w(
         rstd_ptr, weight_ptr, bias_ptr, c, c_mask, 0.0, min_abs_weight, False, HAS_WEIGHT, HAS_BIAS
@@ -164,7 +165,7 @@ def _bn_act_ms_dx_kernel(
         n_tiles_s, N, S, W, act_param,
         stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
 
 
@@ -176,10 +177,10 @@ def _bn_act_ms_fused_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole memory-saving backward for one channel block in one launch. Grid (cdiv(C, BLOCK_SIZE_C),)."""
-    c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     rstd, w, b, inv_w = _load_rstd_inv_w(
         rstd_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight, not TRAINING, HAS_WEIGHT, HAS_BIAS
@@ -188,7 +189,7 @@ def _bn_act_ms_fused_kernel(
         y_ptr, dy_ptr, dx_ptr, rstd, w, b, inv_w, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
         stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     if HAS_WEIGHT:
         tl.store(dweight_ptr + c, sum_dz_xhat.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -201,5 +202,5 @@ def _bn_act_ms_fused_kernel(
             0, n_tiles, n_tiles_s, N, S, W, act_param,
             stride_y_n, stride_y_c, stride_y_s, stride_y_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
             stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-            ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S,
+            ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
         )  # fmt: skip

@@ -67,7 +67,7 @@ def bn_act_bwd_from_output(
     flags = {"ACTIVATION": act, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
     tiles = {
         "BLOCK_SIZE_N": cfg.block_size_n, "BLOCK_SIZE_C": cfg.block_size_c, "BLOCK_SIZE_S": cfg.block_size_s,
-        "SPLIT_S": geom.split_s, "num_warps": cfg.num_warps,
+        "SPLIT_S": geom.split_s, "INDEX_64": geom.index_64, "num_warps": cfg.num_warps,
     }  # fmt: skip
     if cfg.num_partials == 1:
         _bn_act_ms_fused_kernel[(triton.cdiv(C, cfg.block_size_c),)](
