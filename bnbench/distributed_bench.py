@@ -102,7 +102,7 @@ def _row(case: SyncCase, provider: str, group, device: torch.device, provenance:
         numel=int(np.prod(case.shape())), provider=provider, is_baseline=provider == "sync_eager", kernel_config="",
         timer="cuda_event" if device.type == "cuda" else "wall", n_samples=0, status="error", message="",
         rank=dist.get_rank(group), world_size=dist.get_world_size(group), dist_backend=dist.get_backend(group),
-        device_name=str(device), **{"pass": "fwd_bwd"},
+        device_name=provenance.get("device_name") or str(device), **{"pass": "fwd_bwd"},
     )  # fmt: skip
     return row
 
@@ -113,7 +113,7 @@ def bench_sync(
     device: torch.device,
     group=None,
     providers: tuple[str, ...] = PROVIDERS,
-    warmup: int = 5,
+    warmup: int = 10,
     reps: int = 30,
     provenance: dict | None = None,
     seed: int = 0,
@@ -254,13 +254,16 @@ def configure(parser) -> None:
     parser.add_argument("command", choices=("bench", "train"))
     parser.add_argument("--world-size", type=int, required=True, help="ranks expected (torchrun --nproc-per-node)")
     parser.add_argument("--out", required=True, help="output folder (rank 0 writes results.csv and env.json)")
-    parser.add_argument("--batch", type=int, default=32, help="per-rank batch (bench) or per-rank batch size (train)")
-    parser.add_argument("--width", type=int, default=64, help="channels (bench) or hidden width (train)")
-    parser.add_argument("--spatial", default="", help="bench: HxW (empty for 2-D input), e.g. 14x14")
-    parser.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES))
-    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--batch", default="32", help="per-rank batch: bench a comma list, train one number")
+    parser.add_argument("--width", default="64", help="channels: bench a comma list, train one number (hidden width)")
+    parser.add_argument(
+        "--spatial", default="1", help="bench: comma list of 1 (2-D input), L (3-D) or HxW (4-D), e.g. 1,14x14"
+    )
+    parser.add_argument("--dtype", default="fp32", help="bench: comma list of " + ", ".join(_DTYPES))
+    parser.add_argument("--activation", default="relu", help="bench: comma list; train: one activation")
+    parser.add_argument("--channels-last", action="store_true", help="bench: 4-D inputs in channels_last")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="bench: comma list of " + ", ".join(PROVIDERS))
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--dataset", default="digits", help="train: digits, mnist5k, mnist, synthetic")
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
@@ -270,27 +273,49 @@ def configure(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def parse_cases(
+    batch: str, width: str, spatial: str, dtype: str, activation: str, channels_last: bool
+) -> list[SyncCase]:
+    """The grid of :class:`SyncCase` from comma lists (as ``bnbench bench`` takes them); ValueError names a bad value."""
+    import itertools
+
+    def items(text: str) -> list[str]:
+        return [v.strip() for v in str(text).split(",") if v.strip()]
+
+    try:
+        batches, widths = [int(v) for v in items(batch)], [int(v) for v in items(width)]
+        shapes = [() if v == "1" else tuple(int(d) for d in v.split("x")) for v in items(spatial)]
+    except ValueError:
+        raise ValueError(f"--batch, --width and --spatial take comma lists of integers (HxW for spatial), got "
+                         f"{batch!r}, {width!r}, {spatial!r}") from None  # fmt: skip
+    bad = [d for d in items(dtype) if d not in _DTYPES]
+    if bad:
+        raise ValueError(f"unknown dtype(s) {bad}; valid: {', '.join(_DTYPES)}")
+    acts = [parse_activation(a)[0].value for a in items(activation)]
+    return [SyncCase(n, c, s, d, a, channels_last and len(s) == 2)
+            for n, c, s, d, a in itertools.product(batches, widths, shapes, items(dtype), acts)]  # fmt: skip
+
+
 def run_rank(args, device: torch.device) -> pd.DataFrame:
     """This rank's rows for the parsed ``args``, inside an initialised process group."""
     if args.command == "bench":
-        spatial = tuple(int(v) for v in args.spatial.split("x")) if args.spatial else ()
-        case = SyncCase(args.batch, args.width, spatial, args.dtype, args.activation)
         from bnbench.bench.runner import provenance_from_env
         from bnbench.envinfo import collect
 
-        prov = provenance_from_env(collect(), run_id=f"dist-{args.world_size}")
-        return bench_sync([case], device=device, providers=tuple(args.providers.split(",")), warmup=args.warmup,
+        cases = parse_cases(args.batch, args.width, args.spatial, args.dtype, args.activation, args.channels_last)
+        prov = provenance_from_env(collect(), run_id=args.run_id)
+        return bench_sync(cases, device=device, providers=tuple(args.providers.split(",")), warmup=args.warmup,
                           reps=args.reps, provenance=prov, seed=args.seed)  # fmt: skip
     from bnbench.train.data import load_dataset
     from bnbench.train.models import build_model, init_weights
 
     data = load_dataset(args.dataset)
     model = build_model(args.model, in_shape=data.image_shape, n_classes=data.n_classes, depth=args.depth,
-                        width=args.width, activation=args.activation, norm="fused")  # fmt: skip
+                        width=int(args.width), activation=args.activation, norm="fused")  # fmt: skip
     init_weights(model, "pytorch", args.seed)
     labels = dict(experiment=f"ddp{args.world_size}", dataset=data.name, model=args.model, depth=args.depth,
-                  width=args.width, activation=args.activation, norm="sync_fused")  # fmt: skip
-    return train_ddp(model, data.x_train, data.y_train, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                  width=int(args.width), activation=args.activation, norm="sync_fused")  # fmt: skip
+    return train_ddp(model, data.x_train, data.y_train, steps=args.steps, batch_size=int(args.batch), lr=args.lr,
                      device=device, seed=args.seed, labels=labels)  # fmt: skip
 
 
@@ -305,16 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnbench.distributed_bench", description=__doc__.split("\n\n")[0])
     configure(parser)
     args = parser.parse_args(argv)
+    args.run_id = f"dist{args.world_size}-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     if "RANK" not in os.environ:
         parser.error("run under torchrun, e.g. torchrun --nproc-per-node K -m bnbench.distributed_bench ...")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(minutes=10))
     try:
         if dist.get_world_size() != args.world_size:
             parser.error(f"--world-size {args.world_size} but torchrun started {dist.get_world_size()} ranks")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        run_ids = [None] * dist.get_world_size()
+        dist.all_gather_object(run_ids, args.run_id)  # every rank's rows carry rank 0's run id
+        args.run_id = run_ids[0]
         frames = [None] * dist.get_world_size()
         dist.all_gather_object(frames, run_rank(args, device))
         if dist.get_rank() == 0:

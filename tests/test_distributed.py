@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, checks: list[str], results) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (the Triton check runs in the interpreter)
+    if not torch.cuda.is_available():  # before anything imports triton: without a GPU the kernels run interpreted
+        os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -114,7 +115,7 @@ def _bn_class(dim: int):
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     err = (actual - expected).norm() / expected.norm().clamp_min(1e-12)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
@@ -126,14 +127,14 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.1, channels_last=False, offset=0.0,
-                      backend="torch", tol=2e-5, steps=2, affine=True):  # fmt: skip
+                      backend="torch", tol=2e-5, steps=2, affine=True, device="cpu"):  # fmt: skip
     """SyncBatchNormAct on this rank's slice vs nn.BatchNorm + activation (float64) on the global batch: outputs,
     input/weight/bias gradients and running statistics over ``steps`` training steps, then eval outputs."""
     act, act_param = parse_activation(activation, param)
     C, sizes = shape[1], _splits(shape[0], world)
     gen = torch.Generator().manual_seed(sum(shape) + len(activation))
     layer = SyncBatchNormAct(C, momentum=momentum, affine=affine, activation=act, activation_param=param,
-                             backend=backend)  # fmt: skip
+                             backend=backend, device=device)  # fmt: skip
     ref = _bn_class(len(shape))(C, momentum=momentum, affine=affine, dtype=torch.float64)
     if affine:
         with torch.no_grad():
@@ -142,13 +143,13 @@ def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.
     for step in range(steps):
         xg = torch.randn(shape, generator=gen) * 2 + offset
         gg = torch.randn(shape, generator=gen)
-        x = _local(xg, rank, sizes).clone()
+        x = _local(xg, rank, sizes).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         y = layer(x)
-        y.backward(_local(gg, rank, sizes))
+        y.backward(_local(gg, rank, sizes).to(device))
         xr = xg.double().requires_grad_(True)
         ref.zero_grad(set_to_none=True)
         yr = apply_activation(ref(xr), act, act_param)
@@ -168,7 +169,7 @@ def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.
     layer.eval(), ref.eval()
     x = torch.randn(shape, generator=gen) + offset
     with torch.no_grad():
-        _close(layer(x), apply_activation(ref(x.double()), act, act_param), tol, f"eval {shape}")
+        _close(layer(x.to(device)), apply_activation(ref(x.double()), act, act_param), tol, f"eval {shape}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,9 +188,11 @@ def check_matches_global_batch(rank: int, world: int) -> None:
     _compare_training(rank, world, shape=(4, 2, 2, 3, 2), activation="sigmoid", steps=1)
 
 
-def check_triton_interpreter(rank: int, world: int) -> None:
-    """The Triton path (kernels under the interpreter) on tiny inputs; the kernels really run."""
+def check_triton_path(rank: int, world: int) -> None:
+    """The Triton path on tiny inputs (on CPU in the interpreter; on a GPU natively); the kernels really run."""
     from bnbench import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     calls = {}
     originals = {
@@ -206,9 +209,10 @@ def check_triton_interpreter(rank: int, world: int) -> None:
     try:
         for name in originals:
             setattr(kernels, name, spy(name))
-        _compare_training(rank, world, shape=(6, 3), activation="relu", backend="triton", tol=1e-5, steps=1)
+        _compare_training(rank, world, shape=(6, 3), activation="relu", backend="triton", tol=1e-5, steps=1,
+                          device=device)  # fmt: skip
         _compare_training(rank, world, shape=(4, 3, 2, 3), activation="silu", backend="triton", tol=1e-5, steps=1,
-                          channels_last=True)  # fmt: skip
+                          channels_last=True, device=device)  # fmt: skip
     finally:
         for name, fn in originals.items():
             setattr(kernels, name, fn)
@@ -303,14 +307,50 @@ def check_bench_rows(rank: int, world: int) -> None:
     validate_bench(frame)
     assert set(DIST_COLUMNS) <= set(frame.columns) and (frame["rank"] == rank).all()
     status = dict(zip(frame["provider"], frame["status"], strict=True))
-    # the Triton provider runs only in the interpreter here (not timed); nn.SyncBatchNorm refuses CPU tensors
-    assert status == {"sync_fused": "skipped", "sync_fused_torch": "ok", "sync_eager": "skipped"}, status
+    # on CPU tensors: the auto backend is Triton only under the interpreter (then not timed, so skipped);
+    # nn.SyncBatchNorm refuses CPU tensors
+    from bnbench.functional import resolve_backend
+
+    fused = "skipped" if resolve_backend("auto", torch.empty(0)) == "triton" else "ok"
+    assert status == {"sync_fused": fused, "sync_fused_torch": "ok", "sync_eager": "skipped"}, status
     ok = frame[frame["status"] == "ok"].iloc[0]
     assert ok["n_samples"] == 3 and 0 < ok["collective_share"] <= 1
 
 
-CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_interpreter, check_two_collectives_per_step,
-                                  check_errors_raise_on_every_rank, check_ddp_equals_single_process, check_bench_rows)}  # fmt: skip
+def check_matches_torch_sync_batch_norm(rank: int, world: int) -> None:
+    """On a GPU: SyncBatchNormAct (Triton kernels) == nn.SyncBatchNorm + activation, both synchronised by gloo over
+    CUDA tensors (two ranks may share one GPU): outputs, input gradient, the LOCAL weight/bias gradients, running
+    statistics, over two steps with unequal batch sizes."""
+    for shape, activation, channels_last in (((9, 6, 5, 4), "relu", True), ((7, 5), "gelu", False)):
+        act, act_param = parse_activation(activation)
+        sizes, C = _splits(shape[0], world), shape[1]
+        gen = torch.Generator().manual_seed(C)
+        ours = SyncBatchNormAct(C, activation=activation, device="cuda")
+        theirs = nn.SyncBatchNorm(C, device="cuda")
+        with torch.no_grad():
+            w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+            for layer in (ours, theirs):
+                layer.weight.copy_(w), layer.bias.copy_(b)
+        for step in range(2):
+            x = _local(torch.randn(shape, generator=gen) + 3, rank, sizes).cuda()
+            g = _local(torch.randn(shape, generator=gen), rank, sizes).cuda()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ya, yb = ours(xa), apply_activation(theirs(xb), act, act_param)
+            ya.backward(g), yb.backward(g)
+            what = f"{shape} {activation} step {step} rank {rank}"
+            for name, a, e in (("output", ya, yb), ("input grad", xa.grad, xb.grad),
+                               ("weight grad", ours.weight.grad, theirs.weight.grad),
+                               ("bias grad", ours.bias.grad, theirs.bias.grad),
+                               ("running_mean", ours.running_mean, theirs.running_mean),
+                               ("running_var", ours.running_var, theirs.running_var)):  # fmt: skip
+                _close(a, e, 1e-5, f"{name} {what}")
+
+
+CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_path, check_two_collectives_per_step,
+                                  check_errors_raise_on_every_rank, check_ddp_equals_single_process, check_bench_rows,
+                                  check_matches_torch_sync_batch_norm)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +359,12 @@ CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_inter
 
 
 def test_two_ranks():
-    run_group(2, list(CHECKS))
+    run_group(2, [name for name in CHECKS if name != "check_matches_torch_sync_batch_norm"])
+
+
+@pytest.mark.gpu
+def test_matches_torch_sync_batch_norm_on_gpu():
+    run_group(2, ["check_matches_torch_sync_batch_norm"], timeout_s=400)
 
 
 def test_three_ranks_with_an_empty_rank():
