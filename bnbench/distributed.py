@@ -3,8 +3,9 @@
 It subclasses ``_BatchNorm``, the base of ``nn.BatchNorm*d`` and ``nn.SyncBatchNorm`` (same parameters, buffers and
 state_dict keys as ``nn.SyncBatchNorm``), not ``nn.SyncBatchNorm`` itself: DistributedDataParallel refuses any
 ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers only work with GPU modules"), which would rule
-out data-parallel training with gloo on CPU. The synchronisation runs on ``torch.distributed`` (NCCL on GPUs, gloo on CPU): one all_gather of per-rank statistics
-in forward, one all_reduce of per-channel gradient sums in backward (see :mod:`bnbench.distributed_functional`).
+out data-parallel training with gloo on CPU. The synchronisation runs on ``torch.distributed`` (NCCL on GPUs, gloo
+on CPU): one all_gather of per-rank statistics in forward, one all_reduce of per-channel gradient sums in backward
+(see :mod:`bnbench.distributed_functional`).
 Outside an initialised process group, with a world size of 1, or in eval mode it runs exactly as
 ``BatchNormAct1d/2d`` (through :func:`bnbench.batch_norm_act`), with no collective.
 

@@ -257,7 +257,9 @@ def configure(parser) -> None:
     parser.add_argument("--batch", default="32", help="per-rank batch: bench a comma list, train one number")
     parser.add_argument("--width", default="64", help="channels: bench a comma list, train one number (hidden width)")
     parser.add_argument(
-        "--spatial", default="1", help="bench: comma list of 1 (2-D input), L (3-D) or HxW (4-D), e.g. 1,14x14"
+        "--spatial",
+        default="1",
+        help="bench: comma list of 1 (2-D input), HxW or H (HxH) as bnbench bench takes it, e.g. 1,14x14",
     )
     parser.add_argument("--dtype", default="fp32", help="bench: comma list of " + ", ".join(_DTYPES))
     parser.add_argument("--activation", default="relu", help="bench: comma list; train: one activation")
@@ -276,18 +278,19 @@ def configure(parser) -> None:
 def parse_cases(
     batch: str, width: str, spatial: str, dtype: str, activation: str, channels_last: bool
 ) -> list[SyncCase]:
-    """The grid of :class:`SyncCase` from comma lists (as ``bnbench bench`` takes them); ValueError names a bad value."""
+    """The grid of :class:`SyncCase` from comma lists (as ``bnbench bench`` takes them); ValueError names bad values."""
     import itertools
 
     def items(text: str) -> list[str]:
         return [v.strip() for v in str(text).split(",") if v.strip()]
 
+    from bnbench.bench.cases import parse_spatial
+
     try:
         batches, widths = [int(v) for v in items(batch)], [int(v) for v in items(width)]
-        shapes = [() if v == "1" else tuple(int(d) for d in v.split("x")) for v in items(spatial)]
     except ValueError:
-        raise ValueError(f"--batch, --width and --spatial take comma lists of integers (HxW for spatial), got "
-                         f"{batch!r}, {width!r}, {spatial!r}") from None  # fmt: skip
+        raise ValueError(f"--batch and --width take comma lists of integers, got {batch!r}, {width!r}") from None
+    shapes = [() if sp is None else tuple(sp) for sp in parse_spatial(spatial)]
     bad = [d for d in items(dtype) if d not in _DTYPES]
     if bad:
         raise ValueError(f"unknown dtype(s) {bad}; valid: {', '.join(_DTYPES)}")

@@ -458,3 +458,16 @@ def test_convert_sync_bn_act():
     group = object()  # stored, not used outside a process group
     assert all(m.process_group is group for m in convert_sync_bn_act(_model(), group).modules()
                if isinstance(m, SyncBatchNormAct))  # fmt: skip
+
+
+def test_bench_case_grid():
+    """``--world-size`` bench options take the comma lists of ``bnbench bench`` (spatial "H" means HxH)."""
+    from bnbench.distributed_bench import parse_cases
+
+    cases = parse_cases("8,16", "4", "1,7,3x5", "fp32,bf16", "relu", True)
+    assert len(cases) == 2 * 3 * 2 and {c.spatial for c in cases} == {(), (7, 7), (3, 5)}
+    assert all(c.channels_last == bool(c.spatial) for c in cases)  # channels_last applies to 4-D inputs only
+    with pytest.raises(ValueError, match=r"unknown dtype\(s\) \['fp8'\]"):
+        parse_cases("8", "4", "1", "fp8", "relu", False)
+    with pytest.raises(ValueError, match="comma lists of integers"):
+        parse_cases("8,a", "4", "1", "fp32", "relu", False)
