@@ -18,19 +18,19 @@ import tempfile
 
 import torch
 
-from . import _backward, _forward
+from . import _backward, _forward, _memory_saving
 
 __all__ = ["KERNELS", "CompiledKernel", "compile_kernel"]
 
 #: every kernel, by name
 KERNELS = {
     name: getattr(module, name)
-    for module in (_forward, _backward)
+    for module in (_forward, _backward, _memory_saving)
     for name in dir(module)
     if name.startswith("_bn_act_") and name.endswith("_kernel")
 }
 
-_FLOAT_SCALARS = {"eps", "momentum", "act_param", "total"}
+_FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
 _DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -50,7 +50,8 @@ class CompiledKernel:
 
 def _default_constexprs(kernel) -> dict:
     defaults = {
-        "ACTIVATION": "relu",
+        # the memory-saving kernels accept only invertible activations
+        "ACTIVATION": "leaky_relu" if kernel.__name__.startswith("_bn_act_ms_") else "relu",
         "HAS_WEIGHT": True,
         "HAS_BIAS": True,
         "HAS_RUNNING": True,
