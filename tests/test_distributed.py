@@ -127,7 +127,7 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.1, channels_last=False, offset=0.0,
-                      backend="torch", tol=2e-5, steps=2, affine=True, device="cpu"):  # fmt: skip
+                      backend="torch", tol=2e-5, steps=2, affine=True, device="cpu", dtype=torch.float32):  # fmt: skip
     """SyncBatchNormAct on this rank's slice vs nn.BatchNorm + activation (float64) on the global batch: outputs,
     input/weight/bias gradients and running statistics over ``steps`` training steps, then eval outputs."""
     act, act_param = parse_activation(activation, param)
@@ -141,8 +141,8 @@ def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.
             w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
             layer.weight.copy_(w), layer.bias.copy_(b), ref.weight.copy_(w), ref.bias.copy_(b)
     for step in range(steps):
-        xg = torch.randn(shape, generator=gen) * 2 + offset
-        gg = torch.randn(shape, generator=gen)
+        xg = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)  # the reference sees the same rounded input
+        gg = torch.randn(shape, generator=gen).to(dtype)
         x = _local(xg, rank, sizes).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -184,6 +184,8 @@ def check_matches_global_batch(rank: int, world: int) -> None:
     _compare_training(rank, world, shape=(6, 4, 5), activation="leaky_relu", param=0.2, offset=2000.0, tol=1e-4)
     # (N, C, H, W) channels_last with a smooth activation; no affine parameters
     _compare_training(rank, world, shape=(5, 3, 3, 2), activation="gelu", channels_last=True, affine=False)
+    # bfloat16 input (mixed precision): fp32 statistics, output and gradients rounded to bfloat16
+    _compare_training(rank, world, shape=(6, 5), activation="silu", dtype=torch.bfloat16, tol=1e-2, steps=1)
     # (N, C, D, H, W): 5-D input as nn.SyncBatchNorm accepts it
     _compare_training(rank, world, shape=(4, 2, 2, 3, 2), activation="sigmoid", steps=1)
 
@@ -263,6 +265,10 @@ def check_errors_raise_on_every_rank(rank: int, world: int) -> None:
     # one rank's input on another device than the layer ("meta" stands in for a second device on CPU)
     x = torch.randn(3, 4, device="meta" if rank == last else "cpu")
     with pytest.raises(ValueError, match=f"rank {last}: input is on another device than the layer"):
+        layer(x)
+    # one rank's input has no channel axis
+    x = torch.randn(4) if rank == last else torch.randn(3, 4)
+    with pytest.raises(ValueError, match=f"rank {last}: unsupported input"):
         layer(x)
     # a single value per channel over all ranks together: the same error everywhere
     x = torch.randn(1 if rank == 0 else 0, 4)
@@ -455,6 +461,12 @@ def test_convert_sync_bn_act():
         torch.testing.assert_close(converted(x), model(x))
     torch.testing.assert_close(converted.state_dict(), model.state_dict())
     assert converted is not model and isinstance(model[1], nn.BatchNorm2d)  # inplace=False converts a copy
+    # a BatchNorm with hooks is converted without them and without its activation (the hook would not run)
+    hooked = nn.Sequential(nn.BatchNorm1d(3), nn.ReLU())
+    hooked[0].register_forward_hook(lambda *args: None)
+    converted, report = convert_sync_bn_act(hooked, return_report=True)
+    assert report.converted == {"0": "identity"} and "hooks" in report.skipped["0"]
+    assert isinstance(converted[1], nn.ReLU)
     group = object()  # stored, not used outside a process group
     assert all(m.process_group is group for m in convert_sync_bn_act(_model(), group).modules()
                if isinstance(m, SyncBatchNormAct))  # fmt: skip
