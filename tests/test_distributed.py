@@ -281,7 +281,7 @@ def check_errors_raise_on_every_rank(rank: int, world: int) -> None:
 
 def check_ddp_equals_single_process(rank: int, world: int) -> None:
     """DDP + SyncBatchNormAct trained on shards == one process trained on the global batch (SGD, 3 steps)."""
-    from bnbench.distributed_bench import train_ddp
+    from bnbench.distributed_train import train_ddp
 
     def model():
         torch.manual_seed(0)
