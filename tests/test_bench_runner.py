@@ -163,3 +163,18 @@ def test_inputs_are_reproducible_and_in_the_case_layout():
     assert torch.equal(a.x, b.x) and torch.equal(a.dy, b.dy) and not torch.equal(a.x, make_inputs(case, "cpu", 8).x)
     assert a.x.dtype == torch.bfloat16 and a.x.is_contiguous(memory_format=torch.channels_last)
     assert a.weight.dtype == torch.float32 and a.x.requires_grad and a.weight.requires_grad
+
+
+@pytest.mark.gpu
+def test_gpu_points_are_timed_with_cuda_events_and_report_memory():
+    ctx = RunContext(torch.device("cuda"), copy_gbps=1000.0, provenance={"run_id": "gpu"},
+                     timing=TimingSettings(warmup_ms=5, rep_ms=20, cuda_graph=True))  # fmt: skip
+    # fwd_bwd: memory held between forward and backward; eval: a CUDA-graph replay row as well (small case)
+    cases = [Case("bn2d", "fwd_bwd", "relu", "bf16", "channels_last", 8, 64, 14, 14),
+             Case("bn1d", "eval", "gelu", "fp32", "nchw", 256, 1024)]  # fmt: skip
+    frame, _ = run_sweep(cases, [PROVIDERS["eager"], PROVIDERS["triton"]], ctx)
+    assert (frame["status"] == "ok").all(), frame[["provider", "timer", "message"]].to_string()
+    events = frame[frame["timer"] == "cuda_event"]
+    assert len(events) == 4 and (events["peak_mem_mb"] > 0).all() and events["speedup_vs_eager"].notna().all()
+    assert set(frame[frame["timer"] == "cuda_graph"]["provider"]) == {"eager", "triton"}
+    assert frame[frame["timer"] == "cuda_graph"]["speedup_vs_eager"].notna().all()  # graph rows pair with graph rows

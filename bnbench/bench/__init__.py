@@ -1,1 +1,8 @@
-"""bnbench.bench"""
+"""bnbench.bench: the benchmark and profiling harness (``bnbench bench``, ``bnbench profile``).
+
+Modules, top to bottom: ``cli`` (the bench subcommand and the harness's only file writer), ``profile`` (the profile
+subcommand), ``runner`` (the checked sweep, returns DataFrames), ``profiling`` (torch.profiler breakdowns),
+``workload`` (inputs, passes, the float64 reference), ``providers`` (eager, compile, triton: a registry),
+``timing`` (do_bench, wall clock, interpreter), ``bandwidth`` (copy bandwidth), ``bytes_model`` (minimal bytes),
+``cases`` (cases, presets, parsing). Importing the package imports none of them.
+"""
