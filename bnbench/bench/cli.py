@@ -22,8 +22,9 @@ point against a float64 reference, and write results.csv (one row per point; col
 results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
 
 Cases come from a preset or from comma lists. Presets: 'quick' (the default when no axis is given; 12 cases of
-BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: about two
-minutes on a 2-core CPU including torch.compile's C++ builds, a few seconds per case), 'standard' (MEASURE.md's
+BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: within two
+minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
+cache), 'standard' (MEASURE.md's
 baseline shapes in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
 'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
 axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
