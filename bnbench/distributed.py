@@ -93,8 +93,10 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
                 self.activation, param, self.backend,
             )  # fmt: skip
             return y.view(input.shape) if input.dim() == 5 else y
-        # Input checks that can differ between ranks travel in the forward collective (no rank raises alone).
-        use_triton = resolve_backend(self.backend, input) == "triton"
+        # Input checks that can differ between ranks travel in the forward collective (no rank raises alone), so the
+        # backend follows the layer's device, not the input's (an input on another device is reported, not raised).
+        anchor = next((t for t in (self.weight, self.running_mean) if t is not None), input)
+        use_triton = resolve_backend(self.backend, anchor) == "triton"
         return sync_batch_norm_act(
             input, running_mean, running_var, self.weight, self.bias, factor, self.eps, self.activation,
             self.activation_param, group, use_triton,
