@@ -45,6 +45,7 @@ def configure(parser) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--dataset", default="digits", help="train: digits, mnist5k, mnist, synthetic")
+    parser.add_argument("--data-dir", default=None, help="train: folder with the MNIST IDX files (--dataset mnist)")
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
@@ -66,7 +67,7 @@ def run_rank(args, device: torch.device) -> pd.DataFrame:
     from bnbench.train.data import load_dataset
     from bnbench.train.models import build_model, init_weights
 
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
     model = build_model(args.model, in_shape=data.image_shape, n_classes=data.n_classes, depth=args.depth,
                         width=int(args.width), activation=args.activation, norm="fused")  # fmt: skip
     init_weights(model, "pytorch", args.seed)
