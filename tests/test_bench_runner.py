@@ -86,6 +86,17 @@ def test_triton_under_the_interpreter_is_checked_but_not_timed():
     assert tri.loc[1, "status"] == "skipped" and "interpreter" in tri.loc[1, "message"]
 
 
+@pytest.mark.slow  # a torch.compile of the fused op (a few seconds on CPU)
+def test_fused_layer_under_torch_compile_is_a_provider():
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter path is the CPU path of machines without CUDA")
+    case = Case("bn1d", "fwd_bwd", "leaky_relu", "fp32", "nchw", 8, 3)
+    frame, _ = run_sweep([case], [PROVIDERS["eager"], PROVIDERS["triton-compile"]], CTX)
+    row = frame[frame["provider"] == "triton-compile"].iloc[0]
+    assert row["status"] == "ok", row["message"]
+    assert row["timer"] == "interpreter" and row["max_rel_err"] < 1e-4
+
+
 def test_add_speedups_pairs_same_case_and_timer_only():
     base = {c: math.nan for c in BENCH_COLUMNS}
     case = dict(op="bn1d", activation="relu", dtype="fp32", layout="nchw", shape="8x8", timer="wall")

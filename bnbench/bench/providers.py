@@ -8,7 +8,9 @@ the activation, ``fn(x, running_mean, running_var, weight, bias, training, momen
   ``torch._dynamo.reset()`` (after 8 recompiles Dynamo silently falls back to eager);
 - ``compile-max-autotune``: the same with ``mode="max-autotune"`` (optional; not in the default list);
 - ``triton``: :func:`bnbench.batch_norm_act` with ``backend="triton"`` (the fused kernels). Without CUDA it runs
-  only under ``TRITON_INTERPRET=1``, as a correctness check of tiny cases (timer ``interpreter``).
+  only under ``TRITON_INTERPRET=1``, as a correctness check of tiny cases (timer ``interpreter``);
+- ``triton-compile``: that fused call under ``torch.compile(dynamic=False)`` (optional): shows whether the
+  custom-op registration costs anything when a model using the layer is compiled.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def _make_triton(case: Case) -> BNFunction:
     return fused
 
 
+def _make_triton_compiled(case: Case) -> BNFunction:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(_make_triton(case), dynamic=False)
+
+
 def _interpreter_active() -> bool:
     from bnbench.functional import _interpreter_active
 
@@ -140,6 +149,7 @@ register_provider(
     )
 )
 register_provider(Provider("triton", False, _make_triton, _triton_skip, _triton_timer, _triton_config))
+register_provider(Provider("triton-compile", False, _make_triton_compiled, _triton_skip, _triton_timer, _triton_config))
 
 DEFAULT_PROVIDERS = ("eager", "compile", "triton")
 

@@ -31,6 +31,7 @@ PROVIDER_COLORS: dict[str, str] = {
     "compile": "#ff7f0e",  # orange
     "compile-max-autotune": "#8c564b",  # brown
     "triton": "#2ca02c",  # green
+    "triton-compile": "#98df8a",  # light green: the fused layer under torch.compile
 }
 #: training runs: no normalisation, PyTorch's BatchNorm (eager), bnbench's fused layer (the triton kernels)
 NORM_COLORS: dict[str, str] = {
@@ -42,7 +43,7 @@ NORM_COLORS: dict[str, str] = {
 #: unexpected provider still gets the same colour in every figure of every run
 _EXTRA_COLORS = ("#d62728", "#9467bd", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39")
 
-PROVIDER_ORDER = ("eager", "compile", "compile-max-autotune", "triton")
+PROVIDER_ORDER = ("eager", "compile", "compile-max-autotune", "triton", "triton-compile")
 DTYPE_ORDER = ("fp32", "float32", "tf32", "fp16", "float16", "bf16", "bfloat16")
 PASS_ORDER = ("fwd", "bwd", "fwd_bwd", "eval")
 
