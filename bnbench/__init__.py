@@ -5,6 +5,7 @@ Importing bnbench probes no device and compiles nothing; Triton is imported when
 
 from bnbench.activations import Activation
 from bnbench.convert import ConversionReport, convert_bn_act
+from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
 from bnbench.functional import batch_norm_act
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
@@ -15,7 +16,9 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "ConversionReport",
+    "SyncBatchNormAct",
     "__version__",
     "batch_norm_act",
     "convert_bn_act",
+    "convert_sync_bn_act",
 ]

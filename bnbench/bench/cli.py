@@ -65,7 +65,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--providers", default="eager,compile,triton", help="comma list of eager, compile, compile-max-autotune, triton"
+        "--providers",
+        default="eager,compile,triton",
+        help="comma list of eager, compile, compile-max-autotune, triton, triton-compile (the fused layer under "
+        "torch.compile)",
     )
     run.add_argument(
         "--out", type=Path, default=None, help="output folder (default: reports/bench/<device>-<UTC timestamp>/)"
@@ -94,6 +97,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench's rep (ms of timed calls)")
     run.add_argument("--cuda-graph", action="store_true",
                      help="GPU: also time small fwd/eval points as a CUDA-graph replay (timer=cuda_graph)")  # fmt: skip
+    run.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run under 'torchrun --nproc-per-node K': time SyncBatchNormAct vs nn.SyncBatchNorm + activation on "
+        "every rank (gloo on CPU, NCCL on GPUs) and record the collective's share of the step; takes --batch, "
+        "--width, --spatial, --dtype, --activation, --layout, --out",
+    )
+
+
+def _run_distributed(args) -> int:
+    """``--world-size K``: hand the case axes to the torchrun entry point of the synchronized layer."""
+    from bnbench import distributed_cli
+
+    if args.out is None:
+        raise ValueError("--world-size needs --out: the folder rank 0 writes results.csv to")
+    argv = ["bench", "--world-size", str(args.world_size), "--out", str(args.out)]
+    for name in ("batch", "width", "spatial", "dtype", "activation"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name}", value]
+    if args.layout and "channels_last" in args.layout:
+        argv.append("--channels-last")
+    return distributed_cli.main(argv)
 
 
 def _select(args):
@@ -222,6 +250,8 @@ def run(args) -> int:
     from bnbench.bench.providers import get_providers
     from bnbench.bench.workload import TOLERANCE
 
+    if args.world_size is not None:
+        return _run_distributed(args)
     cases = _select(args)
     providers = get_providers(args.providers)
     device = _device(args.device)
