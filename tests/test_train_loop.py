@@ -3,6 +3,7 @@ fused-vs-eager agreement with the Triton kernels in the interpreter (conftest se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -22,6 +23,14 @@ _TIMING = ("step_ms", "ms_per_step", "time_to_target_s")
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """200 training and 40 test images: the interpreter simulates every Triton program, so evaluations of the
+    full test set would dominate the fused runs."""
+    return dataclasses.replace(digits, x_train=digits.x_train[:200], y_train=digits.y_train[:200],
+                               x_test=digits.x_test[:40], y_test=digits.y_test[:40])  # fmt: skip
 
 
 def _cfg(**kw) -> RunConfig:
@@ -56,6 +65,13 @@ def test_columns_and_metrics(digits):
     assert pct[15] <= pct[50] <= pct[85]
     wall = frame.loc[frame["metric"] == "test_acc", "wall_s"].to_numpy()
     assert (wall[1:] >= wall[:-1]).all() and wall[0] >= 0
+
+
+def test_probe_every_thins_the_probes_not_the_curves(digits):
+    frame = train_run(_cfg(norm="eager", probe_every=20), digits)
+    steps = lambda m: sorted(set(frame.loc[frame["metric"] == m, "step"]))  # noqa: E731
+    assert steps("test_acc") == [0, 10, 20, 30]
+    assert steps("grad_norm/layer1") == steps("train_acc") == steps("saturated/layer1") == [0, 20, 30]
 
 
 def test_never_reached_target_is_marked_not_dropped(digits):
@@ -95,20 +111,20 @@ def test_ics_is_zero_when_earlier_layers_do_not_move():
 
 
 def test_ics_probe_in_a_run(digits):
-    frame = train_run(_cfg(norm="eager", probes=("ics",), ics_every=10), digits)
+    frame = train_run(_cfg(norm="eager", probes=("ics",), ics_every=5), digits)  # between evaluations too
     cos = frame[frame["metric"].str.startswith("ics_cos/")]
     assert set(cos["metric"]) == {"ics_cos/layer2", "ics_cos/layer3", "ics_cos/layer4"}
-    assert sorted(set(cos["step"])) == [0, 10, 20]
+    assert sorted(set(cos["step"])) == [0, 5, 10, 15, 20, 25]  # the last step takes no update to measure
     assert ((cos["value"] > -1.0001) & (cos["value"] < 1.0001)).all()
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_fused_matches_eager_under_the_interpreter(digits, model):
+@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
+def test_fused_matches_eager_under_the_interpreter(small_digits, model):
     """Same seed and data: the fused layer's curves equal eager BN's (the kernels run in the interpreter here,
     natively on a GPU). Tiny sizes: width 8/4, a few steps; ReLU, the common case."""
     kw = {"experiment": "fused-vs-eager", "model": model, "depth": 2, "width": 8 if model == "mlp" else 4,
           "activation": "relu", "batch_size": 16, "steps": 6, "eval_every": 3, "probes": ()}  # fmt: skip
-    eager, fused = train_run(_cfg(norm="eager", **kw), digits), train_run(_cfg(norm="fused", **kw), digits)
+    eager, fused = (train_run(_cfg(norm=n, **kw), small_digits) for n in ("eager", "fused"))
     assert fused["backend"].iloc[0] == ("triton" if torch.cuda.is_available() else "triton-interpreter")
     assert eager["backend"].iloc[0] == "torch"
     for metric in ("train_loss", "test_loss", "test_acc"):

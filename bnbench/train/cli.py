@@ -82,6 +82,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--target-acc", type=float, default=None, help="test accuracy behind 'steps to target' (default per data set)"
     )
     sweep.add_argument("--channels-last", action="store_true", default=None, help="cnn inputs in channels_last")
+    sweep.add_argument(
+        "--probe-every",
+        type=int,
+        default=None,
+        help="record gradient norms, percentiles, saturation and train accuracy every N steps "
+        "(a multiple of --eval-every; 0: at every evaluation)",
+    )
     run = parser.add_argument_group("execution")
     run.add_argument(
         "--fused-backend",
@@ -110,7 +117,7 @@ def _overrides(args) -> dict:
         "norms": args.norms, "lrs": args.lrs, "width": args.width, "batch_size": args.batch_size,
         "steps": args.steps, "eval_every": args.eval_every, "optimizer": args.optimizer,
         "momentum": args.momentum, "init": args.init, "init_std": args.init_std, "target_acc": args.target_acc,
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "probe_every": args.probe_every,
     }  # fmt: skip
 
 

@@ -21,7 +21,7 @@ __all__ = ["ExperimentResult", "build_configs", "run_configs"]
 
 _SWEEPS = {"models": "model", "depths": "depth", "activations": "activation", "norms": "norm", "lrs": "lr"}
 _SCALARS = ("dataset", "width", "batch_size", "steps", "eval_every", "optimizer", "momentum", "init", "init_std",
-            "probes", "ics_every", "channels_last", "target_acc")  # fmt: skip
+            "probes", "ics_every", "probe_every", "channels_last", "target_acc")  # fmt: skip
 
 
 @dataclass

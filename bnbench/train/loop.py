@@ -1,10 +1,12 @@
 """One training run: a model, a data set and a configuration in, a long DataFrame of measurements out.
 
 Step s means "after s optimizer updates". At every evaluation step (0, eval_every, ..., steps) the run records
-``test_acc``, ``test_loss``, ``train_acc`` (a fixed training subset, eval mode), ``train_loss`` (mean mini-batch
-loss since the previous evaluation), the gradient norm of every layer's weight on that step's mini-batch, the
-15/50/85th percentiles of one last-hidden-layer unit's activation input over the test set (the paper's
-Figure 1), the fraction of saturated units per layer and ``step_ms``. ``wall_s`` counts training time only
+``test_acc``, ``test_loss``, ``train_loss`` (mean mini-batch loss since the previous evaluation) and ``step_ms``.
+At probe steps (multiples of ``probe_every``, 0 meaning every evaluation, and the last step; a probe step
+counts only when it is also an evaluation step) it adds ``train_acc`` (a fixed training subset, eval mode), the
+gradient norm of every layer's weight on that step's mini-batch, the 15/50/85th percentiles of one
+last-hidden-layer unit's activation input over the test set (the paper's Figure 1) and the fraction of
+saturated units per layer. Every ``ics_every`` steps it measures internal covariate shift (:mod:`.ics`). ``wall_s`` counts training time only
 (evaluations and probes excluded; CUDA synchronised at evaluation points). The last rows summarise the run:
 ``steps_to_target``, ``time_to_target_s`` (NaN when never reached), ``reached_target``, ``diverged``,
 ``ms_per_step``, ``target_acc``.
@@ -67,6 +69,7 @@ class RunConfig:
     probe_unit: int = 0
     probes: tuple[str, ...] = ("grads", "percentiles", "saturation")
     ics_every: int = 0
+    probe_every: int = 0
     device: str = "cpu"
     train_eval_samples: int = 2000
 
@@ -76,6 +79,8 @@ class RunConfig:
         bad = sorted(set(self.probes) - set(PROBES))
         if bad:
             raise ValueError(f"unknown probe(s) {bad}; valid probes are: {', '.join(PROBES)}")
+        if self.probe_every < 0 or self.ics_every < 0:
+            raise ValueError(f"probe_every and ics_every must be >= 0, got {self.probe_every}, {self.ics_every}")
         if self.steps < 1 or self.eval_every < 1 or self.batch_size < 2:
             raise ValueError(
                 f"steps and eval_every must be >= 1 and batch_size >= 2, got steps={self.steps}, "
@@ -165,18 +170,18 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
     def emit(step: int, metric: str, value: float) -> None:
         rows.append((step, clock["train_s"], metric, float(value)))
 
-    def evaluate(step: int, mean_loss: float) -> float:
+    def evaluate(step: int, mean_loss: float, probe: bool) -> float:
         model.eval()
         test_loss, test_acc = _evaluate(model, x_test, y_test)
-        _, train_acc = _evaluate(model, x_sub, y_sub)
         emit(step, "test_acc", test_acc)
         emit(step, "test_loss", test_loss)
-        emit(step, "train_acc", train_acc)
         emit(step, "train_loss", mean_loss)
         if step > clock["last_step"]:
             emit(step, "step_ms", 1e3 * (clock["train_s"] - clock["last_train_s"]) / (step - clock["last_step"]))
         clock["last_train_s"], clock["last_step"] = clock["train_s"], step
-        if {"percentiles", "saturation"} & set(cfg.probes):
+        if probe:
+            emit(step, "train_acc", _evaluate(model, x_sub, y_sub)[1])
+        if probe and {"percentiles", "saturation"} & set(cfg.probes):
             zs = model.probe(x_test)
             if "percentiles" in cfg.probes:
                 unit = zs[-1].transpose(0, 1).reshape(zs[-1].shape[1], -1)[cfg.probe_unit].double()
@@ -208,31 +213,29 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
             loss_sum.zero_()
             loss_count = 0
             diverged = not math.isfinite(mean_loss)
-            if "grads" in cfg.probes:
+            probe = cfg.probe_every == 0 or step % cfg.probe_every == 0 or step == cfg.steps or diverged
+            if probe and "grads" in cfg.probes:
                 for i, w in enumerate(weights, start=1):
                     emit(step, f"grad_norm/layer{i}", torch.linalg.vector_norm(w.grad).item())
-            acc = evaluate(step, mean_loss)
+            acc = evaluate(step, mean_loss, probe)
             if math.isnan(steps_to_target) and acc >= cfg.target_acc:
                 steps_to_target, time_to_target = step, clock["train_s"]
             if diverged or step == cfg.steps:
                 break
-            measure_ics = "ics" in cfg.probes and cfg.ics_every > 0 and step % cfg.ics_every == 0
-            if measure_ics:
-                before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                grads = [w.grad.detach().clone() for w in weights]
             mark = time.perf_counter()
+        if "ics" in cfg.probes and cfg.ics_every > 0 and step % cfg.ics_every == 0:
+            _sync(device)
+            t0 = time.perf_counter()
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            grads = [w.grad.detach().clone() for w in weights]
             opt.step()
-            if measure_ics:  # off the clock
-                _sync(device)
-                t0 = time.perf_counter()
-                after = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                shifts = gradient_shift(
-                    model, lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb), before, after, grads
-                )
-                for i, l2, cos in shifts:
-                    emit(step, f"ics_l2/layer{i + 1}", l2)
-                    emit(step, f"ics_cos/layer{i + 1}", cos)
-                mark += time.perf_counter() - t0
+            after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            shifts = gradient_shift(model, lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb), before, after, grads)
+            for i, l2, cos in shifts:
+                emit(step, f"ics_l2/layer{i + 1}", l2)
+                emit(step, f"ics_cos/layer{i + 1}", cos)
+            _sync(device)
+            mark += time.perf_counter() - t0  # the measurement (and this step's update) stays off the clock
         else:
             opt.step()
         if progress is not None:

@@ -23,7 +23,7 @@ DEFAULT_TARGET = {"digits": 0.93, "mnist5k": 0.90, "mnist": 0.97, "synthetic": 0
 COMMON = {
     "dataset": "digits", "models": ("mlp",), "optimizer": "sgd", "momentum": 0.9, "lrs": (0.1,), "init": "xavier",
     "init_std": 0.1, "batch_size": 60, "width": 100, "depths": (3,), "activations": ("sigmoid",),
-    "norms": ("none", "eager"), "probes": ("grads", "percentiles", "saturation"), "ics_every": 0,
+    "norms": ("none", "eager"), "probes": ("grads", "percentiles", "saturation"), "ics_every": 0, "probe_every": 0,
     "channels_last": False,
 }  # fmt: skip
 
@@ -33,18 +33,18 @@ _LR_GRID_FULL = (0.003, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         # the paper's MNIST network on the 8x8 digits: 3x100 sigmoid, batch 60, with and without BN
-        "bn-paper": {"steps": 2000, "eval_every": 50},
+        "bn-paper": {"steps": 2000, "eval_every": 50, "probe_every": 100},
         "depth": {"depths": (2, 5, 10, 20), "activations": ("sigmoid", "tanh", "relu"), "width": 64,
-                  "steps": 1000, "eval_every": 100, "probes": ("grads", "saturation")},
+                  "steps": 1000, "eval_every": 100, "probe_every": 500, "probes": ("grads", "saturation")},
         "lr": {"lrs": _LR_GRID_QUICK, "activations": ("relu",), "steps": 800, "eval_every": 100, "probes": ()},
         "fused-vs-eager": {"models": ("mlp", "cnn"), "norms": ("eager", "fused"), "activations": ("relu",),
                            "depths": (3,), "width": 64, "steps": 600, "eval_every": 50, "probes": ()},
         "ics": {"depths": (5,), "width": 64, "steps": 600, "eval_every": 100, "probes": ("ics",), "ics_every": 50},
     },
     "full": {
-        "bn-paper": {"steps": 20000, "eval_every": 200},
+        "bn-paper": {"steps": 20000, "eval_every": 200, "probe_every": 400},
         "depth": {"depths": (2, 4, 6, 8, 10, 12, 16, 20), "activations": ("sigmoid", "tanh", "relu"),
-                  "steps": 4000, "eval_every": 100, "probes": ("grads", "saturation")},
+                  "steps": 4000, "eval_every": 100, "probe_every": 1000, "probes": ("grads", "saturation")},
         "lr": {"lrs": _LR_GRID_FULL, "activations": ("relu", "sigmoid"), "steps": 3000, "eval_every": 100,
                "probes": ()},
         "fused-vs-eager": {"models": ("mlp", "cnn"), "norms": ("eager", "fused"), "activations": ("relu",),

@@ -213,7 +213,11 @@ def _depth(df) -> list[dict]:
                            higher_is_better=False, what=f"depth {deepest}, end of training: fraction of saturated "
                            "units (mean over layers)", how="mean_last")  # fmt: skip
             if out:
-                rows.append(out[0])
+                row, pairs = out
+                if pairs["none"].max() < 0.01:
+                    row["note"] += ("; the plain network has (almost) no saturated units: it fails, where it "
+                                    "fails, for another reason (see the gradient norms)")  # fmt: skip
+                rows.append(row)
     return rows
 
 
