@@ -20,7 +20,7 @@ def test_train_writes_results_plots_and_summary(tmp_path, capsys):
     assert set(frame["norm"]) == {"none", "eager"} and set(frame["seed"]) == {0, 1}
     meta = json.loads((out / "results.json").read_text())
     assert meta["specs"]["bn-paper"]["optimizer"] == "sgd" and meta["specs"]["bn-paper"]["init"] == "xavier"
-    assert meta["environment"]["torch_version"] and len(meta["runs"]) == 4
+    assert meta["environment"]["torch_version"] and meta["run_count"] == 4
     assert (out / "bn_paper_curves.png").stat().st_size > 1000 and (out / "bn_paper_percentiles.png").exists()
     summary = (out / "summary.md").read_text()
     assert "## Verdict" in summary and "optimizer sgd (momentum 0.9)" in summary and "init xavier" in summary

@@ -192,13 +192,13 @@ def run(args) -> int:
         "triton_interpreter": interpreter, "fused_backend": args.fused_backend,
         "threads": torch.get_num_threads() if device == "cpu" else None,
         "specs": specs, "datasets": result.datasets, "failures": result.failures,
-        "runs": [c.as_dict() for c in configs], "verdicts": verdicts.to_dict(orient="records"),
+        "run_count": len(configs), "verdicts": verdicts.to_dict(orient="records"),
         "environment": env, "note": "see bnbench/train/presets.py for why these defaults",
     }  # fmt: skip
     _io.write_csv(out / "results.csv", frame)
     _io.write_json(out / "results.json", meta)
     for stem, fig in train_figures(frame).items():
-        _io.write_figure(out / f"{stem}.png", fig, dpi=80)
+        _io.write_figure(out / f"{stem}.png", fig, dpi=72)
     summary = summary_markdown(frame, meta)
     _io.write_text(out / "summary.md", summary)
     print(summary)

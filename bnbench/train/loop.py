@@ -1,7 +1,8 @@
 """One training run: a model, a data set and a configuration in, a long DataFrame of measurements out.
 
 Step s means "after s optimizer updates". At every evaluation step (0, eval_every, ..., steps) the run records
-``test_acc``, ``test_loss``, ``train_loss`` (mean mini-batch loss since the previous evaluation) and ``step_ms``.
+``test_acc``, ``test_loss`` and ``train_loss`` (mean mini-batch loss since the previous evaluation); the time
+per step between evaluations follows from ``wall_s``.
 At probe steps (multiples of ``probe_every``, 0 meaning every evaluation, and the last step; a probe step
 counts only when it is also an evaluation step) it adds ``train_acc`` (a fixed training subset, eval mode), the
 gradient norm of every layer's weight on that step's mini-batch, the 15/50/85th percentiles of one
@@ -165,7 +166,7 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
     label = backend_label(cfg)
     fixed = {k: getattr(cfg, k) for k in TRAIN_COLUMNS if hasattr(cfg, k)}
     rows: list[tuple] = []
-    clock = {"train_s": 0.0, "last_train_s": 0.0, "last_step": 0}
+    clock = {"train_s": 0.0}
 
     def emit(step: int, metric: str, value: float) -> None:
         rows.append((step, clock["train_s"], metric, float(value)))
@@ -176,9 +177,6 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
         emit(step, "test_acc", test_acc)
         emit(step, "test_loss", test_loss)
         emit(step, "train_loss", mean_loss)
-        if step > clock["last_step"]:
-            emit(step, "step_ms", 1e3 * (clock["train_s"] - clock["last_train_s"]) / (step - clock["last_step"]))
-        clock["last_train_s"], clock["last_step"] = clock["train_s"], step
         if probe:
             emit(step, "train_acc", _evaluate(model, x_sub, y_sub)[1])
         if probe and {"percentiles", "saturation"} & set(cfg.probes):
