@@ -40,6 +40,25 @@ def seed() -> int:
 
 
 @pytest.fixture
+def launches(monkeypatch) -> dict[str, int]:
+    """Counts calls of the Triton launchers the custom ops use, keyed by name without ``bn_act_``
+    (``fwd_train``, ``fwd_eval``, ``bwd``, ``bwd_from_output``): proof that the kernels, not the PyTorch
+    reference, ran."""
+    from bnbench import kernels
+
+    counts = dict.fromkeys(("fwd_train", "fwd_eval", "bwd", "bwd_from_output"), 0)
+    for name in counts:
+        original = getattr(kernels, f"bn_act_{name}")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, f"bn_act_{name}", counted)
+    return counts
+
+
+@pytest.fixture
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one, else the CPU under the Triton interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

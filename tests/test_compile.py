@@ -17,7 +17,6 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import bnbench
-from bnbench import kernels
 from bnbench.functional import resolve_backend
 
 
@@ -26,21 +25,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts the Triton launcher calls made through the custom ops."""
-    counts = {"fwd_train": 0, "fwd_eval": 0, "bwd": 0, "bwd_from_output": 0}
-    for name in counts:
-        original = getattr(kernels, f"bn_act_{name}")
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, f"bn_act_{name}", counted)
-    return counts
 
 
 def _model(backend: str, momentum: float | None, memory_saving: bool) -> nn.Module:

@@ -15,25 +15,10 @@ import pytest
 import torch
 
 import bnbench
-from bnbench import kernels
 
 pytestmark = pytest.mark.gpu
 
 SHAPE = (8, 6, 10, 12)  # C=6 not a power of two; H*W=120 not a tile multiple
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    counts = {"fwd_train": 0, "fwd_eval": 0, "bwd": 0, "bwd_from_output": 0}
-    for name in counts:
-        original = getattr(kernels, f"bn_act_{name}")
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, f"bn_act_{name}", counted)
-    return counts
 
 
 def _layer(momentum, memory_saving: bool) -> bnbench.BatchNormAct2d:

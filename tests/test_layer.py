@@ -18,22 +18,6 @@ from bnbench.activations import apply_activation, parse_activation
 from bnbench.testing import rel_err
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts Triton launcher output allocations: proof that the kernels, not the PyTorch fallback, ran."""
-    from bnbench.kernels import launchers
-
-    calls = []
-    original = launchers._alloc_like
-
-    def counting(t):
-        calls.append(tuple(t.shape))
-        return original(t)
-
-    monkeypatch.setattr(launchers, "_alloc_like", counting)
-    return calls
-
-
 def twin(fused: nn.Module) -> nn.Module:
     """The float64 nn.BatchNorm module with the same hyper-parameters and state as ``fused``."""
     cls = nn.BatchNorm2d if isinstance(fused, nn.BatchNorm2d) else nn.BatchNorm1d
@@ -93,7 +77,7 @@ def test_training_steps_then_eval_match_nn_batchnorm(cls, shape, momentum, launc
     expected = nn.functional.leaky_relu(ref(x.double()), 0.2)
     assert rel_err(fused(x), expected) < 1e-5
     assert int(fused.num_batches_tracked) == 3  # eval does not count batches
-    assert launches
+    assert launches["fwd_train"] == 3 and launches["bwd"] == 3 and launches["fwd_eval"] == 1
 
 
 def test_channels_last_training_keeps_layout(launches, device):
@@ -101,13 +85,14 @@ def test_channels_last_training_keeps_layout(launches, device):
     compare_steps(fused, (2, 4, 3, 3), device, steps=2, activation="gelu", channels_last=True)
     y = fused(torch.randn(2, 4, 3, 3, device=device).to(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last)
+    assert launches["fwd_train"] == 3
 
 
 def test_affine_false_has_no_parameters(launches, device):
     fused = bnbench.BatchNormAct2d(3, affine=False, activation="sigmoid", device=device)
     assert fused.weight is None and fused.bias is None and not list(fused.parameters())
     compare_steps(fused, (2, 3, 2, 2), device, steps=2, activation="sigmoid")
-    assert launches
+    assert launches["fwd_train"] == 2 and launches["bwd"] == 2
 
 
 def test_without_running_stats_eval_uses_batch_statistics(launches, device):
@@ -117,7 +102,7 @@ def test_without_running_stats_eval_uses_batch_statistics(launches, device):
     x = torch.randn(5, 3, device=device) * 2 + 1
     expected = torch.tanh(nn.functional.batch_norm(x.double(), None, None, training=True))
     assert rel_err(fused(x), expected) < 1e-5
-    assert launches
+    assert launches["fwd_train"] == 1  # eval without running statistics normalises with the batch's
 
 
 def test_eval_with_running_stats_backpropagates(launches, device):
@@ -128,6 +113,7 @@ def test_eval_with_running_stats_backpropagates(launches, device):
         fused.running_var.uniform_(0.5, 2)
     fused.eval()
     compare_steps(fused, (2, 3, 2, 3), device, steps=1, activation="silu")
+    assert launches["fwd_eval"] == 1 and launches["bwd"] == 1
 
 
 def test_state_dict_round_trip_with_nn_batchnorm2d(device):
