@@ -55,3 +55,11 @@ def test_errors(tmp_path, capsys, argv, message):
     else:
         assert code == 2
         assert message in capsys.readouterr().err
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["train", "--experiment", "fused-vs-eager", "--fused-backend", "triton", "--no-interpret", "--out",
+            str(tmp_path), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "needs the Triton interpreter" in capsys.readouterr().err

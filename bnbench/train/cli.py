@@ -131,9 +131,13 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _switch_interpreter_on() -> bool:
     """Set TRITON_INTERPRET=1 for this process if triton is not imported yet; True when the interpreter is on."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    if _interpreter_requested():
         return True
     if "triton" in sys.modules:  # too late: Triton reads the variable when kernels are decorated
         return False
@@ -156,7 +160,13 @@ def run(args) -> int:
     shape = _parse_shape(args.synthetic_shape)
     experiments = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     norms_used = set(args.norms or ()) | ({"fused"} if "fused-vs-eager" in experiments else set())
-    interpreter = device == "cpu" and "fused" in norms_used and not args.no_interpret and _switch_interpreter_on()
+    want_interpreter = device == "cpu" and "fused" in norms_used and not args.no_interpret
+    interpreter = device == "cpu" and (_switch_interpreter_on() if want_interpreter else _interpreter_requested())
+    if device == "cpu" and args.fused_backend == "triton" and not interpreter:
+        raise ValueError(
+            "--fused-backend triton on --device cpu needs the Triton interpreter: drop --no-interpret (or set "
+            "TRITON_INTERPRET=1), or use --fused-backend auto or torch"
+        )
     if device == "cpu":
         torch.set_num_threads(args.threads or 1)
     configs, specs = [], {}
