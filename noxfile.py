@@ -53,7 +53,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def train(session: nox.Session) -> None:
-    """``bnbench train`` (the quick preset of the bn-paper experiment by default)."""
+    """``bnbench train``: every experiment in its quick form by default (a few minutes on 2 CPU cores)."""
     _install_project(session, "experiments")
     session.run("bnbench", "train", *(session.posargs or ["--preset", "quick"]), env={"MPLBACKEND": "Agg"})
 

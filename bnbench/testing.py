@@ -7,13 +7,16 @@ upcast copies of the inputs; errors are relative norms ``||out - ref|| / ||ref||
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
 from bnbench.activations import Activation, parse_activation
 from bnbench.reference import batch_norm_act_reference
 
-__all__ = ["TOLERANCE", "Reference", "reference", "rel_err", "tolerance"]
+__all__ = ["TOLERANCE", "Reference", "call_in_file", "reference", "rel_err", "tolerance"]
 
 #: relative-norm tolerance per input dtype (fp32 statistics and accumulation in every case)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -83,3 +86,21 @@ def reference(
         ref.grad_weight = None if w64 is None else w64.grad
         ref.grad_bias = None if b64 is None else b64.grad
     return ref
+
+
+def call_in_file(path: str, function: str, *args):
+    """Import the Python file ``path`` as a module and call ``function(*args)`` in it.
+
+    A picklable target for ``multiprocessing`` spawn: a spawned child imports its target by module name, and a
+    test module (under pytest's importlib mode) has no importable name, while this function does.
+    """
+    name = f"_bnbench_spawned_{Path(path).stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return getattr(module, function)(*args)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import torch
 
@@ -30,8 +32,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def run_python(tmp_path):
+    """Run ``python ARGS`` in a fresh process, from an empty folder so that the source tree is not importable
+    (the installed package is what runs). ``env`` adds variables, ``drop`` removes them."""
+
+    def run(*args: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 600):
+        environ = {k: v for k, v in os.environ.items() if k not in drop}
+        environ.update(env or {})
+        return subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=environ, cwd=tmp_path
+        )
+
+    return run
+
+
+@pytest.fixture(autouse=True)
 def seed() -> int:
-    """Seed torch, numpy and random; returns the seed."""
+    """Seed torch, numpy and random before every test (tests are reproducible); returns the seed."""
     value = 1234
     torch.manual_seed(value)
     np.random.seed(value)

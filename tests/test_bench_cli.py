@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -92,7 +90,7 @@ def test_dry_run_lists_points_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_help_and_dry_run_import_neither_triton_nor_dynamo():
+def test_help_and_dry_run_import_neither_triton_nor_dynamo(run_python):
     code = (
         "import sys\n"
         "from bnbench.cli import main\n"
@@ -101,6 +99,6 @@ def test_help_and_dry_run_import_neither_triton_nor_dynamo():
         "bad = [m for m in ('triton', 'torch._dynamo', 'torch._inductor') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    env_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env_run = run_python("-c", code, timeout=120)
     assert env_run.returncode == 0, env_run.stderr[-2000:]
     assert "--preset" in env_run.stdout and "quick" in env_run.stdout

@@ -25,6 +25,7 @@ from torch import nn
 
 from bnbench.activations import apply_activation, parse_activation
 from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
+from bnbench.testing import call_in_file
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -64,7 +65,10 @@ def run_group(world: int, checks: list[str], timeout_s: float = 150.0) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, checks, results), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=call_in_file, args=(__file__, "_worker", r, world, port, checks, results), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -72,10 +76,14 @@ def run_group(world: int, checks: list[str], timeout_s: float = 150.0) -> None:
     try:
         while len(reports) < world and failure is None:
             try:
-                rank, status, text = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                rank, status, text = results.get(timeout=1.0)
             except queue_module.Empty:
-                failure = f"timed out after {timeout_s} s; reports so far: {sorted(reports)}"
-                break
+                dead = [r for r, p in enumerate(procs) if r not in reports and p.exitcode not in (None, 0)]
+                if dead:  # a rank that died before reporting (e.g. on import) would otherwise cost the timeout
+                    failure = f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]} before reporting"
+                elif time.monotonic() > deadline:
+                    failure = f"timed out after {timeout_s} s; reports so far: {sorted(reports)}"
+                continue
             reports[rank] = status
             if status != "ok":
                 failure = f"rank {rank} failed:\n{text}"

@@ -17,13 +17,7 @@ from bnbench import cli, envinfo
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
-    )
-
-
-def test_import_does_no_device_probing_or_compilation():
+def test_import_does_no_device_probing_or_compilation(run_python):
     # A fresh interpreter: importing bnbench must not import triton, initialise CUDA or load the kernels.
     code = (
         "import sys, torch, bnbench\n"
@@ -32,7 +26,7 @@ def test_import_does_no_device_probing_or_compilation():
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
         "print('ok')\n"
     )
-    result = _run("-c", code)
+    result = run_python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -70,12 +64,12 @@ def test_device_slug_names_cards_and_cpu():
     assert envinfo.device_slug({"device": {"type": "cpu", "name": "x86_64"}}) == "cpu"
 
 
-def test_console_script_and_module_entry_point_agree():
-    result = _run("-m", "bnbench", "--help")
+def test_console_script_and_module_entry_point_agree(run_python):
+    result = run_python("-m", "bnbench", "--help")
     assert result.returncode == 0, result.stderr
     for command in cli.COMMANDS:
         assert command in result.stdout
-    assert _run("-m", "bnbench", "no-such-command").returncode == 2
+    assert run_python("-m", "bnbench", "no-such-command").returncode == 2
 
 
 @pytest.mark.slow

@@ -8,9 +8,6 @@ and read registers and spills from ptxas.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -32,11 +29,9 @@ print(json.dumps(out))
 """
 
 
-def _compile(variants: list[dict]) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(variants)], capture_output=True, text=True, timeout=600, env=env
+def _compile(run_python, variants: list[dict]) -> list[dict]:
+    result = run_python(
+        "-c", _SCRIPT, json.dumps(variants), drop=("TRITON_INTERPRET",), env={"TRITON_DEFAULT_FP_FUSION": "1"}
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -54,7 +49,7 @@ KERNEL_NAMES = [
 ]
 
 
-def test_every_kernel_compiles_for_sm90_in_both_index_widths_and_with_unit_specialisation():
+def test_every_kernel_compiles_for_sm90_in_both_index_widths_and_with_unit_specialisation(run_python):
     variants = []
     for name in KERNEL_NAMES:
         # int64 indexing, every integer a runtime value; NCHW-style tile
@@ -72,18 +67,18 @@ def test_every_kernel_compiles_for_sm90_in_both_index_widths_and_with_unit_speci
                 num_warps=8,
             )
         )
-    results = _compile(variants)
+    results = _compile(run_python, variants)
     assert [r["name"] for r in results] == [v["name"] for v in variants]
     for r in results:
         if r["registers"] is not None:  # ptxas accepted the PTX: no register spills on these tiles
             assert r["spill_stores"] == 0, r
 
 
-def test_every_activation_compiles_forward_and_backward():
+def test_every_activation_compiles_forward_and_backward(run_python):
     activations = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"]
     variants = [
         dict(name=name, dtype="float16", ones=False, ACTIVATION=activation, SPLIT_S=True, INDEX_64=False)
         for activation in activations
         for name in ("_bn_act_fwd_fused_kernel", "_bn_act_bwd_fused_kernel")
     ]
-    assert len(_compile(variants)) == 2 * len(activations)
+    assert len(_compile(run_python, variants)) == 2 * len(activations)

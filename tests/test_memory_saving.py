@@ -292,18 +292,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow  # about a minute of Triton compilation
-def test_memory_saving_kernels_compile_for_sm90():
+def test_memory_saving_kernels_compile_for_sm90(run_python):
     """Both activations, int64 indexing with runtime integers, and int32 indexing with the unit specialisations
     (S, W, strides, tiles per program equal to 1) of an (N, C) rows tile; no register spills on these tiles."""
     import json
-    import os
-    import subprocess
-    import sys
 
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    result = run_python("-c", _AOT_SCRIPT, drop=("TRITON_INTERPRET",), env={"TRITON_DEFAULT_FP_FUSION": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(compiled) == 3 * 2 * 2

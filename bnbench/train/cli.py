@@ -109,6 +109,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default 1 on CPU: these small models run fastest single-threaded)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run under 'torchrun --nproc-per-node K': train one model data-parallel (DistributedDataParallel) "
+        "with synchronized fused BN (SyncBatchNormAct; gloo on CPU, NCCL on GPUs). Takes one value each of "
+        "--models, --depths, --activations, --lrs, plus --dataset, --data-dir, --width, --batch-size (per rank), "
+        "--steps, --out",
+    )
+
+
+def _run_distributed(args) -> int:
+    """``--world-size K``: one data-parallel run through the torchrun entry point of the synchronized layer."""
+    from bnbench import distributed_cli
+
+    if args.out is None:
+        raise ValueError("--world-size needs --out: the folder rank 0 writes results.csv to")
+    argv = ["train", "--world-size", str(args.world_size), "--out", str(args.out)]
+    singles = {"models": "--model", "depths": "--depth", "activations": "--activation", "lrs": "--lr"}
+    for name, flag in singles.items():
+        values = getattr(args, name)
+        if values is None:
+            continue
+        if len(values) != 1:
+            raise ValueError(f"--world-size trains one model: give one value of --{name}, got {values}")
+        argv += [flag, str(values[0])]
+    for name, flag in (("dataset", "--dataset"), ("data_dir", "--data-dir"), ("width", "--width"),
+                       ("batch_size", "--batch"), ("steps", "--steps")):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            argv += [flag, str(value)]
+    return distributed_cli.main(argv)
 
 
 def _overrides(args) -> dict:
@@ -146,6 +179,8 @@ def _switch_interpreter_on() -> bool:
 
 
 def run(args) -> int:
+    if args.world_size is not None:
+        return _run_distributed(args)
     from bnbench import envinfo
     from bnbench.report.train import summary_markdown, train_figures, verdict_table
     from bnbench.schema import validate_train
