@@ -50,8 +50,9 @@ def compare_steps(fused, x_shape, device, steps=3, activation="relu", channels_l
             assert rel_err(fused.bias.grad, ref.bias.grad) < 1e-5
             fused.weight.grad = fused.bias.grad = ref.weight.grad = ref.bias.grad = None
         if fused.track_running_stats:
-            assert rel_err(fused.running_mean, ref.running_mean) < 1e-6
-            assert rel_err(fused.running_var, ref.running_var) < 1e-6
+            # fp32 batch means carry an error ~1e-7 * std, large relative to a mean near 0: hence 1e-5
+            assert rel_err(fused.running_mean, ref.running_mean) < 1e-5
+            assert rel_err(fused.running_var, ref.running_var) < 1e-5
             assert int(fused.num_batches_tracked) == int(ref.num_batches_tracked)
     return ref
 
