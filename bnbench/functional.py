@@ -95,8 +95,7 @@ def resolve_backend(backend: str, input: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("bnbench::bn_act_fwd_train", mutates_args=("running_mean", "running_var"))
-def _fwd_train(
+def _fwd_train_impl(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -113,14 +112,18 @@ def _fwd_train(
     )  # fmt: skip
 
 
+_fwd_train = torch.library.custom_op("bnbench::bn_act_fwd_train", mutates_args=("running_mean", "running_var"))(
+    _fwd_train_impl
+)
+
+
 @_fwd_train.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param):
     stats = x.new_empty(x.shape[1], dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("bnbench::bn_act_fwd_eval", mutates_args=())
-def _fwd_eval(
+def _fwd_eval_impl(
     x: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
@@ -135,13 +138,15 @@ def _fwd_eval(
     )
 
 
+_fwd_eval = torch.library.custom_op("bnbench::bn_act_fwd_eval", mutates_args=())(_fwd_eval_impl)
+
+
 @_fwd_eval.register_fake
 def _(x, running_mean, running_var, weight, bias, eps, activation, act_param):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("bnbench::bn_act_bwd", mutates_args=())
-def _bwd(
+def _bwd_impl(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -165,14 +170,16 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+_bwd = torch.library.custom_op("bnbench::bn_act_bwd", mutates_args=())(_bwd_impl)
+
+
 @_bwd.register_fake
 def _(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation, act_param):
     grads = [torch.empty_like(p) if p is not None else x.new_empty(0) for p in (weight, bias)]
     return torch.empty_like(x), *grads
 
 
-@torch.library.custom_op("bnbench::bn_act_bwd_from_output", mutates_args=())
-def _bwd_from_output(
+def _bwd_from_output_impl(
     grad_out: Tensor,
     y: Tensor,
     rstd_or_var: Tensor,
@@ -190,10 +197,20 @@ def _bwd_from_output(
     return dx, _or_empty(dweight, y), _or_empty(dbias, y)
 
 
+_bwd_from_output = torch.library.custom_op("bnbench::bn_act_bwd_from_output", mutates_args=())(_bwd_from_output_impl)
+
+
 @_bwd_from_output.register_fake
 def _(grad_out, y, rstd_or_var, weight, bias, training, eps, activation, act_param):
     grads = [torch.empty_like(p) if p is not None else y.new_empty(0) for p in (weight, bias)]
     return torch.empty_like(y), *grads
+
+
+def _op(op, impl):
+    """The custom op while torch.compile traces (an opaque node with a fake implementation); the plain
+    implementation in eager mode, where going through the dispatcher would only add host overhead (tens of
+    microseconds a call, as much as a small input's whole kernel time)."""
+    return op if torch.compiler.is_compiling() else impl
 
 
 class _BatchNormActFunction(torch.autograd.Function):
@@ -206,9 +223,10 @@ class _BatchNormActFunction(torch.autograd.Function):
         ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, act_param, memory_saving
     ):
         if training:
-            y, mean, rstd = _fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param)
+            fwd_train = _op(_fwd_train, _fwd_train_impl)
+            y, mean, rstd = fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param)
         else:
-            y = _fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param)
+            y = _op(_fwd_eval, _fwd_eval_impl)(x, running_mean, running_var, weight, bias, eps, activation, act_param)
             mean, rstd = running_mean, running_var
         if memory_saving:
             ctx.save_for_backward(y, weight, bias, rstd)
@@ -223,10 +241,12 @@ class _BatchNormActFunction(torch.autograd.Function):
         training, eps, activation, act_param, memory_saving = ctx.config
         if memory_saving:
             y, weight, bias, rstd = ctx.saved_tensors
-            dx, dweight, dbias = _bwd_from_output(grad_out, y, rstd, weight, bias, training, eps, activation, act_param)
+            bwd = _op(_bwd_from_output, _bwd_from_output_impl)
+            dx, dweight, dbias = bwd(grad_out, y, rstd, weight, bias, training, eps, activation, act_param)
         else:
             x, weight, bias, mean, rstd = ctx.saved_tensors
-            dx, dweight, dbias = _bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
+            bwd = _op(_bwd, _bwd_impl)
+            dx, dweight, dbias = bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
         return (
             dx,
             dweight if weight is not None else None,

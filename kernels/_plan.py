@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-__all__ = ["Geometry", "KernelConfig", "Strides", "default_config", "geometry_of"]
+__all__ = ["Geometry", "KernelConfig", "Strides", "cdiv", "default_config", "geometry_of", "next_pow2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,33 +49,37 @@ class Geometry:
         return self.N * self.S
 
 
-def _nchw(t: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """Sizes and strides of t as (N, C, H, W)."""
-    if t.dim() == 2:
-        return (t.shape[0], t.shape[1], 1, 1), (t.stride(0), t.stride(1), 0, 0)
-    if t.dim() == 3:
-        return (t.shape[0], t.shape[1], 1, t.shape[2]), (t.stride(0), t.stride(1), 0, t.stride(2))
-    if t.dim() == 4:
-        return tuple(t.shape), tuple(t.stride())  # type: ignore[return-value]
-    raise ValueError(f"expected a 2-D, 3-D or 4-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+def _nchw(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Sizes and strides of a tensor as (N, C, H, W)."""
+    if len(shape) == 2:
+        return (shape[0], shape[1], 1, 1), (stride[0], stride[1], 0, 0)
+    if len(shape) == 3:
+        return (shape[0], shape[1], 1, shape[2]), (stride[0], stride[1], 0, stride[2])
+    if len(shape) == 4:
+        return shape, stride
+    raise ValueError(f"expected a 2-D, 3-D or 4-D tensor, got {len(shape)}-D with shape {shape}")
 
 
-def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, list[Strides]]:
+def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, tuple[Strides, ...]]:
     """The common [N, C, S] view of same-shaped tensors (x, y, dy, dx), each with its own strides.
 
     H and W merge into one S axis when every tensor allows it (stride_h == W * stride_w); N and S then merge
     into one row axis when every tensor allows it (stride_n == S * stride_s, as in channels_last), so the
-    kernels see the longest runs the memory layout offers.
+    kernels see the longest runs the memory layout offers. Cached by layout: it runs on every launch.
     """
-    (N, C, H, W), _ = _nchw(tensors[0])
+    return _geometry(tuple((tuple(t.shape), t.stride()) for t in tensors))
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> tuple[Geometry, tuple[Strides, ...]]:
+    shape0 = layouts[0][0]
+    for shape, _ in layouts[1:]:
+        if shape != shape0:
+            raise ValueError(f"shape mismatch: {shape} vs {shape0}")
+    (N, C, H, W), _ = _nchw(*layouts[0])
     S = H * W
-    raw = [_nchw(t)[1] for t in tensors]
-    for t in tensors[1:]:
-        if t.shape != tensors[0].shape:
-            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
-    extent = max(
-        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) for t in tensors
-    )
+    raw = [_nchw(shape, stride)[1] for shape, stride in layouts]
+    extent = max(sum((n - 1) * abs(st) for n, st in zip(shape, stride, strict=True)) for shape, stride in layouts)
     index_64 = extent + 1 >= _INT32_SAFE_EXTENT
 
     def merged_s_stride(sh: int, sw: int) -> int | None:
@@ -88,14 +92,14 @@ def geometry_of(*tensors: torch.Tensor) -> tuple[Geometry, list[Strides]]:
     s_strides = [merged_s_stride(sh, sw) for (_, _, sh, sw) in raw]
     if any(s is None for s in s_strides):
         geom = Geometry(N, C, S, W, split_s=True, index_64=index_64)
-        return geom, [Strides(sn, sc, sw, sh) for (sn, sc, sh, sw) in raw]
+        return geom, tuple(Strides(sn, sc, sw, sh) for (sn, sc, sh, sw) in raw)
 
     strides = [Strides(sn, sc, ss, 0) for (sn, sc, _, _), ss in zip(raw, s_strides, strict=True)]
     if S > 1 and all(st.n == S * st.s for st in strides):
         # Rows merge: (n, s) is one axis of stride s. S becomes 1 (its stride is then irrelevant).
         merged = Geometry(N * S, C, 1, 1, split_s=False, index_64=index_64)
-        return merged, [Strides(st.s, st.c, 1, 0) for st in strides]
-    return Geometry(N, C, S, W if S > 1 else 1, split_s=False, index_64=index_64), strides
+        return merged, tuple(Strides(st.s, st.c, 1, 0) for st in strides)
+    return Geometry(N, C, S, W if S > 1 else 1, split_s=False, index_64=index_64), tuple(strides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +122,16 @@ class KernelConfig:
 
     def tiles(self, geom: Geometry) -> tuple[int, int]:
         """(number of tiles along the reduction axes, tiles along S)."""
-        n_tiles_s = _cdiv(geom.S, self.block_size_s)
-        return _cdiv(geom.N, self.block_size_n) * n_tiles_s, n_tiles_s
+        n_tiles_s = cdiv(geom.S, self.block_size_s)
+        return cdiv(geom.N, self.block_size_n) * n_tiles_s, n_tiles_s
 
     def describe(self) -> str:
         path = "fused" if self.num_partials == 1 else f"split{self.num_partials}"
         return f"{path}:bn{self.block_size_n}xbc{self.block_size_c}xbs{self.block_size_s}:w{self.num_warps}"
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python (``triton.cdiv`` costs microseconds per call on the launch path)."""
     return -(-a // b)
 
 
@@ -136,14 +141,14 @@ def _pow2_at_most(value: int, cap: int) -> int:
     return 1 << (value.bit_length() - 1)
 
 
-def _next_pow2(value: int) -> int:
+def next_pow2(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
 def _low_waste_block(size: int, cap: int) -> int:
     """Largest power-of-two block <= cap whose padding wastes at most 1/8 of ``size`` (>= 16 if size is)."""
-    block = min(_next_pow2(size), cap)
-    while block > 16 and _cdiv(size, block) * block > size * 9 // 8:
+    block = min(next_pow2(size), cap)
+    while block > 16 and cdiv(size, block) * block > size * 9 // 8:
         block //= 2
     return block
 
@@ -172,34 +177,34 @@ def default_config(geom: Geometry, x_strides: Strides, element_size: int, device
     N, C, S = geom.N, geom.C, geom.S
     if S > 1 and x_strides.s == 1:  # NCHW-like: runs along S
         block_s = _low_waste_block(S, 1024)
-        block_c = _pow2_at_most(target // block_s, min(_next_pow2(C), 16))
-        block_n = _pow2_at_most(target // (block_s * block_c), _next_pow2(N))
+        block_c = _pow2_at_most(target // block_s, min(next_pow2(C), 16))
+        block_n = _pow2_at_most(target // (block_s * block_c), next_pow2(N))
     elif x_strides.c == 1 or S == 1:  # runs along C (or rows); tile over rows and C
         if x_strides.c == 1 or x_strides.n != 1:
-            block_c = min(_next_pow2(C), 128 if element_size >= 4 else 256)
+            block_c = min(next_pow2(C), 128 if element_size >= 4 else 256)
         else:  # (N, C) transposed: N has unit stride
-            block_c = _pow2_at_most(target // min(_next_pow2(N), 256), _next_pow2(C))
-        rows_cap = _next_pow2(N) if S == 1 else _next_pow2(S)
+            block_c = _pow2_at_most(target // min(next_pow2(N), 256), next_pow2(C))
+        rows_cap = next_pow2(N) if S == 1 else next_pow2(S)
         rows = _pow2_at_most(target // block_c, rows_cap)
         block_n, block_s = (rows, 1) if S == 1 else (1, rows)
     else:  # exotic strides: a square-ish tile
-        block_c = min(_next_pow2(C), 32)
-        block_s = _pow2_at_most(target // block_c, _next_pow2(S))
+        block_c = min(next_pow2(C), 32)
+        block_s = _pow2_at_most(target // block_c, next_pow2(S))
         block_n = 1
     elems = block_n * block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
 
-    n_tiles = _cdiv(N, block_n) * _cdiv(S, block_s)
+    n_tiles = cdiv(N, block_n) * cdiv(S, block_s)
     # Launch-bound inputs: one program per channel block, one launch. Narrow the channel block (not below a
     # 128-byte row segment where C is the unit-stride axis) to spread the work over more SMs.
     sms = _sm_count(device)
     min_block_c = max(1, 128 // element_size) if x_strides.c == 1 else 1
     fused_block_c = block_c
-    while fused_block_c > min_block_c and _cdiv(C, fused_block_c) < 2 * sms:
+    while fused_block_c > min_block_c and cdiv(C, fused_block_c) < 2 * sms:
         fused_block_c //= 2
     if n_tiles == 1 or geom.rows * fused_block_c * element_size <= _FUSED_MAX_BYTES_PER_PROGRAM:
         return KernelConfig(block_n, fused_block_c, block_s, num_partials=1, num_warps=num_warps)
-    c_blocks = _cdiv(C, block_c)
-    partials = max(2, min(n_tiles, _cdiv(4 * sms, c_blocks)))
-    partials = _cdiv(n_tiles, _cdiv(n_tiles, partials))  # so that every program gets at least one tile
+    c_blocks = cdiv(C, block_c)
+    partials = max(2, min(n_tiles, cdiv(4 * sms, c_blocks)))
+    partials = cdiv(n_tiles, cdiv(n_tiles, partials))  # so that every program gets at least one tile
     return KernelConfig(block_n, block_c, block_s, num_partials=partials, num_warps=num_warps)

@@ -6,8 +6,9 @@ copied. Statistics are fp32 whatever the input dtype; outputs take the input's d
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 
 from ._backward import (
     _bn_act_bwd_combine_kernel,
@@ -21,7 +22,7 @@ from ._forward import (
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
-from ._plan import Geometry, KernelConfig, Strides, default_config, geometry_of
+from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, geometry_of, next_pow2
 
 __all__ = [
     "bn_act_apply",
@@ -40,8 +41,10 @@ _ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "ge
 _MAX_GRID_X = 2**31 - 1
 
 
+@functools.cache
 def interpreter_active() -> bool:
-    """True when these kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when these kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import; fixed
+    from then on, hence cached)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_bn_act_fwd_apply_kernel, InterpretedFunction)
@@ -95,8 +98,8 @@ def plan(x: torch.Tensor, config: KernelConfig | None = None) -> tuple[Geometry,
 
 def _grid_tiles(n_tiles: int) -> tuple[int, int]:
     """(programs along the tile axis, tiles per program) for an elementwise pass."""
-    tiles_per_program = triton.cdiv(n_tiles, _MAX_GRID_X)
-    return triton.cdiv(n_tiles, tiles_per_program), tiles_per_program
+    tiles_per_program = cdiv(n_tiles, _MAX_GRID_X)
+    return cdiv(n_tiles, tiles_per_program), tiles_per_program
 
 
 def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
@@ -108,12 +111,12 @@ def _stats_partials(x, geom, xs, cfg):
     """Launch the partial-statistics kernel: (count[P], part_mean[P, C], part_m2[P, C], P)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = triton.cdiv(n_tiles, P)
-    P = triton.cdiv(n_tiles, tiles_per_program)
+    tiles_per_program = cdiv(n_tiles, P)
+    P = cdiv(n_tiles, tiles_per_program)
     count = torch.empty(P, device=x.device, dtype=torch.float32)
     part_mean = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
     part_m2 = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
-    _bn_act_fwd_stats_kernel[(P, triton.cdiv(geom.C, cfg.block_size_c))](
+    _bn_act_fwd_stats_kernel[(P, cdiv(geom.C, cfg.block_size_c))](
         x, count, part_mean, part_m2,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
@@ -125,13 +128,13 @@ def _stats_partials(x, geom, xs, cfg):
 def _combine_stats(partials, geom, out_a, out_b, running_mean, running_var, *, eps, momentum, finalize):
     count, part_mean, part_m2, P = partials
     C = geom.C
-    block_c = min(triton.next_power_of_2(C), 128)
+    block_c = min(next_pow2(C), 128)
     has_running = running_mean is not None
-    _bn_act_fwd_combine_kernel[(triton.cdiv(C, block_c),)](
+    _bn_act_fwd_combine_kernel[(cdiv(C, block_c),)](
         count, part_mean, part_m2, out_a, out_b,
         running_mean if has_running else out_a, running_var if has_running else out_b,
         P, C, float(geom.rows), float(eps), float(momentum),
-        HAS_RUNNING=has_running, FINALIZE=finalize, BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16),
+        HAS_RUNNING=has_running, FINALIZE=finalize, BLOCK_SIZE_P=min(next_pow2(P), 16),
         BLOCK_SIZE_C=block_c,
     )  # fmt: skip
 
@@ -139,7 +142,7 @@ def _combine_stats(partials, geom, out_a, out_b, running_mean, running_var, *, e
 def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_from_var, eps, act, act_param):
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_fwd_apply_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
+    _bn_act_fwd_apply_kernel[(programs, cdiv(geom.C, cfg.block_size_c))](
         x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         *xs.args(), *ys.args(),
@@ -192,7 +195,7 @@ def bn_act_fwd_train(
         return y, mean, rstd
     has_running = running_mean is not None
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    _bn_act_fwd_fused_kernel[(triton.cdiv(C, cfg.block_size_c),)](
+    _bn_act_fwd_fused_kernel[(cdiv(C, cfg.block_size_c),)](
         x, y, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         running_mean if has_running else mean, running_var if has_running else rstd,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
@@ -296,11 +299,11 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
     n_tiles, n_tiles_s = cfg.tiles(geom)
     C = geom.C
     P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = triton.cdiv(n_tiles, P)
-    P = triton.cdiv(n_tiles, tiles_per_program)
+    tiles_per_program = cdiv(n_tiles, P)
+    P = cdiv(n_tiles, tiles_per_program)
     part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
     part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    _bn_act_bwd_reduce_kernel[(P, triton.cdiv(C, cfg.block_size_c))](
+    _bn_act_bwd_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
         x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
         part_dz, part_dz_xhat,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
@@ -311,12 +314,12 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
     )  # fmt: skip
     sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
     sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
-    block_c = min(triton.next_power_of_2(C), 128)
-    _bn_act_bwd_combine_kernel[(triton.cdiv(C, block_c),)](
+    block_c = min(next_pow2(C), 128)
+    _bn_act_bwd_combine_kernel[(cdiv(C, block_c),)](
         part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
         dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
         HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-        BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16), BLOCK_SIZE_C=block_c,
+        BLOCK_SIZE_P=min(next_pow2(P), 16), BLOCK_SIZE_C=block_c,
     )  # fmt: skip
     return sum_dz, sum_dz_xhat
 
@@ -325,7 +328,7 @@ def _bwd_dx(x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum
             act_param):  # fmt: skip
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_bwd_dx_kernel[(programs, triton.cdiv(geom.C, cfg.block_size_c))](
+    _bn_act_bwd_dx_kernel[(programs, cdiv(geom.C, cfg.block_size_c))](
         x, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         sum_dz, sum_dz_xhat,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
@@ -372,7 +375,7 @@ def bn_act_bwd(
                 act=act, act_param=act_param,
             )  # fmt: skip
         return dx, dweight, dbias
-    _bn_act_bwd_fused_kernel[(triton.cdiv(geom.C, cfg.block_size_c),)](
+    _bn_act_bwd_fused_kernel[(cdiv(geom.C, cfg.block_size_c),)](
         x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
         dweight if dweight is not None else mean, dbias if dbias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),

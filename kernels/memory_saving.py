@@ -6,12 +6,11 @@ Same split/fused structure as :func:`bnbench.kernels.bn_act_bwd`, but the saved 
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import launchers
 from ._backward import _bn_act_bwd_combine_kernel
 from ._memory_saving import _bn_act_ms_dx_kernel, _bn_act_ms_fused_kernel, _bn_act_ms_reduce_kernel
-from ._plan import KernelConfig, default_config, geometry_of
+from ._plan import KernelConfig, cdiv, default_config, geometry_of, next_pow2
 from .launchers import _activation_name, _check_channel_tensors, _check_input, _grid_tiles
 
 __all__ = ["MEMORY_SAVING_ACTIVATIONS", "bn_act_bwd_from_output"]
@@ -70,7 +69,7 @@ def bn_act_bwd_from_output(
         "SPLIT_S": geom.split_s, "INDEX_64": geom.index_64, "num_warps": cfg.num_warps,
     }  # fmt: skip
     if cfg.num_partials == 1:
-        _bn_act_ms_fused_kernel[(triton.cdiv(C, cfg.block_size_c),)](
+        _bn_act_ms_fused_kernel[(cdiv(C, cfg.block_size_c),)](
             y, dy, dx, rstd_or_var, w_arg, b_arg,
             dweight if dweight is not None else rstd_or_var, dbias if dbias is not None else rstd_or_var,
             geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(geom.rows), float(eps), float(act_param),
@@ -78,27 +77,27 @@ def bn_act_bwd_from_output(
         )  # fmt: skip
         return dx, dweight, dbias
     P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = triton.cdiv(n_tiles, P)
-    P = triton.cdiv(n_tiles, tiles_per_program)
+    tiles_per_program = cdiv(n_tiles, P)
+    P = cdiv(n_tiles, tiles_per_program)
     part_dz = torch.empty((P, C), device=y.device, dtype=torch.float32)
     part_dz_xhat = torch.empty((P, C), device=y.device, dtype=torch.float32)
-    _bn_act_ms_reduce_kernel[(P, triton.cdiv(C, cfg.block_size_c))](
+    _bn_act_ms_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
         y, dy, dx, rstd_or_var, w_arg, b_arg, part_dz, part_dz_xhat,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         float(min_abs_weight), *strides, TRAINING=training, **flags, **tiles,
     )  # fmt: skip
     sum_dz = torch.empty(C, device=y.device, dtype=torch.float32)
     sum_dz_xhat = torch.empty(C, device=y.device, dtype=torch.float32)
-    block_c = min(triton.next_power_of_2(C), 128)
-    _bn_act_bwd_combine_kernel[(triton.cdiv(C, block_c),)](
+    block_c = min(next_pow2(C), 128)
+    _bn_act_bwd_combine_kernel[(cdiv(C, block_c),)](
         part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
         dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
         HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-        BLOCK_SIZE_P=min(triton.next_power_of_2(P), 16), BLOCK_SIZE_C=block_c,
+        BLOCK_SIZE_P=min(next_pow2(P), 16), BLOCK_SIZE_C=block_c,
     )  # fmt: skip
     if training:
         programs, per_program = _grid_tiles(n_tiles)
-        _bn_act_ms_dx_kernel[(programs, triton.cdiv(C, cfg.block_size_c))](
+        _bn_act_ms_dx_kernel[(programs, cdiv(C, cfg.block_size_c))](
             y, dy, dx, rstd_or_var, w_arg, b_arg, sum_dz, sum_dz_xhat,
             geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, per_program, float(geom.rows), float(act_param),
             float(min_abs_weight), *strides, **flags, **tiles,
