@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -25,7 +24,7 @@ from bnbench.activations import Activation, parse_activation
 from bnbench.convert import ConversionReport, convert_bn_act
 from bnbench.distributed_functional import sync_batch_norm_act
 from bnbench.functional import BACKENDS, batch_norm_act, resolve_backend
-from bnbench.modules import BatchNormAct1d, BatchNormAct2d
+from bnbench.modules import BatchNormAct1d, BatchNormAct2d, count_batch
 
 __all__ = ["SyncBatchNormAct", "convert_sync_bn_act"]
 
@@ -73,12 +72,7 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as a tensor: no host synchronisation
-                dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
-                factor = self.num_batches_tracked.to(dtype).reciprocal()
+        factor = count_batch(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None

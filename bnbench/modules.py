@@ -14,7 +14,20 @@ from torch import Tensor, nn
 from bnbench.activations import Activation, parse_activation
 from bnbench.functional import BACKENDS, batch_norm_act, memory_saving_unsupported
 
-__all__ = ["BatchNormAct1d", "BatchNormAct2d"]
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "count_batch"]
+
+
+def count_batch(module: nn.modules.batchnorm._BatchNorm) -> float | Tensor:
+    """What ``nn.BatchNorm.forward`` does before normalising: count the batch (training with tracked statistics)
+    and return the running-statistics factor: ``momentum``, or for ``momentum=None`` the cumulative factor
+    1/num_batches_tracked, kept as a device tensor (no host synchronisation, capturable, compilable)."""
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            dtype = torch.promote_types(module.running_mean.dtype, torch.float32)
+            factor = module.num_batches_tracked.to(dtype).reciprocal()
+    return factor
 
 
 class _BatchNormActMixin:
@@ -45,12 +58,7 @@ class _BatchNormActMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as a tensor: no host synchronisation
-                dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
-                exponential_average_factor = self.num_batches_tracked.to(dtype).reciprocal()
+        exponential_average_factor = count_batch(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are only updated in training mode when they are tracked; in eval they are only read.
         track = not self.training or self.track_running_stats

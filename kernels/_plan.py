@@ -125,6 +125,13 @@ class KernelConfig:
         n_tiles_s = cdiv(geom.S, self.block_size_s)
         return cdiv(geom.N, self.block_size_n) * n_tiles_s, n_tiles_s
 
+    def partials(self, geom: Geometry) -> tuple[int, int]:
+        """(programs along the reduction, tiles per program) of a split reduction: ``num_partials`` at most,
+        every program with at least one tile."""
+        n_tiles, _ = self.tiles(geom)
+        tiles_per_program = cdiv(n_tiles, min(self.num_partials, n_tiles))
+        return cdiv(n_tiles, tiles_per_program), tiles_per_program
+
     def describe(self) -> str:
         path = "fused" if self.num_partials == 1 else f"split{self.num_partials}"
         return f"{path}:bn{self.block_size_n}xbc{self.block_size_c}xbs{self.block_size_s}:w{self.num_warps}"

@@ -110,9 +110,7 @@ def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> N
 def _stats_partials(x, geom, xs, cfg):
     """Launch the partial-statistics kernel: (count[P], part_mean[P, C], part_m2[P, C], P)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = cdiv(n_tiles, P)
-    P = cdiv(n_tiles, tiles_per_program)
+    P, tiles_per_program = cfg.partials(geom)
     count = torch.empty(P, device=x.device, dtype=torch.float32)
     part_mean = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
     part_m2 = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
@@ -298,9 +296,7 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
     """Reduce + combine: fp32 (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     C = geom.C
-    P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = cdiv(n_tiles, P)
-    P = cdiv(n_tiles, tiles_per_program)
+    P, tiles_per_program = cfg.partials(geom)
     part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
     part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
     _bn_act_bwd_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
@@ -312,8 +308,15 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
         BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
         SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
     )  # fmt: skip
-    sum_dz = torch.empty(C, device=x.device, dtype=torch.float32)
-    sum_dz_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
+    return combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias)
+
+
+def combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias):
+    """Sum [P, C] partials of (dz, dz * x_hat) in a fixed order: fp32 (sum_dz, sum_dz_xhat), and writes
+    dweight = sum_dz_xhat and dbias = sum_dz in the parameters' dtype when given."""
+    P, C = part_dz.shape
+    sum_dz = torch.empty(C, device=part_dz.device, dtype=torch.float32)
+    sum_dz_xhat = torch.empty(C, device=part_dz.device, dtype=torch.float32)
     block_c = min(next_pow2(C), 128)
     _bn_act_bwd_combine_kernel[(cdiv(C, block_c),)](
         part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,

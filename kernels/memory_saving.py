@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import launchers
-from ._backward import _bn_act_bwd_combine_kernel
 from ._memory_saving import _bn_act_ms_dx_kernel, _bn_act_ms_fused_kernel, _bn_act_ms_reduce_kernel
-from ._plan import KernelConfig, cdiv, default_config, geometry_of, next_pow2
+from ._plan import KernelConfig, cdiv, default_config, geometry_of
 from .launchers import _activation_name, _check_channel_tensors, _check_input, _grid_tiles
 
 __all__ = ["MEMORY_SAVING_ACTIVATIONS", "bn_act_bwd_from_output"]
@@ -76,9 +75,7 @@ def bn_act_bwd_from_output(
             float(min_abs_weight), *strides, TRAINING=training, **flags, **tiles,
         )  # fmt: skip
         return dx, dweight, dbias
-    P = min(cfg.num_partials, n_tiles)
-    tiles_per_program = cdiv(n_tiles, P)
-    P = cdiv(n_tiles, tiles_per_program)
+    P, tiles_per_program = cfg.partials(geom)
     part_dz = torch.empty((P, C), device=y.device, dtype=torch.float32)
     part_dz_xhat = torch.empty((P, C), device=y.device, dtype=torch.float32)
     _bn_act_ms_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
@@ -86,15 +83,7 @@ def bn_act_bwd_from_output(
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         float(min_abs_weight), *strides, TRAINING=training, **flags, **tiles,
     )  # fmt: skip
-    sum_dz = torch.empty(C, device=y.device, dtype=torch.float32)
-    sum_dz_xhat = torch.empty(C, device=y.device, dtype=torch.float32)
-    block_c = min(next_pow2(C), 128)
-    _bn_act_bwd_combine_kernel[(cdiv(C, block_c),)](
-        part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
-        dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
-        HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-        BLOCK_SIZE_P=min(next_pow2(P), 16), BLOCK_SIZE_C=block_c,
-    )  # fmt: skip
+    sum_dz, sum_dz_xhat = launchers.combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias)
     if training:
         programs, per_program = _grid_tiles(n_tiles)
         _bn_act_ms_dx_kernel[(programs, cdiv(C, cfg.block_size_c))](
