@@ -91,6 +91,13 @@ _METHODS = {"relu": Activation.RELU, "relu_": Activation.RELU, "sigmoid": Activa
             "sigmoid_": Activation.SIGMOID, "tanh": Activation.TANH, "tanh_": Activation.TANH}  # fmt: skip
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+_HOOKED_ACTIVATION = "the activation module has hooks, which would not run once it is fused away"
+
+
 def _module_activation(module: nn.Module) -> tuple[Activation, float] | None:
     """The fused equivalent of an activation module, or None."""
     kind = type(module)
@@ -192,7 +199,7 @@ class _Converter:
             return f"{type(bn).__name__} has no fused counterpart (only exact BatchNorm1d/BatchNorm2d)"
         if self.uses.get(id(bn), 0) > 1:
             return "the same BatchNorm module is registered more than once (shared parameters)"
-        if bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks:
+        if _has_hooks(bn):
             return "the BatchNorm module has hooks, which the fused layer would not run"
         return None
 
@@ -244,6 +251,9 @@ class _Converter:
             found = _module_activation(next_child)
             if found is None:
                 self.report.skipped[qual] = f"followed by {type(next_child).__name__}, not a supported activation"
+                continue
+            if _has_hooks(next_child):
+                self.report.skipped[qual] = _HOOKED_ACTIVATION
                 continue
             fused = self._fused(child, *found, qual)
             if fused is not None:
@@ -303,7 +313,10 @@ class _Converter:
             return f"its output has {len(users)} uses in forward (needs exactly one, the activation)", None, None
         (user,) = users
         if user.op == "call_module":
-            found = _module_activation(module.get_submodule(user.target))
+            activation_module = module.get_submodule(user.target)
+            if _has_hooks(activation_module):
+                return _HOOKED_ACTIVATION, None, None
+            found = _module_activation(activation_module)
             found = found if len(user.args) == 1 and not user.kwargs else None
         elif user.op in ("call_function", "call_method"):
             found = _call_activation(user, bn_node)

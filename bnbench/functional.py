@@ -381,6 +381,8 @@ def batch_norm_act(
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.
         batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         y = _dispatch(input, batch_mean, batch_var, weight, bias, True, 1.0, eps, act, param, use_triton, memory_saving)
+        if input.numel() == 0:  # an empty batch has no statistics: the running ones stay as they are
+            return y
         with torch.no_grad():
             factor = momentum.to(running_mean.device)
             running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)

@@ -76,7 +76,7 @@ def _activation(z, ACTIVATION: tl.constexpr, act_param):
     if ACTIVATION == "identity":
         return z
     elif ACTIVATION == "relu":
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as in PyTorch (a plain max would return 0)
     elif ACTIVATION == "leaky_relu":
         return tl.where(z > 0.0, z, z * act_param)
     elif ACTIVATION == "sigmoid":

@@ -167,6 +167,8 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: any small number; launches there are simulated one program at a time
 
 
+#: CUDA's limit on grid axes 1 and 2 (the launchers put channel blocks on axis 1)
+_MAX_GRID_Y = 65535
 #: elements per channel block and tile that keep a program's working set in registers
 _TILE_ELEMENTS = {1: 4096, 2: 4096, 4: 2048, 8: 1024}
 #: the fused single-launch kernels are used while one program's share of the input stays this small
@@ -198,6 +200,8 @@ def default_config(geom: Geometry, x_strides: Strides, element_size: int, device
         block_c = min(next_pow2(C), 32)
         block_s = _pow2_at_most(target // block_c, next_pow2(S))
         block_n = 1
+    while cdiv(C, block_c) > _MAX_GRID_Y:  # channel blocks ride on grid axis 1, which CUDA caps at 65535
+        block_c *= 2
     elems = block_n * block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
 

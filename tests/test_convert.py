@@ -268,6 +268,25 @@ def test_other_batchnorms_and_hooks_are_skipped():
     assert "4" not in report.skipped  # already fused: neither converted nor skipped
 
 
+def test_hooked_activations_are_skipped_in_sequentials_and_in_forward():
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda *args: None)  # e.g. feature extraction: fusing would silence it
+    _, report = convert_bn_act(nn.Sequential(nn.BatchNorm1d(3), relu), return_report=True)
+    assert report.converted == {} and "activation module has hooks" in report.skipped["0"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(3), nn.ReLU()
+            self.act.register_forward_pre_hook(lambda *args: None)
+
+        def forward(self, x):
+            return self.act(self.bn(x)) + 1.0
+
+    _, report = convert_bn_act(nn.Sequential(Block()), return_report=True)
+    assert report.converted == {} and "activation module has hooks" in report.skipped["0.bn"]
+
+
 def test_memory_saving_conversion_skips_non_invertible_activations(seed):
     model = _randomise(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU(), nn.BatchNorm1d(3), nn.LeakyReLU(0.1)))
     converted, report = convert_bn_act(model, memory_saving=True, return_report=True)

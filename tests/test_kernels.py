@@ -267,5 +267,7 @@ def test_kernel_config_heuristics_pick_both_paths(monkeypatch):
     assert not geom.split_s  # stride 2 along W: still one strided S axis
     geom, _, _ = plan(torch.empty(2, 3, 4, 6, **meta)[..., :3])
     assert geom.split_s  # cropped W: H and W of this view cannot merge
+    geom, _, cfg = plan(torch.empty(1, 140000, 1024, **meta))  # long S, many channels: small channel blocks
+    assert -(-geom.C // cfg.block_size_c) <= 65535  # CUDA's limit on grid axis 1, where channel blocks go
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(3, 2, 1, 1)

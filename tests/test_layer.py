@@ -197,3 +197,26 @@ def test_double_input_needs_the_torch_backend(device):
     m = bnbench.BatchNormAct1d(3, backend="torch", dtype=torch.float64, device=device)
     expected = torch.relu(nn.functional.batch_norm(x, None, None, training=True))
     assert rel_err(m(x), expected) < 1e-12
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch_leaves_running_statistics_alone(momentum, device):
+    fused = bnbench.BatchNormAct2d(3, momentum=momentum, device=device)
+    plain = nn.BatchNorm2d(3, momentum=momentum, device=device)
+    x = torch.randn(4, 3, 2, 2, device=device) * 2 + 5
+    fused(x)
+    plain(x)
+    empty = torch.randn(0, 3, 2, 2, device=device)
+    assert fused(empty).shape == empty.shape
+    plain(empty)
+    torch.testing.assert_close(fused.running_mean, plain.running_mean)
+    torch.testing.assert_close(fused.running_var, plain.running_var)
+    assert int(fused.num_batches_tracked) == int(plain.num_batches_tracked) == 2
+
+
+def test_relu_propagates_nan_like_pytorch(device):
+    x = torch.randn(4, 3, device=device)
+    x[0, 0] = float("nan")
+    y = bnbench.BatchNormAct1d(3, device=device)(x)
+    expected = torch.relu(nn.BatchNorm1d(3, device=device)(x))
+    assert torch.equal(y.isnan(), expected.isnan()) and y[:, 0].isnan().all()
