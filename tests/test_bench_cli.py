@@ -55,6 +55,31 @@ def test_incorrect_point_exits_1_and_bad_arguments_exit_2(tmp_path, monkeypatch,
         assert "error" in capsys.readouterr().err
     # an existing run is never overwritten without --resume
     assert main(["bench", *TINY, "--providers", "eager", "--out", str(tmp_path / "w")]) == 2
+    for bad in (["--cpu-budget-s", "nan"], ["--rep-ms", "inf"]):
+        assert main(["bench", *TINY, *bad, "--out", str(tmp_path / "never")]) == 2, bad
+
+
+def test_resume_refuses_a_run_from_another_device_or_commit(tmp_path):
+    out = tmp_path / "r"
+    assert main(["bench", *TINY, "--providers", "eager", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "results.csv")
+    frame["device_name"] = "NVIDIA H200"
+    frame.to_csv(out / "results.csv", index=False)
+    assert main(["bench", *TINY, "--providers", "eager", "--out", str(out), "--resume"]) == 2
+
+
+def test_a_crashing_provider_fails_the_run(tmp_path, monkeypatch):
+    def crash(case):
+        def fn(*args):
+            raise RuntimeError("kernel exploded")
+
+        return fn
+
+    monkeypatch.setitem(PROVIDERS, "crash", Provider("crash", False, crash))
+    assert main(["bench", *TINY, "--providers", "eager,crash", "--out", str(tmp_path / "c")]) == 1
+    frame = pd.read_csv(tmp_path / "c" / "results.csv")
+    assert set(frame[frame["provider"] == "crash"]["status"]) == {"error"}  # recorded, and the sweep went on
+    assert set(frame[frame["provider"] == "eager"]["status"]) == {"ok"}
 
 
 def test_resume_skips_finished_points_and_retries_errors(tmp_path, monkeypatch):

@@ -168,6 +168,30 @@ def test_every_pass_checks_out_with_eager_and_running_stats_are_checked():
     assert frame[(frame["provider"] == "stale") & (frame["pass"] == "fwd")]["message"].str.contains("running").all()
 
 
+def _biased_running_var(case):
+    """A subtly wrong provider: the running variance takes the biased batch variance (a 1/(N-1) relative slip
+    in the batch term, which is only momentum = 0.1 of the running value)."""
+
+    def fn(x, rm, rv, *rest):
+        y = batch_norm_act_reference(x, rm, rv, *rest)
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            batch_var = x.float().transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=True)
+            rv.sub_(0.1 * batch_var / n)  # unbiased -> biased: var_b = var_u * (n - 1) / n
+        return y
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_biased_running_variance_is_caught_at_any_dtype_and_batch(dtype):
+    cases = [Case("bn1d", "fwd", "relu", dtype, "nchw", 2048, 8)]  # large N: the slip is 1/2048 of the batch term
+    frame, _ = run_sweep(cases, [PROVIDERS["eager"], Provider("biased", False, _biased_running_var)], CTX)
+    statuses = dict(zip(frame["provider"], frame["status"], strict=True))
+    assert statuses == {"eager": "ok", "biased": "incorrect"}
+    assert "batch_var" in frame.set_index("provider").loc["biased", "message"]
+
+
 def test_inputs_are_reproducible_and_in_the_case_layout():
     case = Case("bn2d", "fwd_bwd", "relu", "bf16", "channels_last", 2, 3, 4, 5)
     a, b = make_inputs(case, "cpu", seed=7), make_inputs(case, "cpu", seed=7)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ relu, fwd,fwd_bwd, nchw).
 Timing: triton.testing.do_bench (L2 flushed, CUDA events; p20/p50/p80) on a GPU; wall-clock medians after warm-up on
 CPU. Without a GPU the triton provider runs only under TRITON_INTERPRET=1, on tiny cases, as a correctness check
 (timer=interpreter, never in a speed table); otherwise its points are recorded as skipped, saying why.
-Exit status: 0 all points correct, 1 some point incorrect, 2 bad arguments."""
+Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
@@ -167,6 +168,23 @@ def _load_previous(out: Path):
     return frame, sidecar
 
 
+_RESUME_MUST_MATCH = ("device_name", "git_sha", "torch_version", "triton_version", "bnbench_version")
+
+
+def _check_resumable(previous, provenance: dict, out: Path) -> None:
+    """--resume continues a run only on the same device, code and versions: speedups pair points of one run."""
+    if previous is None or not len(previous):
+        return
+    for column in _RESUME_MUST_MATCH:
+        before = {str(v) for v in previous[column].dropna().unique()}
+        now = str(provenance[column])
+        if before and before != {now}:
+            raise ValueError(
+                f"cannot resume {out}: it was measured with {column}={', '.join(sorted(before))}, this run has "
+                f"{column}={now}; points from both would be compared as one run. Start a new --out instead."
+            )
+
+
 def _done_keys(frame) -> set[tuple]:
     if frame is None:
         return set()
@@ -259,7 +277,7 @@ def run(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if args.cpu_budget_s <= 0 or args.rep_ms <= 0:
+    if not (0 < args.cpu_budget_s < math.inf and 0 < args.rep_ms < math.inf):  # NaN fails both
         raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out: the folder of the run to continue")
@@ -277,6 +295,7 @@ def run(args) -> int:
         print(f"bnbench bench: nothing to resume in {out} (no results.csv); starting a new run there", file=sys.stderr)
 
     run_id = str(previous["run_id"].iloc[0]) if previous is not None and len(previous) else out.name
+    _check_resumable(previous, runner.provenance_from_env(info, run_id), out)
     copy = measure_copy_bandwidth(device)
     print(f"bnbench bench: {len(points)} point(s) on {device}; copy bandwidth {copy.gbps:.1f} GB/s; out {out}")
     ctx = runner.RunContext(
@@ -323,10 +342,10 @@ def run(args) -> int:
     summary = write_report(out, frame)
     if summary is not None:
         print(summary)
-    incorrect = frame[frame["status"].eq("incorrect")]
+    failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
     counts = frame["status"].value_counts().to_dict()
     print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
-    if len(incorrect):
-        print(f"bnbench bench: {len(incorrect)} incorrect point(s): see summary.md", file=sys.stderr)
+    if len(failed):
+        print(f"bnbench bench: {len(failed)} incorrect or failed point(s): see summary.md", file=sys.stderr)
         return 1
     return 0

@@ -26,9 +26,11 @@ __all__ = [
     "EPS",
     "KINK_BAND",
     "MOMENTUM",
+    "STATS_TOLERANCE",
     "TOLERANCE",
     "Inputs",
     "PassRun",
+    "batch_statistics",
     "build_pass",
     "make_inputs",
     "max_rel_err",
@@ -204,6 +206,31 @@ def reference_outputs(
     if case.pass_ in ("fwd", "fwd_bwd"):
         ref.update(running_mean=rm, running_var=rv)
     return ref
+
+
+#: the running statistics are fp32 whatever the input dtype: they are checked at fp32's tolerance
+STATS_TOLERANCE = TOLERANCE["fp32"]
+_STATS = ("running_mean", "running_var")
+
+
+def batch_statistics(
+    out: dict[str, torch.Tensor | None], running_mean0: torch.Tensor, running_var0: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    """Split the running statistics off ``out``, as the batch statistics they imply: (new - (1 - m) old) / m.
+
+    The batch term is only m = 0.1 of an updated running value, so comparing running values would hide a wrong
+    batch statistic ten times over (a biased instead of unbiased variance passes at fp32 tolerance). Returns the
+    removed entries, renamed ``batch_mean``/``batch_var``.
+    """
+    olds = {"running_mean": running_mean0, "running_var": running_var0}
+    stats = {}
+    for name in _STATS:
+        if name in out:
+            new = out.pop(name)
+            stats[name.replace("running", "batch")] = (
+                None if new is None else (new.double() - (1 - MOMENTUM) * olds[name].double()) / MOMENTUM
+            )
+    return stats
 
 
 def _channel_view(case: Case) -> tuple[int, ...]:
