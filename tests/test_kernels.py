@@ -271,3 +271,33 @@ def test_kernel_config_heuristics_pick_both_paths(monkeypatch):
     assert -(-geom.C // cfg.block_size_c) <= 65535  # CUDA's limit on grid axis 1, where channel blocks go
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(3, 2, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_more_than_2_31_elements_index_correctly():
+    # 2**31 + 64k fp16 elements (4.3 GB): offsets past int32 must be computed in int64 (INDEX_64)
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip(f"needs 16 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    C = 64
+    N = 2**31 // C + 1024
+    x = torch.empty((N, C), device="cuda", dtype=torch.float16)
+    for start in range(0, N, 2**24 // C):  # filled in chunks: randn of the whole tensor would need fp32 space
+        chunk = x[start : start + 2**24 // C]
+        chunk.copy_(torch.randn(chunk.shape, device="cuda") * 2 + 1)
+    from bnbench.kernels import plan
+
+    assert plan(x)[0].index_64
+    y = bnbench.batch_norm_act(x, None, None, training=True, activation="identity", backend="triton")
+    s1 = torch.zeros(C, device="cuda", dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    for start in range(0, N, 2**24 // C):  # float64 statistics, chunk by chunk
+        chunk = x[start : start + 2**24 // C].double()
+        s1 += chunk.sum(0)
+        s2 += (chunk * chunk).sum(0)
+    mean = s1 / N
+    rstd = (s2 / N - mean * mean + 1e-5).rsqrt()
+    for rows in (slice(0, 1024), slice(N - 1024, N)):  # both ends: the tail lies past 2**31 elements
+        expected = (x[rows].double() - mean) * rstd
+        assert rel_err(y[rows], expected) < tolerance(torch.float16)
