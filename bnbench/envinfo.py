@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect", "device_slug", "format_text", "git_sha"]
+__all__ = ["collect", "device_slug", "format_text", "git_sha", "interpreter_requested", "switch_triton_interpreter_on"]
 
 
 def _version(dist: str) -> str | None:
@@ -48,8 +48,19 @@ def git_sha(start: str | os.PathLike | None = None) -> str | None:
         return None
 
 
-def _interpreter_requested() -> bool:
+def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def switch_triton_interpreter_on() -> bool:
+    """Set TRITON_INTERPRET=1 for this process unless triton is already imported (Triton reads the variable
+    when kernels are decorated). For CLI runs on machines without CUDA; True when the interpreter is on."""
+    if interpreter_requested():
+        return True
+    if "triton" in sys.modules:
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
 
 
 def _device() -> dict[str, Any]:
@@ -72,7 +83,7 @@ def _backends(device: dict[str, Any], triton_version: str | None) -> dict[str, s
         backends["triton"] = "no: triton is not installed"
     elif device["type"] == "cuda":
         backends["triton"] = "yes (CUDA)"
-    elif _interpreter_requested():
+    elif interpreter_requested():
         backends["triton"] = "yes (interpreter: correctness only, timings mean nothing)"
     else:
         backends["triton"] = "no: no CUDA device; set TRITON_INTERPRET=1 to run the kernels in the interpreter"
@@ -100,7 +111,7 @@ def collect() -> dict[str, Any]:
         "platform": platform.platform(),
         "git_sha": git_sha(),
         "device": device,
-        "triton_interpreter": _interpreter_requested(),
+        "triton_interpreter": interpreter_requested(),
         "backends": _backends(device, triton_version),
         "executable": sys.executable,
     }

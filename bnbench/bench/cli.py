@@ -32,8 +32,9 @@ axis options filter the preset; without it, they build a grid (unset axes: batch
 relu, fwd,fwd_bwd, nchw).
 
 Timing: triton.testing.do_bench (L2 flushed, CUDA events; p20/p50/p80) on a GPU; wall-clock medians after warm-up on
-CPU. Without a GPU the triton provider runs only under TRITON_INTERPRET=1, on tiny cases, as a correctness check
-(timer=interpreter, never in a speed table); otherwise its points are recorded as skipped, saying why.
+CPU. Without a GPU the triton providers run in the Triton interpreter (switched on unless --no-interpret) on the
+cases small enough for it, as a correctness check (timer=interpreter, never in a speed table); larger cases are
+recorded as skipped, saying why.
 Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
@@ -98,6 +99,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--rep-ms", type=float, default=100.0, help="GPU: do_bench's rep (ms of timed calls)")
     run.add_argument("--cuda-graph", action="store_true",
                      help="GPU: also time small fwd/eval points as a CUDA-graph replay (timer=cuda_graph)")  # fmt: skip
+    run.add_argument(
+        "--no-interpret",
+        action="store_true",
+        help="on CPU, do not switch the Triton interpreter on: the triton providers are then skipped (by default "
+        "they run in the interpreter on the cases small enough for it, as a correctness check, never timed)",
+    )
     run.add_argument(
         "--world-size",
         type=int,
@@ -273,6 +280,8 @@ def run(args) -> int:
     cases = _select(args)
     providers = get_providers(args.providers)
     device = _device(args.device)
+    if device.type == "cpu" and not args.no_interpret:
+        envinfo.switch_triton_interpreter_on()  # before anything imports triton
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if device.type == "cpu":

@@ -6,7 +6,6 @@ The only module of ``bnbench.train`` that touches the disk (through :mod:`bnbenc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -164,20 +163,6 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _switch_interpreter_on() -> bool:
-    """Set TRITON_INTERPRET=1 for this process if triton is not imported yet; True when the interpreter is on."""
-    if _interpreter_requested():
-        return True
-    if "triton" in sys.modules:  # too late: Triton reads the variable when kernels are decorated
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    return True
-
-
 def run(args) -> int:
     if args.world_size is not None:
         return _run_distributed(args)
@@ -196,7 +181,9 @@ def run(args) -> int:
     experiments = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     norms_used = set(args.norms or ()) | ({"fused"} if "fused-vs-eager" in experiments else set())
     want_interpreter = device == "cpu" and "fused" in norms_used and not args.no_interpret
-    interpreter = device == "cpu" and (_switch_interpreter_on() if want_interpreter else _interpreter_requested())
+    interpreter = device == "cpu" and (
+        envinfo.switch_triton_interpreter_on() if want_interpreter else envinfo.interpreter_requested()
+    )
     if device == "cpu" and args.fused_backend == "triton" and not interpreter:
         raise ValueError(
             "--fused-backend triton on --device cpu needs the Triton interpreter: drop --no-interpret (or set "
