@@ -39,6 +39,8 @@ def environment_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for column in PROVENANCE:
         values = [str(v) for v in dict.fromkeys(df[column].dropna())]
+        if column == "timestamp_utc" and len(values) > 2:  # one per point: the span says enough
+            values = [f"{min(values)} to {max(values)}"]
         rows.append({"field": column, "value": ", ".join(values) if values else "(not recorded)"})
     counts = df["status"].value_counts()
     status = ", ".join(f"{name} {int(counts[name])}" for name in counts.index)
