@@ -170,13 +170,18 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def _fake_grads(like: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Output metadata of the backward ops: (grad like ``like``, dweight, dbias), empty for a missing parameter."""
+    grads = (None if p is None else torch.empty_like(p) for p in (weight, bias))
+    return torch.empty_like(like), *(_or_empty(g, like) for g in grads)
+
+
 _bwd = torch.library.custom_op("bnbench::bn_act_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
 def _(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation, act_param):
-    grads = [torch.empty_like(p) if p is not None else x.new_empty(0) for p in (weight, bias)]
-    return torch.empty_like(x), *grads
+    return _fake_grads(x, weight, bias)
 
 
 def _bwd_from_output_impl(
@@ -202,8 +207,7 @@ _bwd_from_output = torch.library.custom_op("bnbench::bn_act_bwd_from_output", mu
 
 @_bwd_from_output.register_fake
 def _(grad_out, y, rstd_or_var, weight, bias, training, eps, activation, act_param):
-    grads = [torch.empty_like(p) if p is not None else y.new_empty(0) for p in (weight, bias)]
-    return torch.empty_like(y), *grads
+    return _fake_grads(y, weight, bias)
 
 
 def _op(op, impl):

@@ -96,6 +96,18 @@ def plan(x: torch.Tensor, config: KernelConfig | None = None) -> tuple[Geometry,
     return geom, config or default_config(geom, x_strides, x.element_size(), x.device)
 
 
+def _tile_kwargs(cfg: KernelConfig, geom: Geometry) -> dict:
+    """The tile and addressing constexprs (and warps) every data kernel takes."""
+    return {
+        "BLOCK_SIZE_N": cfg.block_size_n,
+        "BLOCK_SIZE_C": cfg.block_size_c,
+        "BLOCK_SIZE_S": cfg.block_size_s,
+        "SPLIT_S": geom.split_s,
+        "INDEX_64": geom.index_64,
+        "num_warps": cfg.num_warps,
+    }
+
+
 def _grid_tiles(n_tiles: int) -> tuple[int, int]:
     """(programs along the tile axis, tiles per program) for an elementwise pass."""
     tiles_per_program = cdiv(n_tiles, _MAX_GRID_X)
@@ -117,8 +129,7 @@ def _stats_partials(x, geom, xs, cfg):
     _bn_act_fwd_stats_kernel[(P, cdiv(geom.C, cfg.block_size_c))](
         x, count, part_mean, part_m2,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return count, part_mean, part_m2, P
 
@@ -145,8 +156,7 @@ def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_fro
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         *xs.args(), *ys.args(),
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=rstd_from_var,
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y
 
@@ -199,8 +209,7 @@ def bn_act_fwd_train(
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
         *xs.args(), *ys.args(),
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y, mean, rstd
 
@@ -305,8 +314,7 @@ def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dw
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias)
 
@@ -337,8 +345,7 @@ def _bwd_dx(x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return dx
 
@@ -384,8 +391,7 @@ def bn_act_bwd(
         geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),
         *strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
-        BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_C=cfg.block_size_c, BLOCK_SIZE_S=cfg.block_size_s,
-        SPLIT_S=geom.split_s, INDEX_64=geom.index_64, num_warps=cfg.num_warps,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return dx, dweight, dbias
 

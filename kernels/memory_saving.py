@@ -10,7 +10,7 @@ import torch
 from . import launchers
 from ._memory_saving import _bn_act_ms_dx_kernel, _bn_act_ms_fused_kernel, _bn_act_ms_reduce_kernel
 from ._plan import KernelConfig, cdiv, default_config, geometry_of
-from .launchers import _activation_name, _check_channel_tensors, _check_input, _grid_tiles
+from .launchers import _activation_name, _check_channel_tensors, _check_input, _grid_tiles, _tile_kwargs
 
 __all__ = ["MEMORY_SAVING_ACTIVATIONS", "bn_act_bwd_from_output"]
 
@@ -63,10 +63,7 @@ def bn_act_bwd_from_output(
     w_arg = weight if weight is not None else rstd_or_var
     b_arg = bias if bias is not None else rstd_or_var
     flags = {"ACTIVATION": act, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
-    tiles = {
-        "BLOCK_SIZE_N": cfg.block_size_n, "BLOCK_SIZE_C": cfg.block_size_c, "BLOCK_SIZE_S": cfg.block_size_s,
-        "SPLIT_S": geom.split_s, "INDEX_64": geom.index_64, "num_warps": cfg.num_warps,
-    }  # fmt: skip
+    tiles = _tile_kwargs(cfg, geom)
     if cfg.num_partials == 1:
         _bn_act_ms_fused_kernel[(cdiv(C, cfg.block_size_c),)](
             y, dy, dx, rstd_or_var, w_arg, b_arg,
