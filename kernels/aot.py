@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from . import _backward, _forward, _memory_saving
+from . import _backward, _forward, _gemm, _memory_saving
 
 __all__ = ["KERNELS", "CompiledKernel", "compile_kernel"]
 
@@ -29,10 +29,14 @@ KERNELS = {
     for name in dir(module)
     if name.startswith("_bn_act_") and name.endswith("_kernel")
 }
+#: the matmul + BatchNorm-statistics kernels (kernels/_gemm.py)
+KERNELS.update(
+    {name: getattr(_gemm, name) for name in dir(_gemm) if name.startswith("_gemm_") and name.endswith("_kernel")}
+)
 
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
-_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "z_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -46,6 +50,7 @@ class CompiledKernel:
     spill_loads: int | None
     shared_bytes: int
     ptx_lines: int
+    mma_instructions: int = 0  # tensor-core instructions (mma / wgmma) in the PTX
 
 
 def _default_constexprs(kernel) -> dict:
@@ -65,7 +70,22 @@ def _default_constexprs(kernel) -> dict:
         "BLOCK_SIZE_S": 128,
         "BLOCK_SIZE_P": 16,
     }
+    if kernel.__name__.startswith("_gemm_"):  # a matmul: BLOCK_SIZE_N is its column tile
+        defaults.update(_GEMM_DEFAULTS)
     return {p.name: defaults[p.name] for p in kernel.params if p.is_constexpr}
+
+
+#: the matmul kernels' defaults: the tiles ``default_gemm_config`` picks for large bf16 inputs on Hopper
+_GEMM_DEFAULTS = {
+    "STATS": True,
+    "SPLIT_ROWS": False,
+    "INPUT_PRECISION": "ieee",
+    "UPCAST": False,
+    "BLOCK_SIZE_M": 128,
+    "BLOCK_SIZE_N": 128,
+    "BLOCK_SIZE_K": 64,
+    "GROUP_SIZE_M": 8,
+}
 
 
 def _ptxas_candidates() -> list[str]:
@@ -108,13 +128,17 @@ def compile_kernel(
     dtype: torch.dtype = torch.float32,
     num_warps: int = 4,
     ones: tuple[str, ...] = (),
+    num_stages: int | None = None,
+    divisible_by_16: tuple[str, ...] = (),
     **constexprs,
 ) -> CompiledKernel:
     """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (defaults for the rest).
 
     Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
     ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
-    unit strides, one tile per program), a path the interpreter never takes.
+    unit strides, one tile per program), a path the interpreter never takes. Arguments named in
+    ``divisible_by_16`` (pointers, sizes, strides) get the divisibility Triton gives such values at a launch,
+    which decides vector width and whether loads are pipelined (cp.async); ``num_stages`` sets the pipeline depth.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -141,6 +165,9 @@ def compile_kernel(
     if unknown:
         raise ValueError(f"{name} has no argument(s) {unknown}")
     values.update({arg: 1 for arg in ones})
+    unknown = sorted(set(divisible_by_16) - args)
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}")
     for param in kernel.params:
         if param.is_constexpr or param.name in ones:
             signature[param.name] = "constexpr"
@@ -151,8 +178,11 @@ def compile_kernel(
         else:
             signature[param.name] = "i64"
     constants = {(kernel.arg_names.index(k),): v for k, v in values.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    # what a launch sees for 16-byte aligned pointers and integers divisible by 16 (Triton specialises them so)
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = _ptxas_report(ptx, arch)
     return CompiledKernel(
@@ -164,4 +194,5 @@ def compile_kernel(
         spill_loads=spill_loads,
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         ptx_lines=ptx.count("\n"),
+        mma_instructions=len(re.findall(r"^\s*(?:wgmma\.mma_async|mma)\.", ptx, flags=re.MULTILINE)),
     )

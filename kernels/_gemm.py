@@ -1,0 +1,97 @@
+"""A matmul whose epilogue takes BatchNorm's batch statistics: Z = X @ W^T plus per-tile (count, mean, M2).
+
+``X`` is [M, K] (the input of an ``nn.Linear``, or a 1x1 convolution's input with its rows (n, h, w) addressed
+through three strides, so a channels_last tensor or a strided view of one is read in place), ``W`` is [N, K]
+(``nn.Linear.weight``, or a 1x1 ``nn.Conv2d.weight`` seen as [C_out, C_in]) and ``Z`` is [M, N]. The
+accumulator is fp32 whatever the input dtype; fp16 and bf16 operands run on the tensor cores. fp32 operands
+use ``INPUT_PRECISION``: "ieee" (exact fp32 products, what ``nn.Linear`` computes by default, since PyTorch
+leaves ``torch.backends.cuda.matmul.allow_tf32`` off) or "tf32" (tensor cores, 10-bit mantissa products).
+
+With ``STATS`` each program also reduces its [BLOCK_SIZE_M, BLOCK_SIZE_N] accumulator tile over its rows,
+exactly and in registers (two passes: the tile's mean, then the sum of squared deviations from it), and writes
+one partial (count, mean, M2) per column for its row tile. The partials of all row tiles are then merged in a
+fixed order by the BatchNorm combine kernel (``_bn_act_fwd_combine_kernel``), so the statistics are
+deterministic and never formed as sum/sum-of-squares. The statistics are those of the fp32 accumulator, i.e. of Z
+before it is rounded to the output dtype.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid``: programs walk GROUP_SIZE_M row tiles column by column, so
+    the W columns a group reads stay in L2 while its rows are consumed."""
+    tiles_m = tl.cdiv(M, BLOCK_SIZE_M)
+    tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
+    per_group = GROUP_SIZE_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_SIZE_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_SIZE_M)
+    within = pid - group * per_group
+    return first_m + within % rows_in_group, within // rows_in_group
+
+
+@triton.jit
+def _row_offsets(m, H, W, stride_x_n, stride_x_h, stride_x_w, SPLIT_ROWS: tl.constexpr):
+    """int64 element offsets of X's rows ``m``: row m = (n, h, w) with m = (n * H + h) * W + w when SPLIT_ROWS,
+    else one row stride (``stride_x_n``)."""
+    m = m.to(tl.int64)
+    if SPLIT_ROWS:
+        hw = m % (H * W)
+        h = hw // W
+        return (m // (H * W)) * stride_x_n + h * stride_x_h + (hw - h * W) * stride_x_w
+    else:
+        return m * stride_x_n
+
+
+@triton.jit
+def _gemm_bn_stats_kernel(
+    x_ptr, w_ptr, z_ptr, count_ptr, part_mean_ptr, part_m2_ptr,
+    M, N, K, H, W,
+    stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k, stride_z_m, stride_z_n,
+    STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    """Z[m, n] = sum_k X[m, k] * W[n, k] (fp32 accumulation, stored in Z's dtype). Grid (tiles_m * tiles_n,).
+
+    STATS: program (i, j) also writes, for its rows m in [i*BM, min((i+1)*BM, M)) and columns n of tile j,
+    part_mean[i, n] = mean_m Z[m, n] and part_m2[i, n] = sum_m (Z[m, n] - part_mean[i, n])^2 (fp32, [tiles_m, N]),
+    and count[i] = the number of those rows (column tile 0 only).
+    """
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    k = tl.arange(0, BLOCK_SIZE_K)
+    m_mask = m < M
+    n_mask = n < N
+    x_ptrs = x_ptr + _row_offsets(m, H, W, stride_x_n, stride_x_h, stride_x_w, SPLIT_ROWS)[:, None]
+    x_ptrs += k[None, :] * stride_x_k
+    w_ptrs = w_ptr + n.to(tl.int64)[None, :] * stride_w_n + k[:, None] * stride_w_k
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), tl.float32)
+    for k0 in range(0, K, BLOCK_SIZE_K):
+        k_mask = k < K - k0
+        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:  # exact: bf16 -> fp32, and a product of two bf16 values is exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_SIZE_K * stride_x_k
+        w_ptrs += BLOCK_SIZE_K * stride_w_k
+    mask = m_mask[:, None] & n_mask[None, :]
+    z_offs = m.to(tl.int64)[:, None] * stride_z_m + n[None, :] * stride_z_n
+    tl.store(z_ptr + z_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        count = tl.minimum(M - pid_m * BLOCK_SIZE_M, BLOCK_SIZE_M).to(tl.float32)
+        # Rows past M hold exact zeros (their X rows were masked to 0) and are masked out of the sums.
+        tile_mean = tl.sum(acc, axis=0) / count
+        centred = tl.where(m_mask[:, None], acc - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        row = pid_m.to(tl.int64) * N
+        tl.store(part_mean_ptr + row + n, tile_mean, mask=n_mask)
+        tl.store(part_m2_ptr + row + n, tile_m2, mask=n_mask)
+        if pid_n == 0:
+            tl.store(count_ptr + pid_m, count)
