@@ -1,0 +1,248 @@
+"""Linear / 1x1 convolution + BatchNorm + activation, with BatchNorm's statistics taken in the matmul's epilogue.
+
+``linear_batch_norm_act(x, weight, ...)`` is ``act(F.batch_norm(F.linear(x, weight), ...))`` and
+``conv1x1_batch_norm_act(x, weight, ..., stride=s)`` is ``act(F.batch_norm(F.conv2d(x, weight, stride=s), ...))``
+for a 1x1 kernel with no padding. The ``triton`` backend runs one matmul kernel that writes Z and per-tile
+partial statistics, the BatchNorm combine and the normalise + activation kernel (3T of Z/Y traffic instead of
+torch.compile's 4T and eager's 6T); its backward runs the fused BatchNorm + activation backward on Z, then
+dX = dZ @ W and dW = dZ^T @ X with ``torch.matmul``. The ``torch`` backend is that module chain in PyTorch.
+
+A 1x1 convolution is a matmul over the rows (n, h, w) of its input: a channels_last input is read in place, a
+stride s is the strided view ``x[:, :, ::s, ::s]`` (no copy), and an NCHW input is read through its strides
+(correct; its channel axis is not the unit-stride one, so it is slower). The output is channels_last. The one
+copy on this path: for stride > 1, the backward's dW = dZ^T @ X gathers the strided rows of X for
+``torch.matmul`` (a quarter of the input at stride 2).
+
+fp32 inputs are multiplied exactly by default (``input_precision="ieee"``, what ``nn.Linear`` does with
+PyTorch's default ``allow_tf32=False``); ``input_precision="tf32"`` selects the tensor cores. The backward's
+``torch.matmul`` follows ``torch.backends.cuda.matmul.allow_tf32``, as the module chain does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bnbench.activations import Activation, parse_activation
+from bnbench.functional import BACKENDS, resolve_backend
+from bnbench.reference import batch_norm_act_reference
+
+__all__ = ["INPUT_PRECISIONS", "conv1x1_batch_norm_act", "linear_batch_norm_act"]
+
+INPUT_PRECISIONS = ("ieee", "tf32")
+
+
+def _gemm():
+    """The Triton launchers, imported on first use (importing bnbench must not import triton)."""
+    from bnbench.kernels import gemm_launchers
+
+    return gemm_launchers
+
+
+def _bn_kernels():
+    from bnbench.kernels import launchers
+
+    return launchers
+
+
+def _rows_2d(t: Tensor) -> Tensor:
+    """A [B, C, H, W] tensor as its [B*H*W, C] matrix of rows (a view for channels_last, else a copy)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class _MatmulBatchNormActFunction(torch.autograd.Function):
+    """Triton forward, fused BN + activation backward on Z, then the two matmuls. ``x`` is the matmul's input:
+    [M, K], or [B, K, H, W] (the rows (n, h, w) of a 1x1 convolution, already strided); ``weight`` is [N, K]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation,
+                act_param, input_precision):  # fmt: skip
+        g = _gemm()
+        if training:
+            y, z, mean, rstd = g.linear_bn_act_fwd_train(
+                x, weight, bn_weight, bn_bias, running_mean, running_var, momentum=momentum, eps=eps,
+                activation=activation, act_param=act_param, input_precision=input_precision,
+            )  # fmt: skip
+        else:
+            y, z = g.linear_bn_act_fwd_eval(
+                x, weight, running_mean, running_var, bn_weight, bn_bias, eps=eps, activation=activation,
+                act_param=act_param, input_precision=input_precision,
+            )  # fmt: skip
+            mean, rstd = running_mean, running_var
+        if x.dim() == 4:  # [M, N] rows back to [B, N, H, W] (a channels_last view, no copy)
+            B, _, H, W = x.shape
+            y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
+            z = z.view(B, H, W, -1).permute(0, 3, 1, 2)
+        ctx.save_for_backward(x, weight, z, bn_weight, bn_bias, mean, rstd)
+        ctx.config = (training, eps, activation, act_param)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, z, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
+        training, eps, activation, act_param = ctx.config
+        dz, dgamma, dbeta = _bn_kernels().bn_act_bwd(
+            grad_out, z, mean, rstd, bn_weight, bn_bias,
+            training=training, eps=eps, activation=activation, act_param=act_param,
+        )  # fmt: skip
+        dz2 = dz if dz.dim() == 2 else _rows_2d(dz)  # dz is allocated like z: a view
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dz2 @ weight
+            if x.dim() == 4:
+                B, _, H, W = x.shape
+                dx = dx.view(B, H, W, -1).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            dw = dz2.t() @ (x if x.dim() == 2 else _rows_2d(x))
+        return dx, dw, dgamma, dbeta, *([None] * 8)
+
+
+def _check(
+    input: Tensor,
+    weight: Tensor,
+    tensors: dict[str, Tensor | None],
+    training: bool,
+    momentum,
+    input_dim: int,
+    what: str,
+) -> None:
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() != input_dim:
+        raise ValueError(f"{what} expects a {input_dim}-D input, got shape {tuple(input.shape)}")
+    if weight.shape[1:2] != input.shape[1:2]:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} expects {weight.shape[1]} input features, got input of shape "
+            f"{tuple(input.shape)}"
+        )
+    N = weight.shape[0]
+    for name, t in tensors.items():
+        if t is not None and (t.dim() != 1 or t.numel() != N):
+            raise ValueError(f"weight has {N} output features but {name} has shape {tuple(t.shape)}")
+    if training and tensors["running_mean"] is not None:
+        ok = (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)) or (
+            isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point()
+        )
+        if not ok:
+            raise TypeError(f"momentum must be a number or a 0-dim floating-point tensor, got {momentum!r}")
+    elif not training and (tensors["running_mean"] is None or tensors["running_var"] is None):
+        raise ValueError("running_mean and running_var must be defined in evaluation mode (training=False)")
+
+
+def _run(matmul_input, weight2d, torch_z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+         act, param, use_triton, input_precision):  # fmt: skip
+    """One backend with a float momentum. ``torch_z()`` is the torch backend's matmul (F.linear / F.conv2d)."""
+    if use_triton:
+        return _MatmulBatchNormActFunction.apply(
+            matmul_input, weight2d, bn_weight, bn_bias, running_mean, running_var, bool(training), float(momentum),
+            float(eps), act.value, param, input_precision,
+        )  # fmt: skip
+    return batch_norm_act_reference(
+        torch_z(), running_mean, running_var, bn_weight, bn_bias, bool(training), momentum, eps, act, param
+    )
+
+
+def _dispatch(matmul_input, weight2d, torch_z, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+              eps, activation, activation_param, backend, input_precision, device_tensor):  # fmt: skip
+    act, param = parse_activation(activation, activation_param)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    use_triton = resolve_backend(backend, device_tensor) == "triton"
+    if not use_triton and input_precision != "ieee":
+        raise ValueError(
+            f"input_precision={input_precision!r} selects the Triton matmul's mode; the torch backend follows "
+            "torch.backends.cuda.matmul.allow_tf32 instead (use backend='triton' or input_precision='ieee')"
+        )
+    args = (matmul_input, weight2d, torch_z, bn_weight, bn_bias)
+    if training and running_mean is not None and isinstance(momentum, Tensor):
+        # A factor held on the device (momentum=None in the modules): batch statistics into fresh buffers
+        # (momentum 1 copies them exactly), then blended into the running ones with tensor ops (no host sync).
+        batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+        y = _run(*args, batch_mean, batch_var, True, 1.0, eps, act, param, use_triton, input_precision)
+        with torch.no_grad():
+            factor = momentum.to(running_mean.device)
+            running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
+            running_var.copy_(running_var * (1 - factor) + batch_var * factor)
+        return y
+    momentum = float(momentum) if isinstance(momentum, (int, float)) else 0.0  # unused without running stats
+    return _run(*args, running_mean, running_var, training, momentum, eps, act, param, use_triton, input_precision)
+
+
+def linear_batch_norm_act(
+    input: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    activation: str | Activation = "relu",
+    activation_param: float | None = None,
+    backend: str = "auto",
+    *,
+    input_precision: str = "ieee",
+) -> Tensor:
+    """``activation(F.batch_norm(F.linear(input, weight), running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps))`` for a 2-D input [M, K] and weight [N, K] (``nn.Linear(bias=False).weight``).
+
+    BatchNorm's arguments and semantics are ``F.batch_norm``'s (``momentum`` may be a 0-dim device tensor, as
+    the modules pass for ``momentum=None``); ``backend`` is "auto", "triton" or "torch"
+    (see :func:`bnbench.functional.resolve_backend`: "triton" never falls back); ``input_precision`` is the
+    Triton matmul's mode for fp32 ("ieee" or "tf32"). Returns [M, N] in the input's dtype.
+    """
+    vectors = dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    _check(input, weight, vectors, training, momentum, 2, "linear_batch_norm_act")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if training and input.shape[0] < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    return _dispatch(
+        input, weight, lambda: F.linear(input, weight), bn_weight, bn_bias, running_mean, running_var, training,
+        momentum, eps, activation, activation_param, backend, input_precision, input,
+    )  # fmt: skip
+
+
+def conv1x1_batch_norm_act(
+    input: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    activation: str | Activation = "relu",
+    activation_param: float | None = None,
+    backend: str = "auto",
+    *,
+    stride: int | tuple[int, int] = 1,
+    input_precision: str = "ieee",
+) -> Tensor:
+    """``activation(F.batch_norm(F.conv2d(input, weight, stride=stride), ...))`` for a 1x1 kernel, no padding,
+    no bias: input [B, C_in, H, W], weight [C_out, C_in, 1, 1]. Returns [B, C_out, H_out, W_out] (channels_last
+    on the Triton path) with H_out = ceil(H / stride). Other arguments as :func:`linear_batch_norm_act`."""
+    vectors = dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    _check(input, weight, vectors, training, momentum, 4, "conv1x1_batch_norm_act")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"weight must have shape (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in (sh, sw)):
+        raise ValueError(f"stride must be a positive int or a pair of them, got {stride!r}")
+    rows = input[:, :, ::sh, ::sw]  # the strided view: the 1x1 convolution's rows, no copy
+    if training and rows.shape[0] * rows.shape[2] * rows.shape[3] < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got output size "
+            f"{(rows.shape[0], weight.shape[0], *rows.shape[2:])}"
+        )
+    weight2d = weight.view(weight.shape[0], weight.shape[1])  # a view: unit axes drop out of any layout
+    return _dispatch(
+        rows, weight2d, lambda: F.conv2d(input, weight, stride=(sh, sw)), bn_weight, bn_bias, running_mean,
+        running_var, training, momentum, eps, activation, activation_param, backend, input_precision, input,
+    )  # fmt: skip
