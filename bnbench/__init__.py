@@ -5,6 +5,7 @@ Importing bnbench probes no device and compiles nothing; Triton is imported when
 
 from bnbench.activations import Activation
 from bnbench.convert import ConversionReport, convert_bn_act
+from bnbench.convert_gemm import convert_linear_bn_act
 from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
 from bnbench.functional import batch_norm_act
 from bnbench.linear_bn import conv1x1_batch_norm_act, linear_batch_norm_act
@@ -25,6 +26,7 @@ __all__ = [
     "batch_norm_act",
     "conv1x1_batch_norm_act",
     "convert_bn_act",
+    "convert_linear_bn_act",
     "convert_sync_bn_act",
     "linear_batch_norm_act",
 ]
