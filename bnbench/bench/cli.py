@@ -44,8 +44,15 @@ FINISHED_STATUSES = ("ok", "incorrect", "skipped")
 def configure(parser: argparse.ArgumentParser) -> None:
     cases = parser.add_argument_group("cases (comma lists; with --preset they filter it)")
     cases.add_argument(
+        "--op",
+        choices=("bn_act", "linear_bn_act", "conv1x1_bn_act"),
+        default="bn_act",
+        help="bn_act (BatchNorm + activation, default); linear_bn_act / conv1x1_bn_act: Linear / 1x1 conv + "
+        "BatchNorm + activation, presets quick, mlp (linear), resnet50 (conv), standard (both)",
+    )
+    cases.add_argument(
         "--preset",
-        choices=("quick", "standard", "resnet50"),
+        choices=("quick", "standard", "resnet50", "mlp"),
         default=None,
         help="a named sweep (default: quick, when no axis option is given)",
     )
@@ -277,8 +284,13 @@ def run(args) -> int:
 
     if args.world_size is not None:
         return _run_distributed(args)
-    cases = _select(args)
-    providers = get_providers(args.providers)
+    if args.op == "bn_act":
+        cases = _select(args)
+        providers = get_providers(args.providers)
+    else:  # the matmul + BatchNorm ops: their cases and providers live in gemm_workload
+        from bnbench.bench.gemm_workload import cases_and_providers_from_args
+
+        cases, providers = cases_and_providers_from_args(args)
     device = _device(args.device)
     if device.type == "cpu" and not args.no_interpret:
         envinfo.switch_triton_interpreter_on()  # before anything imports triton

@@ -1,0 +1,452 @@
+"""The ops ``linear_bn_act`` and ``conv1x1_bn_act`` in the benchmark: cases, presets, inputs, providers, reference.
+
+It offers what :mod:`bnbench.bench.runner` uses of :mod:`bnbench.bench.workload` and the provider registry, for
+:class:`MatmulCase` (the runner picks this module by ``case.family``):
+
+- cases: ``linear_bn_act`` is X[batch, K] -> act(BN1d(X @ W^T)) [batch, C]; ``conv1x1_bn_act`` is a channels_last
+  X[batch, K, H, W] -> act(BN2d(conv1x1(X, stride))) [batch, C, H/s, W/s]. Presets: ``resnet50`` (every distinct
+  1x1 convolution of ResNet-50 v1.5 with the activation after its BatchNorm, batch 64/128/256, bf16: ResNet-50
+  trains under bf16 autocast), ``mlp`` (Linear layers of an MLP, fp32 and bf16), ``standard`` (both at batch
+  256 / the MLP sizes), ``quick`` (tiny shapes, fp32, for CPU and the interpreter).
+- providers, all with one signature ``fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+  momentum, eps, activation, param)``: ``eager`` the module chain's functional form (F.linear / F.conv2d, then
+  F.batch_norm and the activation), ``compile`` that chain under ``torch.compile(dynamic=False)``, fresh per
+  case, ``triton`` :func:`bnbench.linear_batch_norm_act` / :func:`bnbench.conv1x1_batch_norm_act`.
+- bytes: ``bytes_min`` of a point is the fused op's traffic from :func:`bytes_model.matmul_bn_act_bytes` (3T of
+  Z/Y forward plus the matmul operands).
+
+fp32 note: ``nn.Linear`` multiplies fp32 exactly by default and so does the fused op; cuDNN convolutions use TF32
+by default (``torch.backends.cudnn.allow_tf32``), so an fp32 ``conv1x1_bn_act`` eager/compile point can exceed the
+fp32 tolerance: the presets measure convolutions in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.bench.bytes_model import matmul_bn_act_bytes
+from bnbench.bench.cases import DTYPES
+from bnbench.bench.providers import Provider, _interpreter_active
+from bnbench.bench.workload import (
+    EPS,
+    KINK_BAND,
+    MOMENTUM,
+    STATS_TOLERANCE,
+    TOLERANCE,
+    PassRun,
+    batch_statistics,
+    max_rel_err,
+    torch_dtype,
+)
+
+__all__ = [
+    "EPS",
+    "GEMM_OPS",
+    "GEMM_PRESETS",
+    "GEMM_PROVIDERS",
+    "MOMENTUM",
+    "STATS_TOLERANCE",
+    "TOLERANCE",
+    "MatmulCase",
+    "MatmulInputs",
+    "batch_statistics",
+    "build_pass",
+    "bytes_min_of",
+    "get_gemm_providers",
+    "make_inputs",
+    "max_rel_err",
+    "outputs",
+    "reference_outputs",
+    "select_gemm_cases",
+]
+
+GEMM_OPS = ("linear_bn_act", "conv1x1_bn_act")
+#: the passes these ops are measured in (the bytes model has fwd and fwd_bwd)
+GEMM_PASSES = ("fwd", "fwd_bwd")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class MatmulCase:
+    """One case: ``N`` is the batch, ``K`` the input features (channels), ``C`` the output features; ``H``/``W``
+    the convolution's input size and ``stride`` its stride (1 and 1 for a Linear)."""
+
+    op: str
+    pass_: str
+    activation: str
+    dtype: str
+    layout: str
+    N: int
+    K: int
+    C: int
+    H: int = 1
+    W: int = 1
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.op not in GEMM_OPS:
+            raise ValueError(f"op must be one of {GEMM_OPS}, got {self.op!r}")
+        if self.pass_ not in GEMM_PASSES:
+            raise ValueError(f"pass {self.pass_!r} is not measured for {self.op}; valid: {', '.join(GEMM_PASSES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes are: {', '.join(DTYPES)}")
+        want_layout = "nchw" if self.op == "linear_bn_act" else "channels_last"
+        if self.layout != want_layout:
+            raise ValueError(f"{self.op} cases are measured in layout {want_layout!r}, got {self.layout!r}")
+        if self.op == "linear_bn_act" and (self.H, self.W, self.stride) != (1, 1, 1):
+            raise ValueError(f"a linear_bn_act case has no spatial size or stride, got {self}")
+        for name in ("N", "K", "C", "H", "W", "stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MatmulCase.{name} must be a positive integer, got {value!r}")
+        if self.rows < 2:
+            raise ValueError(f"a training pass needs more than 1 value per channel, got {self.rows} rows")
+        parse_activation(self.activation)
+
+    family = property(lambda self: self.op)
+    training = property(lambda self: True)
+    needs_grad = property(lambda self: True)
+    bn_mode = property(lambda self: "train")
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return -(-self.H // self.stride), -(-self.W // self.stride)
+
+    @property
+    def S(self) -> int:
+        return math.prod(self.out_hw)
+
+    @property
+    def rows(self) -> int:
+        """M: the matmul's rows, the elements per channel BatchNorm reduces over."""
+        return self.N * self.S
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The output's shape."""
+        return (self.N, self.C) if self.op == "linear_bn_act" else (self.N, self.C, *self.out_hw)
+
+    @property
+    def shape_str(self) -> str:
+        if self.op == "linear_bn_act":
+            return f"{self.N}x{self.K}->{self.C}"
+        return f"{self.N}x{self.K}x{self.H}x{self.W}->{self.C}" + (f"/s{self.stride}" if self.stride > 1 else "")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def label(self) -> str:
+        return f"{self.op} {self.pass_} {self.dtype} {self.activation} {self.shape_str}"
+
+    def columns(self) -> dict[str, object]:
+        return {
+            "op": self.op, "pass": self.pass_, "activation": self.activation, "bn_mode": self.bn_mode,
+            "dtype": self.dtype, "layout": self.layout, "N": self.N, "C": self.C, "S": self.S,
+            "shape": self.shape_str, "numel": self.numel,
+        }  # fmt: skip
+
+    def key(self) -> tuple[str, str, str, str, str, str]:
+        return (self.op, self.pass_, self.activation, self.dtype, self.layout, self.shape_str)
+
+
+def bytes_min_of(case: MatmulCase) -> int:
+    return matmul_bn_act_bytes(case.pass_, case.rows, case.K, case.C, case.dtype, "fused")
+
+
+# --- presets -----------------------------------------------------------------------------------------------------
+
+#: ResNet-50 v1.5's 1x1 convolutions as (C_in, C_out, input H=W, stride, activation after the BN, count): per
+#: bottleneck conv1 (reduce, then relu) and conv3 (expand; its BN feeds the residual add: identity), and each
+#: stage's downsample branch (stride 2 from stage 2 on; identity)
+RESNET50_CONV1X1: tuple[tuple[int, int, int, int, str, int], ...] = (
+    (64, 64, 56, 1, "relu", 1), (256, 64, 56, 1, "relu", 2), (64, 256, 56, 1, "identity", 4),
+    (256, 128, 56, 1, "relu", 1), (512, 128, 28, 1, "relu", 3), (128, 512, 28, 1, "identity", 4),
+    (256, 512, 56, 2, "identity", 1),
+    (512, 256, 28, 1, "relu", 1), (1024, 256, 14, 1, "relu", 5), (256, 1024, 14, 1, "identity", 6),
+    (512, 1024, 28, 2, "identity", 1),
+    (1024, 512, 14, 1, "relu", 1), (2048, 512, 7, 1, "relu", 2), (512, 2048, 7, 1, "identity", 3),
+    (1024, 2048, 14, 2, "identity", 1),
+)  # fmt: skip
+#: an MLP's Linear layers as (batch, in, out): a 4x-expansion block and a launch-bound small batch
+MLP_LINEARS = ((4096, 1024, 4096), (4096, 4096, 1024), (16384, 1024, 1024), (256, 1024, 1024))
+
+
+def _resnet50(batches=(64, 128, 256)) -> list[MatmulCase]:
+    return [
+        MatmulCase("conv1x1_bn_act", p, act, "bf16", "channels_last", N, cin, cout, h, h, s)
+        for N in batches
+        for cin, cout, h, s, act, _ in RESNET50_CONV1X1
+        for p in GEMM_PASSES
+    ]
+
+
+def _mlp() -> list[MatmulCase]:
+    return [
+        MatmulCase("linear_bn_act", p, "relu", dt, "nchw", N, K, C)
+        for N, K, C in MLP_LINEARS
+        for dt in ("fp32", "bf16")
+        for p in GEMM_PASSES
+    ]
+
+
+def _quick() -> list[MatmulCase]:
+    """Tiny: every path (Linear, conv stride 1 and 2) in fp32, fwd and fwd_bwd; the interpreter checks them."""
+    return [
+        *(MatmulCase("linear_bn_act", p, "relu", "fp32", "nchw", 64, 48, 40) for p in GEMM_PASSES),
+        *(MatmulCase("conv1x1_bn_act", p, "relu", "fp32", "channels_last", 2, 16, 24, 6, 6, s)
+          for p in GEMM_PASSES for s in (1, 2)),
+    ]  # fmt: skip
+
+
+GEMM_PRESETS = {
+    "quick": _quick,
+    "mlp": _mlp,
+    "resnet50": _resnet50,
+    "standard": lambda: _resnet50((256,)) + _mlp(),
+}
+
+
+def select_gemm_cases(
+    op: str,
+    preset: str | None,
+    *,
+    batch=None,
+    dtypes=None,
+    activations=None,
+    passes=None,
+) -> list[MatmulCase]:
+    """The cases of ``op`` in ``preset`` (default quick), filtered by the given axes (None = no filter)."""
+    if op not in GEMM_OPS:
+        raise ValueError(f"unknown op {op!r}; valid: {', '.join(GEMM_OPS)}")
+    name = preset or "quick"
+    if name not in GEMM_PRESETS:
+        raise ValueError(f"unknown preset {name!r} for --op {op}; valid: {', '.join(GEMM_PRESETS)}")
+    if passes is not None and set(passes) - set(GEMM_PASSES):
+        raise ValueError(f"--op {op} measures the passes {', '.join(GEMM_PASSES)}, got {', '.join(passes)}")
+    cases = [c for c in GEMM_PRESETS[name]() if c.op == op]
+    for values, get in ((batch, lambda c: c.N), (dtypes, lambda c: c.dtype),
+                        (activations, lambda c: c.activation), (passes, lambda c: c.pass_)):  # fmt: skip
+        if values is not None:
+            cases = [c for c in cases if get(c) in set(values)]
+    if not cases:
+        raise ValueError(f"no {op} case left in preset {name!r} after filtering")
+    return list(dict.fromkeys(cases))
+
+
+# --- inputs, passes, reference ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MatmulInputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    dy: torch.Tensor
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.x, self.weight, self.bn_weight, self.bn_bias]
+
+    def zero_grads(self) -> None:
+        for t in self.params():
+            t.grad = None
+
+
+def make_inputs(case: MatmulCase, device, seed: int = 0) -> MatmulInputs:
+    """x in the case's dtype (channels_last for a convolution; mean offset 0.5), weight with nn.Linear's
+    default scale 1/sqrt(K), fp32 BatchNorm parameters and statistics, dy like the output."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch_dtype(case.dtype)
+
+    def draw(*shape, scale=1.0, offset=0.0, uniform=False):
+        return (torch.rand if uniform else torch.randn)(shape, generator=gen, device=device) * scale + offset
+
+    if case.op == "linear_bn_act":
+        x = draw(case.N, case.K, offset=0.5).to(dtype)
+        weight = draw(case.C, case.K, scale=case.K**-0.5).to(dtype)
+        dy = draw(*case.shape).to(dtype)
+    else:
+        x = draw(case.N, case.K, case.H, case.W, offset=0.5).to(dtype, memory_format=torch.channels_last)
+        weight = draw(case.C, case.K, 1, 1, scale=case.K**-0.5).to(dtype)
+        dy = draw(*case.shape).to(dtype, memory_format=torch.channels_last)
+    C = case.C
+    inputs = MatmulInputs(
+        x, weight, draw(C, scale=1.5, offset=0.25, uniform=True), draw(C, scale=0.1), draw(C, scale=0.1),
+        draw(C, offset=0.5, uniform=True), dy,
+    )  # fmt: skip
+    for t in inputs.params():
+        t.requires_grad_(True)
+    return inputs
+
+
+def build_pass(case: MatmulCase, fn, inp: MatmulInputs) -> PassRun:
+    act, param = parse_activation(case.activation)
+    state: dict[str, torch.Tensor | None] = {"y": None}
+
+    def forward() -> torch.Tensor:
+        return fn(inp.x, inp.weight, inp.bn_weight, inp.bn_bias, inp.running_mean, inp.running_var, True, MOMENTUM,
+                  EPS, act, param)  # fmt: skip
+
+    def call() -> None:
+        y = forward()
+        if case.pass_ == "fwd_bwd":
+            y.backward(inp.dy)
+        state["y"] = y
+
+    return PassRun(lambda: None, call, lambda: state["y"], forward)
+
+
+def outputs(case: MatmulCase, inp: MatmulInputs, y) -> dict[str, torch.Tensor | None]:
+    out: dict[str, torch.Tensor | None] = {"y": y}
+    if case.pass_ == "fwd_bwd":
+        out.update(dx=inp.x.grad, dweight=inp.weight.grad, dbn_weight=inp.bn_weight.grad, dbn_bias=inp.bn_bias.grad)
+    out.update(running_mean=inp.running_mean, running_var=inp.running_var)
+    return out
+
+
+def _matmul(case: MatmulCase, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if case.op == "linear_bn_act":
+        return F.linear(x, weight)
+    return F.conv2d(x, weight, stride=case.stride)
+
+
+def reference_outputs(case: MatmulCase, inp: MatmulInputs, running_mean0, running_var0, y_got=None):
+    """Float64 module chain on upcast copies. At relu/leaky_relu's kink the side of an element whose float64
+    pre-activation is within :data:`KINK_BAND` of 0 is taken from ``y_got`` (as :mod:`workload` does)."""
+    act, param = parse_activation(case.activation)
+    with torch.enable_grad():
+        x, w, g, b = (t.detach().double().requires_grad_(True) for t in inp.params())
+        rm, rv = running_mean0.double(), running_var0.double()
+        z = F.batch_norm(_matmul(case, x, w), rm, rv, g, b, True, MOMENTUM, EPS)
+        if act in (Activation.RELU, Activation.LEAKY_RELU):
+            positive = z.detach() > 0
+            if y_got is not None:
+                view = (1, case.C) + (1,) * (z.dim() - 2)
+                scale = (z.detach() - b.detach().view(view)).abs() + b.detach().abs().view(view)
+                ambiguous = z.detach().abs() <= KINK_BAND[case.dtype] * scale
+                positive = torch.where(ambiguous, y_got.detach().double() > 0, positive)
+            y = torch.where(positive, z, z * param)
+        else:
+            y = apply_activation(z, act, param)
+        ref = {"y": y.detach()}
+        if case.pass_ == "fwd_bwd":
+            dx, dw, dg, db = torch.autograd.grad(y, (x, w, g, b), inp.dy.double())
+            ref.update(dx=dx, dweight=dw, dbn_weight=dg, dbn_bias=db)
+    ref.update(running_mean=rm, running_var=rv)
+    return ref
+
+
+# --- providers ----------------------------------------------------------------------------------------------------
+
+
+def _chain(case: MatmulCase):
+    from bnbench.reference import batch_norm_act_reference
+
+    def chain(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation, param):
+        z = _matmul(case, x, weight)
+        return batch_norm_act_reference(
+            z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, activation, param
+        )
+
+    return chain
+
+
+def _compiled(case: MatmulCase):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(_chain(case), dynamic=False)
+
+
+def _fused(case: MatmulCase):
+    from bnbench.linear_bn import conv1x1_batch_norm_act, linear_batch_norm_act
+
+    def fused(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation, param):
+        param = param if activation is Activation.LEAKY_RELU else None
+        args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation, param)
+        if case.op == "linear_bn_act":
+            return linear_batch_norm_act(*args, backend="triton")
+        return conv1x1_batch_norm_act(*args, backend="triton", stride=case.stride)
+
+    return fused
+
+
+#: the largest output the triton provider checks under the interpreter
+INTERPRETER_MAX_NUMEL = 1 << 14
+
+
+def _triton_skip(case: MatmulCase, device: torch.device) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if not _interpreter_active():
+        return (
+            "no CUDA device in use: the Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)"
+        )
+    if case.numel > INTERPRETER_MAX_NUMEL:
+        return f"Triton interpreter: output has {case.numel} elements, more than the {INTERPRETER_MAX_NUMEL} it checks"
+    return None
+
+
+def _triton_config(case: MatmulCase, x: torch.Tensor) -> str:
+    from bnbench.kernels.gemm_launchers import default_gemm_config
+
+    return default_gemm_config(case.rows, case.C, case.K, x.element_size(), x.device).describe()
+
+
+GEMM_PROVIDERS: dict[str, Provider] = {
+    "eager": Provider("eager", True, _chain, kernel_config=lambda case, x: "aten"),
+    "compile": Provider("compile", True, _compiled, kernel_config=lambda case, x: "inductor:default"),
+    "triton": Provider(
+        "triton",
+        False,
+        _fused,
+        _triton_skip,
+        lambda device: None if device.type == "cuda" else "interpreter",
+        _triton_config,
+    ),
+}
+
+
+def get_gemm_providers(names: str | list[str]) -> list[Provider]:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    unknown = [n for n in names if n not in GEMM_PROVIDERS]
+    if unknown:
+        raise ValueError(f"--providers: unknown provider(s) {unknown} for this op; valid: {', '.join(GEMM_PROVIDERS)}")
+    return [GEMM_PROVIDERS[n] for n in dict.fromkeys(names)]
+
+
+def cases_and_providers_from_args(args) -> tuple[list[MatmulCase], list[Provider]]:
+    """``bnbench bench --op linear_bn_act|conv1x1_bn_act``: the cases (--preset, filtered by --batch, --dtype,
+    --activation, --pass) and providers (--providers). --width, --spatial and --layout are axes of the
+    BatchNorm op only: the matmul shapes come from the presets."""
+    from bnbench.bench import cases as c
+
+    given = [f"--{name}" for name in ("width", "spatial", "layout") if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not an axis of --op {args.op} (its shapes come from --preset)")
+
+    def parsed(value, parse):
+        return None if value is None else parse(value)
+
+    cases = select_gemm_cases(
+        args.op,
+        args.preset,
+        batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
+        dtypes=parsed(args.dtype, c.parse_dtypes),
+        activations=parsed(args.activation, c.parse_activations),
+        passes=parsed(args.passes, c.parse_passes),
+    )
+    return cases, get_gemm_providers(args.providers)

@@ -1,0 +1,97 @@
+"""``bnbench bench --op linear_bn_act|conv1x1_bn_act``: cases, presets, the bytes model, checked points, the CLI.
+
+Points run on the quick preset's tiny shapes (64 rows for the Linear, 2x6x6 for the convolution); the triton
+provider runs under the interpreter on CPU (correctness only).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bnbench.bench import gemm_workload as gw
+from bnbench.bench import runner
+from bnbench.bench.bytes_model import MATMUL_BN_ACT_FWD_PASSES, matmul_bn_act_bytes
+from bnbench.bench.providers import Provider
+from bnbench.cli import main
+from bnbench.schema import validate_bench
+
+
+def test_cases_describe_the_matmul_and_its_output():
+    case = gw.MatmulCase("conv1x1_bn_act", "fwd", "relu", "bf16", "channels_last", 256, 256, 512, 56, 56, 2)
+    assert case.shape == (256, 512, 28, 28) and case.rows == 256 * 28 * 28 and case.family == "conv1x1_bn_act"
+    assert case.key() == ("conv1x1_bn_act", "fwd", "relu", "bf16", "channels_last", "256x256x56x56->512/s2")
+    assert case.columns()["S"] == 28 * 28 and case.columns()["C"] == 512
+    with pytest.raises(ValueError, match="no spatial size or stride"):
+        gw.MatmulCase("linear_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
+    with pytest.raises(ValueError, match="not measured"):
+        gw.MatmulCase("linear_bn_act", "eval", "relu", "fp32", "nchw", 8, 4, 4)
+    with pytest.raises(ValueError, match="layout 'channels_last'"):
+        gw.MatmulCase("conv1x1_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
+
+
+def test_resnet50_preset_covers_its_36_one_by_one_convolutions():
+    """16 bottlenecks with a reducing and an expanding 1x1 conv each, and 4 downsample branches (3 strided)."""
+    assert sum(count for *_, count in gw.RESNET50_CONV1X1) == 36
+    assert sum(count for _, _, _, stride, _, count in gw.RESNET50_CONV1X1 if stride == 2) == 3
+    cases = gw.select_gemm_cases("conv1x1_bn_act", "resnet50", batch=[256], passes=["fwd"])
+    assert len(cases) == len(gw.RESNET50_CONV1X1) and {c.dtype for c in cases} == {"bf16"}
+    with pytest.raises(ValueError, match="no linear_bn_act case"):
+        gw.select_gemm_cases("linear_bn_act", "resnet50")
+
+
+def test_bytes_model_counts_3T_of_z_and_y_against_4T_and_6T():
+    M, K, N = 1000, 64, 256
+    operands = (M * K + N * K) * 2
+    assert MATMUL_BN_ACT_FWD_PASSES == {"fused": 3, "compile": 4, "eager": 6}
+    for impl, passes in MATMUL_BN_ACT_FWD_PASSES.items():
+        assert matmul_bn_act_bytes("fwd", M, K, N, "bf16", impl) == operands + passes * M * N * 2
+    fwd_bwd = matmul_bn_act_bytes("fwd_bwd", M, K, N, "fp32")
+    assert fwd_bwd == (3 * (M * K + N * K) + (3 + 7) * M * N) * 4
+    with pytest.raises(ValueError, match="fused op only"):
+        matmul_bn_act_bytes("fwd_bwd", M, K, N, "fp32", "eager")
+
+
+def _ctx(device="cpu"):
+    import torch
+
+    return runner.RunContext(
+        torch.device(device), 1.0, {"run_id": "t"}, timing=runner.TimingSettings(cpu_budget_s=0.01)
+    )
+
+
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_points_are_checked_against_the_float64_chain(provider):
+    cases = gw.select_gemm_cases("conv1x1_bn_act", "quick") + gw.select_gemm_cases("linear_bn_act", "quick")
+    for case in cases:
+        (result,) = runner.measure_point(case, gw.GEMM_PROVIDERS[provider], _ctx())
+        row = result.row
+        assert row["status"] == "ok", (case.label(), row["message"])
+        assert row["bytes_min"] == gw.bytes_min_of(case) and row["op"] == case.op
+        assert row["timer"] == ("interpreter" if provider == "triton" else "wall")
+
+
+def test_a_wrong_provider_is_marked_incorrect():
+    chain = gw._chain
+
+    def off_by_5_percent(case):
+        fn = chain(case)
+        return lambda *args: fn(*args) * 1.05
+
+    wrong = Provider("wrong", False, off_by_5_percent)
+    case = gw.select_gemm_cases("linear_bn_act", "quick", passes=["fwd"])[0]
+    (result,) = runner.measure_point(case, wrong, _ctx())
+    assert result.row["status"] == "incorrect" and "in y" in result.row["message"]
+
+
+def test_cli_runs_an_op_and_rejects_axes_it_does_not_have(tmp_path, capsys):
+    out = tmp_path / "lin"
+    args = ["bench", "--op", "linear_bn_act", "--pass", "fwd", "--providers", "eager,triton", "--cpu-budget-s", "0.01"]
+    assert main([*args, "--out", str(out)]) == 0
+    frame = validate_bench(pd.read_csv(out / "results.csv"))
+    assert set(frame["op"]) == {"linear_bn_act"} and (frame["status"] == "ok").all()
+    assert set(frame["provider"]) == {"eager", "triton"}
+    assert main(["bench", "--op", "conv1x1_bn_act", "--preset", "resnet50", "--dry-run"]) == 0
+    assert "270 point(s)" in capsys.readouterr().out  # 15 shapes x 3 batches x 2 passes x 3 providers
+    assert main(["bench", "--op", "linear_bn_act", "--width", "8", "--dry-run"]) == 2
+    assert "--width: not an axis of --op linear_bn_act" in capsys.readouterr().err
