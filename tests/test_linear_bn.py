@@ -31,6 +31,8 @@ ACTIVATION_MODULES = {
     "silu": nn.SiLU,
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: the GPU when there is one (natively), else the CPU under the Triton interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _CountingKernel:
@@ -46,8 +48,14 @@ class _CountingKernel:
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Launch counts: ``gemm`` (the matmul kernel) and the BatchNorm launchers; every Triton output is poisoned."""
+    """Launch counts: ``gemm`` (the matmul kernel) and the BatchNorm launchers; every Triton output is poisoned.
+    On a GPU the matmul runs with the interpreter's 16x16x16 tiles too, so these shapes still have several
+    row tiles (statistics partials) and ragged edges; test_default_tiles_on_gpu covers the launcher's own."""
     from bnbench.kernels import gemm_launchers, launchers
+
+    if DEVICE.type == "cuda":
+        small = gemm_launchers.GemmConfig(16, 16, 16, group_size_m=2, num_warps=4, num_stages=2)
+        monkeypatch.setattr(gemm_launchers, "default_gemm_config", lambda *args, **kwargs: small)
 
     counts = dict.fromkeys(("gemm", "bn_act_apply", "bn_act_fwd_eval", "bn_act_bwd"), 0)
     monkeypatch.setattr(
@@ -62,7 +70,9 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(launchers, name, counted)
     monkeypatch.setattr(
-        gemm_launchers, "_alloc_z", lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype)
+        gemm_launchers,
+        "_alloc_z",
+        lambda shape, like: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device),
     )
     monkeypatch.setattr(launchers, "_alloc_like", lambda t: torch.full_like(t, float("nan")))
     return counts
@@ -88,7 +98,7 @@ def make_linear(activation="relu", dtype=torch.float32, K=20, N=19, **bn_kwargs)
     fused.linear.to(dtype)
     chain = nn.Sequential(nn.Linear(K, N, bias=False), nn.BatchNorm1d(N, **bn_kwargs), ACTIVATION_MODULES[activation]())
     chain.load_state_dict(_float_state(fused, torch.float64))
-    return fused, chain.double()
+    return fused.to(DEVICE), chain.double().to(DEVICE)
 
 
 def make_conv(activation="relu", dtype=torch.float32, stride=1, C_in=20, C_out=19, **bn_kwargs):
@@ -104,12 +114,13 @@ def make_conv(activation="relu", dtype=torch.float32, stride=1, C_in=20, C_out=1
         ACTIVATION_MODULES[activation](),
     )  # fmt: skip
     chain.load_state_dict(_float_state(fused, torch.float64))
-    return fused, chain.double()
+    return fused.to(DEVICE), chain.double().to(DEVICE)
 
 
 def check_against(fused, chain, x, *, grads=True, what=""):
     """One forward (+ backward) of both; compares outputs, every gradient and the BatchNorm state."""
     tol = tolerance(x.dtype)
+    x = x.to(DEVICE)
     xf = x.detach().clone().requires_grad_(grads)
     x64 = x.detach().double().requires_grad_(grads)
     y = fused(xf)
@@ -117,7 +128,7 @@ def check_against(fused, chain, x, *, grads=True, what=""):
     assert y.dtype == x.dtype and y.shape == y64.shape
     assert rel_err(y, y64) < tol, (what, "y", rel_err(y, y64))
     if grads:
-        dy = torch.randn(y64.shape).to(x.dtype)
+        dy = torch.randn(y64.shape, device=DEVICE).to(x.dtype)
         y.backward(dy)
         y64.backward(dy.double())
         pairs = [("dx", xf.grad, x64.grad), ("dW", fused._modules["0"].weight.grad, chain[0].weight.grad)]
@@ -203,7 +214,7 @@ def test_bitwise_deterministic_reruns(spy):
     for _ in range(2):
         torch.manual_seed(7)
         fused, _ = make_linear("tanh", torch.bfloat16)
-        x = (torch.randn(37, 20) + 0.5).to(torch.bfloat16).requires_grad_(True)
+        x = (torch.randn(37, 20, device=DEVICE) + 0.5).to(torch.bfloat16).requires_grad_(True)
         y = fused(x)
         y.backward(torch.ones_like(y))
         results.append([y, x.grad, fused.linear.weight.grad, fused.bn.weight.grad, fused.bn.bias.grad,
@@ -217,8 +228,8 @@ def test_forward_statistics_come_from_the_matmul_partials(spy):
     a split into 3 ragged row tiles (the running statistics at momentum 1 are the batch ones)."""
     from bnbench.kernels.gemm_launchers import linear_bn_act_fwd_train
 
-    x, w = torch.randn(37, 20) + 3.0, torch.randn(19, 20)
-    rm, rv = torch.zeros(19), torch.zeros(19)
+    x, w = torch.randn(37, 20, device=DEVICE) + 3.0, torch.randn(19, 20, device=DEVICE)
+    rm, rv = torch.zeros(19, device=DEVICE), torch.zeros(19, device=DEVICE)
     _, z, mean, rstd = linear_bn_act_fwd_train(x, w, None, None, rm, rv, momentum=1.0, eps=1e-5, activation="relu")
     z64 = x.double() @ w.double().t()
     assert rel_err(z, z64) < 1e-6
@@ -231,9 +242,9 @@ def test_forward_statistics_come_from_the_matmul_partials(spy):
 def test_torch_backend_is_the_module_chain_bitwise():
     fused, _ = make_linear("gelu")
     fused.backend = "torch"
-    chain = nn.Sequential(nn.Linear(20, 19, bias=False), nn.BatchNorm1d(19), nn.GELU())
+    chain = nn.Sequential(nn.Linear(20, 19, bias=False), nn.BatchNorm1d(19), nn.GELU()).to(DEVICE)
     chain.load_state_dict(fused.state_dict())
-    x = torch.randn(37, 20)
+    x = torch.randn(37, 20, device=DEVICE)
     assert torch.equal(fused(x), chain(x))
     assert torch.equal(fused.bn.running_var, chain[1].running_var)
 
@@ -241,18 +252,18 @@ def test_torch_backend_is_the_module_chain_bitwise():
 def test_bad_inputs_raise_before_any_kernel_runs(spy):
     fused, _ = make_linear("relu")
     with pytest.raises(ValueError, match="2-D input"):
-        fused(torch.randn(4, 3, 20))
+        fused(torch.randn(4, 3, 20, device=DEVICE))
     with pytest.raises(ValueError, match="20 input features"):
-        fused(torch.randn(8, 21))
+        fused(torch.randn(8, 21, device=DEVICE))
     with pytest.raises(TypeError, match=r"weight has dtype torch\.float32 but input has torch\.float16"):
-        fused(torch.randn(8, 20).half())
+        fused(torch.randn(8, 20, device=DEVICE).half())
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        fused(torch.randn(1, 20))
+        fused(torch.randn(1, 20, device=DEVICE))
     with pytest.raises(ValueError, match="input_precision"):
         bnbench.linear_batch_norm_act(torch.randn(4, 20), torch.randn(19, 20), training=True, input_precision="fp16")
-    conv = bnbench.Conv1x1BatchNormAct2d(20, 19, backend="triton")
+    conv = bnbench.Conv1x1BatchNormAct2d(20, 19, backend="triton", device=DEVICE)
     with pytest.raises(ValueError, match="4-D input"):
-        conv(torch.randn(2, 20, 5))
+        conv(torch.randn(2, 20, 5, device=DEVICE))
     assert spy["gemm"] == 0
 
 
@@ -265,3 +276,13 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_an_error(run_python):
     result = run_python("-c", code, drop=("TRITON_INTERPRET",))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ValueError" in result.stdout and "TRITON_INTERPRET" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_default_tiles_on_gpu(dtype):
+    """The launcher's own tiles (128-row tensor-core tiles, 64x64 exact fp32) on a ResNet-like 1x1 conv: 1000
+    rows (ragged against 128 and 64), K=64, N=256, stride 2 from a channels_last input."""
+    fused, chain = make_conv("silu", dtype, 2, C_in=64, C_out=256)
+    x = (torch.randn(10, 64, 20, 20) + 0.5).to(dtype).to(memory_format=torch.channels_last)
+    check_against(fused, chain, x, what=dtype)

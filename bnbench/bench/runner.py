@@ -217,7 +217,7 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
             f"max_rel_err {e:.3g} in {name} > tolerance {tol:g} ({kind})"
             for e, name, tol, kind in (
                 (err, worst, wl.TOLERANCE[case.dtype], case.dtype),
-                (stats_err, stats_worst, wl.STATS_TOLERANCE, "fp32 running statistics"),
+                (stats_err, stats_worst, wl.stats_tolerance(case), "fp32 running statistics"),
             )
             if not e <= tol
         ]

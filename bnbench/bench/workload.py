@@ -36,6 +36,7 @@ __all__ = [
     "max_rel_err",
     "outputs",
     "reference_outputs",
+    "stats_tolerance",
     "torch_dtype",
 ]
 
@@ -210,6 +211,13 @@ def reference_outputs(
 
 #: the running statistics are fp32 whatever the input dtype: they are checked at fp32's tolerance
 STATS_TOLERANCE = TOLERANCE["fp32"]
+
+
+def stats_tolerance(case: Case) -> float:
+    """The tolerance of a case's batch statistics (the runner asks each workload module)."""
+    return STATS_TOLERANCE
+
+
 _STATS = ("running_mean", "running_var")
 
 
