@@ -97,3 +97,25 @@ def test_cli_runs_an_op_and_rejects_axes_it_does_not_have(tmp_path, capsys):
     assert "270 point(s)" in capsys.readouterr().out  # 15 shapes x 3 batches x 2 passes x 3 providers
     assert main(["bench", "--op", "linear_bn_act", "--width", "8", "--dry-run"]) == 2
     assert "--width: not an axis of --op linear_bn_act" in capsys.readouterr().err
+
+
+def test_epilogue_cost_tool_shapes_and_refusal_without_a_gpu(capsys):
+    from bnbench.bench import gemm_epilogue
+
+    assert len(gemm_epilogue.SHAPES) == len(gw.RESNET50_CONV1X1) + len(gw.MLP_LINEARS)
+    name, M, K, N = gemm_epilogue.SHAPES[6]  # the stride-2 downsample of stage 2: 56x56 -> 28x28
+    assert (M, K, N) == (256 * 28 * 28, 256, 512) and name.endswith("/s2")
+    table = gemm_epilogue.to_markdown(pd.DataFrame([{"shape": "a", "ms": 1.234567}]))
+    assert table.splitlines() == ["| shape | ms |", "|---|---|", "| a | 1.235 |"]
+    if not torch.cuda.is_available():
+        assert gemm_epilogue.main([]) == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_epilogue_cost_tool_on_gpu():
+    from bnbench.bench import gemm_epilogue
+
+    frame = gemm_epilogue.measure_epilogue([("t", 1000, 64, 256)], rep_ms=5)
+    assert len(frame) == len(gemm_epilogue.VARIANTS)
+    assert (frame["rel_err"] < frame["dtype"].map({"bf16": 1e-2, "fp32": 1e-3})).all()
+    assert (frame[["torch_ms", "gemm_ms", "gemm_stats_ms", "fused_fwd_ms"]] > 0).all().all()
