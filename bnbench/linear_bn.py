@@ -5,7 +5,9 @@
 for a 1x1 kernel with no padding. The ``triton`` backend runs one matmul kernel that writes Z and per-tile
 partial statistics, the BatchNorm combine and the normalise + activation kernel (3T of Z/Y traffic instead of
 torch.compile's 4T and eager's 6T); its backward runs the fused BatchNorm + activation backward on Z, then
-dX = dZ @ W and dW = dZ^T @ X with ``torch.matmul``. The ``torch`` backend is that module chain in PyTorch.
+dX = dZ @ W and dW = dZ^T @ X with ``torch.matmul``. In evaluation mode with no gradient wanted (inference),
+BatchNorm and the activation run in the matmul's epilogue with the running statistics: one launch, and Z is
+never written. The ``torch`` backend is that module chain in PyTorch.
 
 A 1x1 convolution is a matmul over the rows (n, h, w) of its input: a channels_last input is read in place, a
 stride s is the strided view ``x[:, :, ::s, ::s]`` (no copy), and an NCHW input is read through its strides
@@ -134,6 +136,18 @@ def _check(
 def _run(matmul_input, weight2d, torch_z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
          act, param, use_triton, input_precision):  # fmt: skip
     """One backend with a float momentum. ``torch_z()`` is the torch backend's matmul (F.linear / F.conv2d)."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (matmul_input, weight2d, bn_weight, bn_bias)
+    )
+    if use_triton and not training and not wants_grad:  # inference: BatchNorm in the matmul's epilogue
+        y = _gemm().linear_bn_act_infer(
+            matmul_input, weight2d, running_mean, running_var, bn_weight, bn_bias, eps=float(eps),
+            activation=act.value, act_param=param, input_precision=input_precision,
+        )  # fmt: skip
+        if matmul_input.dim() == 4:
+            B, _, H, W = matmul_input.shape
+            y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
+        return y
     if use_triton:
         return _MatmulBatchNormActFunction.apply(
             matmul_input, weight2d, bn_weight, bn_bias, running_mean, running_var, bool(training), float(momentum),

@@ -13,10 +13,15 @@ one partial (count, mean, M2) per column for its row tile. The partials of all r
 fixed order by the BatchNorm combine kernel (``_bn_act_fwd_combine_kernel``), so the statistics are
 deterministic and never formed as sum/sum-of-squares. The statistics are those of the fp32 accumulator, i.e. of Z
 before it is rounded to the output dtype.
+
+``_gemm_bn_act_eval_kernel`` is the inference form: with the running statistics known, BatchNorm and the
+activation run in the epilogue on the fp32 tile, and only Y is written (X and W read, Y written: 1T of Y).
 """
 
 import triton
 import triton.language as tl
+
+from ._common import _activation, _load_channel_affine, _load_channel_stats
 
 
 @triton.jit
@@ -47,20 +52,14 @@ def _row_offsets(m, H, W, stride_x_n, stride_x_h, stride_x_w, SPLIT_ROWS: tl.con
 
 
 @triton.jit
-def _gemm_bn_stats_kernel(
-    x_ptr, w_ptr, z_ptr, count_ptr, part_mean_ptr, part_m2_ptr,
-    M, N, K, H, W,
-    stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k, stride_z_m, stride_z_n,
-    STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _matmul_tile(
+    x_ptr, w_ptr, M, N, K, H, W, stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k,
+    SPLIT_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):  # fmt: skip
-    """Z[m, n] = sum_k X[m, k] * W[n, k] (fp32 accumulation, stored in Z's dtype). Grid (tiles_m * tiles_n,).
-
-    STATS: program (i, j) also writes, for its rows m in [i*BM, min((i+1)*BM, M)) and columns n of tile j,
-    part_mean[i, n] = mean_m Z[m, n] and part_m2[i, n] = sum_m (Z[m, n] - part_mean[i, n])^2 (fp32, [tiles_m, N]),
-    and count[i] = the number of those rows (column tile 0 only).
-    """
+    """This program's fp32 [BLOCK_SIZE_M, BLOCK_SIZE_N] tile of X @ W^T, its row and column indices and masks,
+    and its row-tile index. Rows past M are exact zeros (their X rows are masked to 0)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
     n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
@@ -81,13 +80,37 @@ def _gemm_bn_stats_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_SIZE_K * stride_x_k
         w_ptrs += BLOCK_SIZE_K * stride_w_k
+    return acc, m, n, m_mask, n_mask, pid_m, pid_n
+
+
+@triton.jit
+def _gemm_bn_stats_kernel(
+    x_ptr, w_ptr, z_ptr, count_ptr, part_mean_ptr, part_m2_ptr,
+    M, N, K, H, W,
+    stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k, stride_z_m, stride_z_n,
+    STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    """Z[m, n] = sum_k X[m, k] * W[n, k] (fp32 accumulation, stored in Z's dtype). Grid (tiles_m * tiles_n,).
+
+    STATS: program (i, j) also writes, for its rows m in [i*BM, min((i+1)*BM, M)) and columns n of tile j,
+    part_mean[i, n] = mean_m Z[m, n] and part_m2[i, n] = sum_m (Z[m, n] - part_mean[i, n])^2 (fp32, [tiles_m, N]),
+    and count[i] = the number of those rows (column tile 0 only).
+
+    UPCAST (set by the host under the Triton interpreter for bf16 only, whose ``tl.dot`` multiplies the bf16
+    bit patterns as integers): the operands go to fp32 first, which changes no product.
+    """
+    acc, m, n, m_mask, n_mask, pid_m, pid_n = _matmul_tile(
+        x_ptr, w_ptr, M, N, K, H, W, stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k,
+        SPLIT_ROWS, INPUT_PRECISION, UPCAST, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M,
+    )  # fmt: skip
     mask = m_mask[:, None] & n_mask[None, :]
     z_offs = m.to(tl.int64)[:, None] * stride_z_m + n[None, :] * stride_z_n
     tl.store(z_ptr + z_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if STATS:
         count = tl.minimum(M - pid_m * BLOCK_SIZE_M, BLOCK_SIZE_M).to(tl.float32)
-        # Rows past M hold exact zeros (their X rows were masked to 0) and are masked out of the sums.
-        tile_mean = tl.sum(acc, axis=0) / count
+        tile_mean = tl.sum(acc, axis=0) / count  # the zero rows past M add nothing
         centred = tl.where(m_mask[:, None], acc - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(centred * centred, axis=0)
         row = pid_m.to(tl.int64) * N
@@ -95,3 +118,28 @@ def _gemm_bn_stats_kernel(
         tl.store(part_m2_ptr + row + n, tile_m2, mask=n_mask)
         if pid_n == 0:
             tl.store(count_ptr + pid_m, count)
+
+
+@triton.jit
+def _gemm_bn_act_eval_kernel(
+    x_ptr, w_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
+    M, N, K, H, W, eps, act_param,
+    stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k, stride_y_m, stride_y_n,
+    ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    """Inference: Y[m, n] = act((Z[m, n] - mean[n]) / sqrt(var[n] + eps) * weight[n] + bias[n]) with Z = X @ W^T
+    in fp32 registers and the running statistics ``mean``/``var``: one pass, Z is never written. Grid as
+    :func:`_gemm_bn_stats_kernel`'s."""
+    acc, m, n, m_mask, n_mask, _, _ = _matmul_tile(
+        x_ptr, w_ptr, M, N, K, H, W, stride_x_n, stride_x_h, stride_x_w, stride_x_k, stride_w_n, stride_w_k,
+        SPLIT_ROWS, INPUT_PRECISION, UPCAST, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M,
+    )  # fmt: skip
+    mean, rstd = _load_channel_stats(mean_ptr, var_ptr, n, n_mask, eps, True)
+    w, b = _load_channel_affine(weight_ptr, bias_ptr, n, n_mask, HAS_WEIGHT, HAS_BIAS)
+    z = (acc - mean[None, :]) * (rstd * w)[None, :] + b[None, :]
+    y = _activation(z, ACTIVATION, act_param)
+    offs = m.to(tl.int64)[:, None] * stride_y_m + n[None, :] * stride_y_n
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

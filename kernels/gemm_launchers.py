@@ -5,7 +5,9 @@ Training forward, 3 launches and 3T of Z/Y traffic (T = one pass over the [M, N]
   2. ``_bn_act_fwd_combine_kernel`` (the BatchNorm combine, reused as is): the partials merged in a fixed order
      into fp32 mean and rstd, running statistics updated;
   3. ``bn_act_apply``'s kernel: Y = act((Z - mean) * rstd * gamma + beta) (reads Z, writes Y: 2T).
-Eval forward: the matmul without statistics, then ``bn_act_fwd_eval`` (also 3T).
+Eval forward: the matmul without statistics, then ``bn_act_fwd_eval`` (3T; Z is kept for the backward).
+Inference (no gradient wanted): ``_gemm_bn_act_eval_kernel`` applies BatchNorm and the activation in the
+matmul's epilogue (1T: only Y is written).
 
 No autograd here (``bnbench.linear_bn`` wraps these). X is read through its strides (no copy); Z and Y are
 contiguous [M, N], which for a convolution is the channels_last layout of [batch, N, H, W].
@@ -18,7 +20,7 @@ import dataclasses
 import torch
 
 from . import launchers as _bn
-from ._gemm import _gemm_bn_stats_kernel
+from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel
 from ._plan import Geometry, cdiv, next_pow2
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "gemm_bn_stats",
     "linear_bn_act_fwd_eval",
     "linear_bn_act_fwd_train",
+    "linear_bn_act_infer",
 ]
 
 #: how fp32 operands are multiplied: "ieee" (exact fp32 products, nn.Linear's default) or "tf32" (tensor cores)
@@ -62,13 +65,20 @@ class GemmConfig:
 
 
 def default_gemm_config(
-    M: int, N: int, K: int, element_size: int, device: torch.device, input_precision: str = "ieee"
+    M: int,
+    N: int,
+    K: int,
+    element_size: int,
+    device: torch.device,
+    input_precision: str = "ieee",
+    bn_act_epilogue: bool = False,
 ) -> GemmConfig:
     """Tiles for Hopper-class GPUs, checked with ptxas for sm_90 under Triton 3.6 and 3.9
     (tests/test_gemm_compile.py). Tensor-core paths (fp16, bf16, tf32): 128x128 tiles (the statistics partials
     are then 1/64 of Z's bytes or less), K steps of 64 (16-bit) or 32 (tf32), 8 warps, 4 stages. The exact fp32
     path ("ieee", FMA): 64x64x16 tiles, 8 warps, 3 stages (64x64x32 spills under Triton 3.6; at most 124
-    registers this way).
+    registers this way). The inference kernel (``bn_act_epilogue``: BatchNorm + activation on the tile, three
+    per-column vectors held per thread) takes at most 64 columns, which keeps it at 128 registers too.
     Small M or N shrink the tile (tensor-core tiles need every side >= 16). Under the interpreter, 16-wide tiles
     keep the simulated programs small."""
     if device.type != "cuda":
@@ -76,7 +86,7 @@ def default_gemm_config(
     exact_fp32 = element_size == 4 and input_precision == "ieee"
     cap = 64 if exact_fp32 else 128
     block_m = max(16, min(cap, next_pow2(M)))
-    block_n = max(16, min(cap, next_pow2(N)))
+    block_n = max(16, min(64 if bn_act_epilogue else cap, next_pow2(N)))
     block_k = max(16, min(64 if element_size == 2 else 16 if exact_fp32 else 32, next_pow2(K)))
     num_warps = 8 if exact_fp32 or block_m * block_n >= 128 * 64 else 4
     return GemmConfig(block_m, block_n, block_k, group_size_m=8, num_warps=num_warps, num_stages=3 if exact_fp32 else 4)
@@ -239,3 +249,46 @@ def linear_bn_act_fwd_eval(
     y = _bn.bn_act_fwd_eval(z, running_mean, running_var, bn_weight, bn_bias, eps=eps, activation=act,
                             act_param=act_param)  # fmt: skip
     return y, z
+
+
+def linear_bn_act_infer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    *,
+    eps: float,
+    activation: str,
+    act_param: float = 0.0,
+    input_precision: str = "ieee",
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Inference: y = act((X @ W^T - running_mean) / sqrt(running_var + eps) * bn_weight + bn_bias), [M, N] in
+    x's dtype, in one launch (Z is never written: nothing is kept for a backward)."""
+    _check_gemm_operands(x, weight, input_precision)
+    N = weight.shape[0]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode")
+    _check_vectors(N, x.dtype, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                   running_var=running_var)  # fmt: skip
+    act = _bn._activation_name(activation)
+    M, K, H, W, (sn, sh, sw, sk), split = _rows_view(x)
+    y = _alloc_z((M, N), x)
+    if M == 0 or N == 0:
+        return y
+    cfg = config or default_gemm_config(M, N, K, x.element_size(), x.device, input_precision, bn_act_epilogue=True)
+    grid = (cdiv(M, cfg.block_size_m) * cdiv(N, cfg.block_size_n),)
+    _gemm_bn_act_eval_kernel[grid](
+        x, weight, y, running_mean, running_var,
+        bn_weight if bn_weight is not None else running_mean, bn_bias if bn_bias is not None else running_mean,
+        M, N, K, H, W, float(eps), float(act_param),
+        sn, sh, sw, sk, weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        ACTIVATION=act, HAS_WEIGHT=bn_weight is not None, HAS_BIAS=bn_bias is not None,
+        SPLIT_ROWS=split, INPUT_PRECISION=input_precision,
+        UPCAST=x.dtype == torch.bfloat16 and _bn.interpreter_active(),
+        BLOCK_SIZE_M=cfg.block_size_m, BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_K=cfg.block_size_k,
+        GROUP_SIZE_M=cfg.group_size_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y

@@ -1,4 +1,4 @@
-"""The matmul + BatchNorm-statistics kernel compiles for Hopper (sm_90) with the tiles the launcher picks.
+"""The matmul kernels (statistics epilogue, inference epilogue) compile for sm_90 with the launcher's tiles.
 
 Compiled in a subprocess where TRITON_INTERPRET is unset, through ``bnbench.kernels.aot.compile_kernel``, as a
 launch would see it: unit K strides specialised to 1 and pointers, sizes and row strides divisible by 16 (the
@@ -15,18 +15,23 @@ pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is
 
 _SCRIPT = r"""
 import json, sys, torch
-from bnbench.kernels.aot import compile_kernel
+from bnbench.kernels.aot import KERNELS, compile_kernel
 from bnbench.kernels.gemm_launchers import default_gemm_config
-ONES = ("stride_x_k", "stride_w_k", "stride_z_n")
-DIV16 = ("x_ptr", "w_ptr", "z_ptr", "count_ptr", "part_mean_ptr", "part_m2_ptr", "N", "K",
-         "stride_x_n", "stride_x_h", "stride_x_w", "stride_w_n", "stride_z_m")
+ONES = ("stride_x_k", "stride_w_k", "stride_z_n", "stride_y_n")
+DIV16 = ("x_ptr", "w_ptr", "z_ptr", "y_ptr", "count_ptr", "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
+         "weight_ptr", "bias_ptr", "N", "K", "stride_x_n", "stride_x_h", "stride_x_w", "stride_w_n", "stride_z_m",
+         "stride_y_m")
 out = []
 for v in json.loads(sys.argv[1]):
     dtype = getattr(torch, v["dtype"])
-    cfg = default_gemm_config(1 << 20, 256, 256, dtype.itemsize, torch.device("cuda"), v["precision"])
+    cfg = default_gemm_config(1 << 20, 256, 256, dtype.itemsize, torch.device("cuda"), v["precision"],
+                              bn_act_epilogue=v["kernel"] == "_gemm_bn_act_eval_kernel")
+    kernel = KERNELS[v["kernel"]]
     r = compile_kernel(
-        "_gemm_bn_stats_kernel", dtype=dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=ONES,
-        divisible_by_16=DIV16, INPUT_PRECISION=v["precision"], STATS=v["stats"], SPLIT_ROWS=v["split_rows"],
+        v["kernel"], dtype=dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ones=tuple(a for a in ONES if a in kernel.arg_names),
+        divisible_by_16=tuple(a for a in DIV16 if a in kernel.arg_names), INPUT_PRECISION=v["precision"],
+        STATS=v["stats"], SPLIT_ROWS=v["split_rows"], ACTIVATION=v.get("activation", "relu"),
         BLOCK_SIZE_M=cfg.block_size_m, BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_K=cfg.block_size_k,
         GROUP_SIZE_M=cfg.group_size_m,
     )
@@ -38,9 +43,21 @@ print(json.dumps(out))
 #: dtype, fp32 mode: every path the launcher can take; rows merged (channels_last, stride 1) or split
 #: (stride 2 views, NCHW): the split path adds the (n, h, w) address arithmetic
 VARIANTS = [
-    dict(dtype=dtype, precision=precision, stats=stats, split_rows=split)
+    dict(kernel="_gemm_bn_stats_kernel", dtype=dtype, precision=precision, stats=stats, split_rows=split)
     for dtype, precision in (("bfloat16", "ieee"), ("float16", "ieee"), ("float32", "ieee"), ("float32", "tf32"))
     for stats, split in ((True, False), (True, True), (False, False))
+] + [  # the inference kernel (BatchNorm + an activation in the epilogue: relu, and gelu's erf)
+    dict(
+        kernel="_gemm_bn_act_eval_kernel",
+        dtype=dtype,
+        precision=precision,
+        stats=False,
+        split_rows=split,
+        activation=activation,
+    )
+    for dtype, precision in (("bfloat16", "ieee"), ("float32", "ieee"), ("float32", "tf32"))
+    for split in (False, True)
+    for activation in ("relu", "gelu")
 ]
 
 

@@ -57,10 +57,9 @@ def spy(monkeypatch):
         small = gemm_launchers.GemmConfig(16, 16, 16, group_size_m=2, num_warps=4, num_stages=2)
         monkeypatch.setattr(gemm_launchers, "default_gemm_config", lambda *args, **kwargs: small)
 
-    counts = dict.fromkeys(("gemm", "bn_act_apply", "bn_act_fwd_eval", "bn_act_bwd"), 0)
-    monkeypatch.setattr(
-        gemm_launchers, "_gemm_bn_stats_kernel", _CountingKernel(gemm_launchers._gemm_bn_stats_kernel, counts, "gemm")
-    )
+    counts = dict.fromkeys(("gemm", "gemm_infer", "bn_act_apply", "bn_act_fwd_eval", "bn_act_bwd"), 0)
+    for kernel, name in (("_gemm_bn_stats_kernel", "gemm"), ("_gemm_bn_act_eval_kernel", "gemm_infer")):
+        monkeypatch.setattr(gemm_launchers, kernel, _CountingKernel(getattr(gemm_launchers, kernel), counts, name))
     for name in ("bn_act_apply", "bn_act_fwd_eval", "bn_act_bwd"):
         original = getattr(launchers, name)
 
@@ -155,7 +154,7 @@ def test_linear_every_activation_train_fp32_with_a_large_mean(activation, spy):
     fused, chain = make_linear(activation)
     x = torch.randn(37, 20) + 3.0
     check_against(fused, chain, x, what=activation)
-    assert spy == {"gemm": 1, "bn_act_apply": 1, "bn_act_fwd_eval": 0, "bn_act_bwd": 1}
+    assert spy == {"gemm": 1, "gemm_infer": 0, "bn_act_apply": 1, "bn_act_fwd_eval": 0, "bn_act_bwd": 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -207,6 +206,23 @@ def test_conv1x1_nchw_input_is_read_through_its_strides_and_eval(stride, spy):
     chain.eval()
     check_against(fused, chain, x, what="eval")
     assert spy["bn_act_fwd_eval"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["leaky_relu", "gelu_tanh"])
+def test_inference_runs_batchnorm_in_the_matmul_epilogue(dtype, activation, spy):
+    """Eval with no gradient wanted: one launch per layer, Z never written; Linear and a strided conv."""
+    layers = [make_linear(activation, dtype), make_conv(activation, dtype, 2)]
+    inputs = [torch.randn(37, 20) + 0.5, (torch.randn(2, 20, 5, 6) + 0.5).to(memory_format=torch.channels_last)]
+    for (fused, chain), x in zip(layers, inputs, strict=True):
+        fused.eval()
+        chain.eval()
+        with torch.no_grad():
+            y = fused(x.to(dtype).to(DEVICE))
+            y64 = chain(x.to(dtype).to(DEVICE).double())
+        assert y.dtype == dtype and rel_err(y, y64) < tolerance(dtype), (type(fused).__name__, rel_err(y, y64))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert spy == {"gemm": 0, "gemm_infer": 2, "bn_act_apply": 0, "bn_act_fwd_eval": 0, "bn_act_bwd": 0}
 
 
 def test_bitwise_deterministic_reruns(spy):
