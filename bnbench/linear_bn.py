@@ -15,7 +15,8 @@ stride s is the strided view ``x[:, :, ::s, ::s]`` (no copy), and an NCHW input 
 copy on this path: for stride > 1, the backward's dW = dZ^T @ X gathers the strided rows of X for
 ``torch.matmul`` (a quarter of the input at stride 2).
 
-fp32 inputs are multiplied exactly by default (``input_precision="ieee"``, what ``nn.Linear`` does with
+Under ``torch.autocast`` the matmul's operands are cast to the autocast dtype, as autocast does for
+``F.linear``/``F.conv2d``. fp32 inputs are multiplied exactly by default (``input_precision="ieee"``, what ``nn.Linear`` does with
 PyTorch's default ``allow_tf32=False``); ``input_precision="tf32"`` selects the tensor cores. The backward's
 ``torch.matmul`` follows ``torch.backends.cuda.matmul.allow_tf32``, as the module chain does.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bnbench import linear_bn_ops as ops
 from bnbench.activations import Activation, parse_activation
 from bnbench.functional import BACKENDS, resolve_backend
 from bnbench.reference import batch_norm_act_reference
@@ -35,69 +37,52 @@ __all__ = ["INPUT_PRECISIONS", "conv1x1_batch_norm_act", "linear_batch_norm_act"
 INPUT_PRECISIONS = ("ieee", "tf32")
 
 
-def _gemm():
-    """The Triton launchers, imported on first use (importing bnbench must not import triton)."""
-    from bnbench.kernels import gemm_launchers
-
-    return gemm_launchers
-
-
-def _bn_kernels():
-    from bnbench.kernels import launchers
-
-    return launchers
-
-
-def _rows_2d(t: Tensor) -> Tensor:
-    """A [B, C, H, W] tensor as its [B*H*W, C] matrix of rows (a view for channels_last, else a copy)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 class _MatmulBatchNormActFunction(torch.autograd.Function):
-    """Triton forward, fused BN + activation backward on Z, then the two matmuls. ``x`` is the matmul's input:
-    [M, K], or [B, K, H, W] (the rows (n, h, w) of a 1x1 convolution, already strided); ``weight`` is [N, K]."""
+    """Triton forward, fused BN + activation backward on Z, then the two matmuls (the ops of
+    :mod:`bnbench.linear_bn_ops`). ``x`` is the matmul's input: [M, K], or [B, K, H, W] (the rows (n, h, w) of a
+    1x1 convolution, already strided); ``weight`` is [N, K]."""
 
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation,
                 act_param, input_precision):  # fmt: skip
-        g = _gemm()
         if training:
-            y, z, mean, rstd = g.linear_bn_act_fwd_train(
-                x, weight, bn_weight, bn_bias, running_mean, running_var, momentum=momentum, eps=eps,
-                activation=activation, act_param=act_param, input_precision=input_precision,
+            y, z, mean, rstd = ops.fwd_train(
+                x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, act_param,
+                input_precision,
             )  # fmt: skip
         else:
-            y, z = g.linear_bn_act_fwd_eval(
-                x, weight, running_mean, running_var, bn_weight, bn_bias, eps=eps, activation=activation,
-                act_param=act_param, input_precision=input_precision,
-            )  # fmt: skip
+            y, z = ops.fwd_eval(
+                x, weight, running_mean, running_var, bn_weight, bn_bias, eps, activation, act_param, input_precision
+            )
             mean, rstd = running_mean, running_var
-        if x.dim() == 4:  # [M, N] rows back to [B, N, H, W] (a channels_last view, no copy)
-            B, _, H, W = x.shape
-            y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
-            z = z.view(B, H, W, -1).permute(0, 3, 1, 2)
         ctx.save_for_backward(x, weight, z, bn_weight, bn_bias, mean, rstd)
         ctx.config = (training, eps, activation, act_param)
-        return y
+        return _as_output(y, x)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, z, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
         training, eps, activation, act_param = ctx.config
-        dz, dgamma, dbeta = _bn_kernels().bn_act_bwd(
-            grad_out, z, mean, rstd, bn_weight, bn_bias,
-            training=training, eps=eps, activation=activation, act_param=act_param,
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dx, dw, dgamma, dbeta = ops.bwd(
+            grad_out, x, weight, z, bn_weight, bn_bias, mean, rstd, training, eps, activation, act_param, need_dx,
+            need_dw,
         )  # fmt: skip
-        dz2 = dz if dz.dim() == 2 else _rows_2d(dz)  # dz is allocated like z: a view
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = dz2 @ weight
-            if x.dim() == 4:
-                B, _, H, W = x.shape
-                dx = dx.view(B, H, W, -1).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            dw = dz2.t() @ (x if x.dim() == 2 else _rows_2d(x))
-        return dx, dw, dgamma, dbeta, *([None] * 8)
+        return (
+            _as_output(dx, x) if need_dx else None,
+            dw if need_dw else None,
+            dgamma if bn_weight is not None else None,
+            dbeta if bn_bias is not None else None,
+            *([None] * 8),
+        )
+
+
+def _as_output(rows: Tensor, x: Tensor) -> Tensor:
+    """[M, C] rows as the layer's output shape: themselves for a Linear; [B, C, H, W] channels_last (a view)."""
+    if x.dim() == 2:
+        return rows
+    B, _, H, W = x.shape
+    return rows.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
 def _check(
@@ -140,14 +125,11 @@ def _run(matmul_input, weight2d, torch_z, bn_weight, bn_bias, running_mean, runn
         t is not None and t.requires_grad for t in (matmul_input, weight2d, bn_weight, bn_bias)
     )
     if use_triton and not training and not wants_grad:  # inference: BatchNorm in the matmul's epilogue
-        y = _gemm().linear_bn_act_infer(
-            matmul_input, weight2d, running_mean, running_var, bn_weight, bn_bias, eps=float(eps),
-            activation=act.value, act_param=param, input_precision=input_precision,
+        y = ops.infer(
+            matmul_input, weight2d, running_mean, running_var, bn_weight, bn_bias, float(eps), act.value, param,
+            input_precision,
         )  # fmt: skip
-        if matmul_input.dim() == 4:
-            B, _, H, W = matmul_input.shape
-            y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
-        return y
+        return _as_output(y, matmul_input)
     if use_triton:
         return _MatmulBatchNormActFunction.apply(
             matmul_input, weight2d, bn_weight, bn_bias, running_mean, running_var, bool(training), float(momentum),
@@ -171,6 +153,12 @@ def _dispatch(matmul_input, weight2d, torch_z, bn_weight, bn_bias, running_mean,
             f"input_precision={input_precision!r} selects the Triton matmul's mode; the torch backend follows "
             "torch.backends.cuda.matmul.allow_tf32 instead (use backend='triton' or input_precision='ieee')"
         )
+    device_type = device_tensor.device.type
+    if use_triton and torch.is_autocast_enabled(device_type):
+        # What autocast does for F.linear / F.conv2d: the matmul's operands in the autocast dtype (a cast copy of
+        # a float32 weight, whose gradient flows back to it); BatchNorm keeps its float32 parameters.
+        dtype = torch.get_autocast_dtype(device_type)
+        matmul_input, weight2d = matmul_input.to(dtype), weight2d.to(dtype)
     args = (matmul_input, weight2d, torch_z, bn_weight, bn_bias)
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device (momentum=None in the modules): batch statistics into fresh buffers

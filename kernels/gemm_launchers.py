@@ -216,7 +216,7 @@ def linear_bn_act_fwd_train(
     mean = torch.empty(N, device=x.device, dtype=torch.float32)
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     if N == 0:
-        return z, z, mean, rstd
+        return z.clone(), z, mean, rstd
     geom = Geometry(M, N, 1, 1, split_s=False)  # what the combine reads: C = N channels over M rows
     _bn._combine_stats(partials, geom, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
     y = _bn.bn_act_apply(z, mean, rstd, bn_weight, bn_bias, activation=act, act_param=act_param)

@@ -13,6 +13,8 @@ module chain's own rounding of Z is then larger than the tolerance).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -225,6 +227,20 @@ def test_inference_runs_batchnorm_in_the_matmul_epilogue(dtype, activation, spy)
     assert spy == {"gemm": 0, "gemm_infer": 2, "bn_act_apply": 0, "bn_act_fwd_eval": 0, "bn_act_bwd": 0}
 
 
+def test_autocast_casts_the_matmul_operands_as_it_does_for_nn_linear(spy):
+    fused, _ = make_linear("relu")
+    reference = copy.deepcopy(fused)
+    reference.backend = "torch"
+    x = (torch.randn(37, 20, device=DEVICE) + 0.5).requires_grad_(True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = fused(x)
+        y_ref = reference(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and rel_err(y, y_ref.float()) < tolerance(torch.bfloat16)
+    y.float().sum().backward()
+    assert fused.linear.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert spy["gemm"] == 1
+
+
 def test_bitwise_deterministic_reruns(spy):
     results = []
     for _ in range(2):
@@ -302,3 +318,32 @@ def test_default_tiles_on_gpu(dtype):
     fused, chain = make_conv("silu", dtype, 2, C_in=64, C_out=256)
     x = (torch.randn(10, 64, 20, 20) + 0.5).to(dtype).to(memory_format=torch.channels_last)
     check_against(fused, chain, x, what=dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_torch_compile_fullgraph_traces_the_custom_ops(kind, spy):
+    """Train step (forward, backward, running statistics) and inference through torch.compile(fullgraph=True):
+    the Triton path is torch.library ops, so there is no graph break. aot_eager (AOTAutograd without Inductor's
+    code generation) keeps it quick on CPU; the ops run the same kernels under any backend."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if kind == "linear":
+        (fused, chain), x = make_linear("silu"), torch.randn(37, 20, device=DEVICE)
+    else:
+        (fused, chain), x = make_conv("relu", stride=2), torch.randn(2, 20, 5, 6, device=DEVICE)
+        x = x.to(memory_format=torch.channels_last)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    xf, x64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    y, y64 = compiled(xf), chain(x64)
+    dy = torch.randn(y64.shape, device=DEVICE)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert rel_err(y, y64) < tolerance(torch.float32) and rel_err(xf.grad, x64.grad) < tolerance(torch.float32)
+    assert rel_err(fused.bn.running_var, chain[1].running_var) < tolerance(torch.float32)
+    assert spy["gemm"] == 1 and spy["bn_act_bwd"] == 1
+    fused.eval()
+    chain.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), chain(x.double())) < tolerance(torch.float32)
+    assert spy["gemm_infer"] == 1

@@ -11,7 +11,8 @@ It offers what :mod:`bnbench.bench.runner` uses of :mod:`bnbench.bench.workload`
 - providers, all with one signature ``fn(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
   momentum, eps, activation, param)``: ``eager`` the module chain's functional form (F.linear / F.conv2d, then
   F.batch_norm and the activation), ``compile`` that chain under ``torch.compile(dynamic=False)``, fresh per
-  case, ``triton`` :func:`bnbench.linear_batch_norm_act` / :func:`bnbench.conv1x1_batch_norm_act`.
+  case, ``triton`` :func:`bnbench.linear_batch_norm_act` / :func:`bnbench.conv1x1_batch_norm_act`, and
+  ``triton-compile`` (optional) that fused call under torch.compile (its Triton path is torch.library ops).
 - bytes: ``bytes_min`` of a point is the fused op's traffic from :func:`bytes_model.matmul_bn_act_bytes` (3T of
   Z/Y forward plus the matmul operands).
 
@@ -375,6 +376,13 @@ def _compiled(case: MatmulCase):
     return torch.compile(_chain(case), dynamic=False)
 
 
+def _fused_compiled(case: MatmulCase):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(_fused(case), dynamic=False)
+
+
 def _fused(case: MatmulCase):
     from bnbench.linear_bn import conv1x1_batch_norm_act, linear_batch_norm_act
 
@@ -421,6 +429,14 @@ GEMM_PROVIDERS: dict[str, Provider] = {
         "triton",
         False,
         _fused,
+        _triton_skip,
+        lambda device: None if device.type == "cuda" else "interpreter",
+        _triton_config,
+    ),
+    "triton-compile": Provider(
+        "triton-compile",
+        False,
+        _fused_compiled,
         _triton_skip,
         lambda device: None if device.type == "cuda" else "interpreter",
         _triton_config,
