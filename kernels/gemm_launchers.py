@@ -74,19 +74,19 @@ def default_gemm_config(
     bn_act_epilogue: bool = False,
 ) -> GemmConfig:
     """Tiles for Hopper-class GPUs, checked with ptxas for sm_90 under Triton 3.6 and 3.9
-    (tests/test_gemm_compile.py). Tensor-core paths (fp16, bf16, tf32): 128x128 tiles (the statistics partials
-    are then 1/64 of Z's bytes or less), K steps of 64 (16-bit) or 32 (tf32), 8 warps, 4 stages. The exact fp32
-    path ("ieee", FMA): 64x64x16 tiles, 8 warps, 3 stages (64x64x32 spills under Triton 3.6; at most 124
-    registers this way). The inference kernel (``bn_act_epilogue``: BatchNorm + activation on the tile, three
-    per-column vectors held per thread) takes at most 64 columns, which keeps it at 128 registers too.
-    Small M or N shrink the tile (tensor-core tiles need every side >= 16). Under the interpreter, 16-wide tiles
-    keep the simulated programs small."""
+    (tests/test_gemm_compile.py: at most 128 registers, no spills, pipelined loads). fp16/bf16 on tensor cores:
+    128x128 tiles (the statistics partials are then 1/64 of Z's bytes or less), K steps of 64, 8 warps, 4
+    stages. tf32: 128x64x32 (128x128 takes 172 registers under Triton 3.6). Exact fp32 ("ieee", FMA): 64x64x16,
+    8 warps, 3 stages (64x64x32 spills under Triton 3.6). The inference kernel (``bn_act_epilogue``: BatchNorm
+    + activation on the tile, three per-column vectors held per thread) takes at most 64 columns. Small M or N
+    shrink the tile (tensor-core tiles need every side >= 16). Under the interpreter, 16-wide tiles keep the
+    simulated programs small."""
     if device.type != "cuda":
         return GemmConfig(16, 16, 16, group_size_m=2, num_warps=1, num_stages=1)
     exact_fp32 = element_size == 4 and input_precision == "ieee"
     cap = 64 if exact_fp32 else 128
     block_m = max(16, min(cap, next_pow2(M)))
-    block_n = max(16, min(64 if bn_act_epilogue else cap, next_pow2(N)))
+    block_n = max(16, min(64 if bn_act_epilogue or element_size == 4 else cap, next_pow2(N)))
     block_k = max(16, min(64 if element_size == 2 else 16 if exact_fp32 else 32, next_pow2(K)))
     num_warps = 8 if exact_fp32 or block_m * block_n >= 128 * 64 else 4
     return GemmConfig(block_m, block_n, block_k, group_size_m=8, num_warps=num_warps, num_stages=3 if exact_fp32 else 4)

@@ -76,14 +76,15 @@ def compiled():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_no_spills_and_at_most_128_registers_for_the_bf16_fp16_and_exact_fp32_paths(compiled):
+def test_no_spills_and_at_most_128_registers(compiled):
     assert len(compiled) == len(VARIANTS)
     for r in compiled:
         if r["registers"] is None:
             pytest.skip("no ptxas here accepted the PTX")
         assert r["spill_stores"] == 0, r
-        if r["precision"] == "ieee":  # tf32 is opt-in; its split-rows variant is allowed a few more
-            assert r["registers"] <= 128, r
+        # two programs of 8 warps per SM; the opt-in tf32 inference kernel takes 134-136 on any tile tried
+        limit = 136 if (r["kernel"], r["precision"]) == ("_gemm_bn_act_eval_kernel", "tf32") else 128
+        assert r["registers"] <= limit, r
 
 
 def test_tensor_cores_exactly_where_the_dtype_allows(compiled):
