@@ -347,3 +347,16 @@ def test_torch_compile_fullgraph_traces_the_custom_ops(kind, spy):
     with torch.no_grad():
         assert rel_err(compiled(x), chain(x.double())) < tolerance(torch.float32)
     assert spy["gemm_infer"] == 1
+
+
+def test_tf32_input_precision_runs_the_triton_matmul(spy):
+    """input_precision="tf32" reaches the kernel (under the interpreter the products stay exact). Tolerance:
+    tf32 products carry fp16's 10-bit mantissa with fp32 accumulation, so fp16's row of the table applies."""
+    fused, chain = make_linear("gelu")
+    fused.input_precision = "tf32"
+    x = torch.randn(37, 20, device=DEVICE) + 0.5
+    y = fused(x)
+    assert rel_err(y, chain(x.double())) < tolerance(torch.float16)
+    assert spy["gemm"] == 1
+    with pytest.raises(ValueError, match="torch backend follows"):
+        bnbench.linear_batch_norm_act(x, fused.linear.weight, training=True, input_precision="tf32", backend="torch")
