@@ -117,5 +117,8 @@ def test_epilogue_cost_tool_on_gpu():
 
     frame = gemm_epilogue.measure_epilogue([("t", 1000, 64, 256)], rep_ms=5)
     assert len(frame) == len(gemm_epilogue.VARIANTS)
-    assert (frame["rel_err"] < frame["dtype"].map({"bf16": 1e-2, "fp32": 1e-3})).all()
+    # ours vs torch.matmul in the same mode: exact fp32 agrees to rounding; tf32 and bf16 differ by their own
+    # rounding (10- and 7-bit mantissas) in either result
+    limit = {("fp32", "ieee"): 1e-5, ("fp32", "tf32"): 5e-3, ("bf16", "ieee"): 1e-2}
+    assert all(r.rel_err < limit[(r.dtype, r.precision)] for r in frame.itertuples()), frame
     assert (frame[["torch_ms", "gemm_ms", "gemm_stats_ms", "fused_fwd_ms"]] > 0).all().all()
