@@ -14,6 +14,8 @@ fixed order by the BatchNorm combine kernel (``_bn_act_fwd_combine_kernel``), so
 deterministic and never formed as sum/sum-of-squares. The statistics are those of the fp32 accumulator, i.e. of Z
 before it is rounded to the output dtype.
 
+``_gemm_partials_merge_kernel`` first merges groups of partials in parallel when there are many (see there).
+
 ``_gemm_bn_act_eval_kernel`` is the inference form: with the running statistics known, BatchNorm and the
 activation run in the epilogue on the fp32 tile, and only Y is written (X and W read, Y written: 1T of Y).
 """
@@ -143,3 +145,42 @@ def _gemm_bn_act_eval_kernel(
     y = _activation(z, ACTIVATION, act_param)
     offs = m.to(tl.int64)[:, None] * stride_y_m + n[None, :] * stride_y_n
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemm_partials_merge_kernel(
+    count_ptr, part_mean_ptr, part_m2_ptr, out_count_ptr, out_mean_ptr, out_m2_ptr,
+    P, N, rows_per_group,
+    BLOCK_SIZE_R: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+):  # fmt: skip
+    """Merge each group of ``rows_per_group`` consecutive partials (count, mean, M2) into one, in a fixed order.
+    Grid (G, cdiv(N, BLOCK_SIZE_C)) with G = cdiv(P, rows_per_group) and rows_per_group <= BLOCK_SIZE_R.
+
+    Why not the BatchNorm combine alone: the epilogue writes one partial per 128-row tile, thousands for
+    ResNet-50's first stage at batch 256, and that combine walks a channel block's partials one block of 16
+    after another; this step first reduces them, all groups in parallel, to a few hundred.
+
+    For group g with rows p: n = sum n_p, mean = K + sum n_p (mean_p - K) / n (K = the group's first mean, so
+    nothing cancels), M2 = sum M2_p + n_p (mean_p - mean)^2, as a block over the group (no serial loop).
+    Writes out_count[g] (channel block 0), out_mean[g, c], out_m2[g, c].
+    """
+    g = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
+    r = tl.arange(0, BLOCK_SIZE_R)
+    p = g.to(tl.int64) * rows_per_group + r
+    p_mask = (r < rows_per_group) & (p < P)
+    c_mask = c < N
+    mask = p_mask[:, None] & c_mask[None, :]
+    offs = p[:, None] * N + c[None, :]
+    cnt = tl.load(count_ptr + p, mask=p_mask, other=0.0)
+    mu = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+    pm2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
+    shift = tl.load(part_mean_ptr + g.to(tl.int64) * rows_per_group * N + c, mask=c_mask, other=0.0)
+    total = tl.sum(cnt, axis=0)
+    mean = shift + tl.sum(tl.where(mask, cnt[:, None] * (mu - shift[None, :]), 0.0), axis=0) / total
+    delta = mu - mean[None, :]
+    m2 = tl.sum(tl.where(mask, pm2 + cnt[:, None] * delta * delta, 0.0), axis=0)
+    tl.store(out_mean_ptr + g.to(tl.int64) * N + c, mean, mask=c_mask)
+    tl.store(out_m2_ptr + g.to(tl.int64) * N + c, m2, mask=c_mask)
+    if tl.program_id(1) == 0:
+        tl.store(out_count_ptr + g, total)

@@ -85,6 +85,7 @@ _GEMM_DEFAULTS = {
     "BLOCK_SIZE_N": 128,
     "BLOCK_SIZE_K": 64,
     "GROUP_SIZE_M": 8,
+    "BLOCK_SIZE_R": 16,
 }
 
 

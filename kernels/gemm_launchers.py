@@ -3,7 +3,8 @@
 Training forward, 3 launches and 3T of Z/Y traffic (T = one pass over the [M, N] output):
   1. ``_gemm_bn_stats_kernel``: Z = X @ W^T (writes Z: 1T) and per-row-tile partial (count, mean, M2) per column;
   2. ``_bn_act_fwd_combine_kernel`` (the BatchNorm combine, reused as is): the partials merged in a fixed order
-     into fp32 mean and rstd, running statistics updated;
+     into fp32 mean and rstd, running statistics updated; past MAX_PARTIALS partials (one per 128-row tile)
+     ``_gemm_partials_merge_kernel`` first merges them in groups, in parallel;
   3. ``bn_act_apply``'s kernel: Y = act((Z - mean) * rstd * gamma + beta) (reads Z, writes Y: 2T).
 Eval forward: the matmul without statistics, then ``bn_act_fwd_eval`` (3T; Z is kept for the backward).
 Inference (no gradient wanted): ``_gemm_bn_act_eval_kernel`` applies BatchNorm and the activation in the
@@ -20,7 +21,7 @@ import dataclasses
 import torch
 
 from . import launchers as _bn
-from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel
+from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel, _gemm_partials_merge_kernel
 from ._plan import Geometry, cdiv, next_pow2
 
 __all__ = [
@@ -175,6 +176,31 @@ def gemm_bn_stats(
     return z, ((count, part_mean, part_m2, P) if stats else None)
 
 
+#: more statistics partials than this are first merged in groups (``_gemm_partials_merge_kernel``)
+MAX_PARTIALS = 512
+
+
+def _merged_partials(partials):
+    """(count, part_mean, part_m2, P) with P <= MAX_PARTIALS: groups of consecutive partials merged in parallel,
+    in a fixed order (the combine then walks at most MAX_PARTIALS per channel block)."""
+    count, part_mean, part_m2, P = partials
+    if P <= MAX_PARTIALS:
+        return partials
+    N = part_mean.shape[1]
+    rows = cdiv(P, MAX_PARTIALS)
+    groups = cdiv(P, rows)
+    block_r = next_pow2(rows)
+    block_c = max(1, min(next_pow2(N), 4096 // block_r))
+    out_count = torch.empty(groups, device=count.device, dtype=torch.float32)
+    out_mean = torch.empty((groups, N), device=count.device, dtype=torch.float32)
+    out_m2 = torch.empty((groups, N), device=count.device, dtype=torch.float32)
+    _gemm_partials_merge_kernel[(groups, cdiv(N, block_c))](
+        count, part_mean, part_m2, out_count, out_mean, out_m2, P, N, rows,
+        BLOCK_SIZE_R=block_r, BLOCK_SIZE_C=block_c, num_warps=8,
+    )  # fmt: skip
+    return out_count, out_mean, out_m2, groups
+
+
 def _check_vectors(N: int, dtype: torch.dtype, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None:
@@ -218,6 +244,7 @@ def linear_bn_act_fwd_train(
     if N == 0:
         return z.clone(), z, mean, rstd
     geom = Geometry(M, N, 1, 1, split_s=False)  # what the combine reads: C = N channels over M rows
+    partials = _merged_partials(partials)
     _bn._combine_stats(partials, geom, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
     y = _bn.bn_act_apply(z, mean, rstd, bn_weight, bn_bias, activation=act, act_param=act_param)
     return y, z, mean, rstd

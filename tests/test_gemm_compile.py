@@ -87,6 +87,18 @@ def test_no_spills_and_at_most_128_registers(compiled):
         assert r["registers"] <= limit, r
 
 
+def test_the_partials_merge_compiles_without_spills(run_python):
+    script = (
+        "import torch\nfrom bnbench.kernels.aot import compile_kernel\n"
+        "r = compile_kernel('_gemm_partials_merge_kernel', num_warps=8, BLOCK_SIZE_R=16, BLOCK_SIZE_C=256)\n"
+        "print(r.registers, r.spill_stores)"
+    )
+    result = run_python("-c", script, drop=("TRITON_INTERPRET",), env={"TRITON_DEFAULT_FP_FUSION": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    registers, spills = result.stdout.split()[-2:]
+    assert registers == "None" or (int(spills) == 0 and int(registers) <= 128), result.stdout
+
+
 def test_tensor_cores_exactly_where_the_dtype_allows(compiled):
     for r in compiled:
         on_tensor_cores = r["dtype"] != "float32" or r["precision"] == "tf32"

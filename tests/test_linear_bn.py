@@ -255,10 +255,18 @@ def test_bitwise_deterministic_reruns(spy):
         assert torch.equal(a, b)
 
 
-def test_forward_statistics_come_from_the_matmul_partials(spy):
+@pytest.mark.parametrize("max_partials", [512, 2, 1])
+def test_forward_statistics_come_from_the_matmul_partials(max_partials, spy, monkeypatch):
     """The combine merges the gemm's per-row-tile partials: the batch mean and variance are right to fp32 for
-    a split into 3 ragged row tiles (the running statistics at momentum 1 are the batch ones)."""
+    a split into 3 ragged row tiles (the running statistics at momentum 1 are the batch ones), also when the
+    partials are first merged in groups (a MAX_PARTIALS of 2: groups of 2 and 1; of 1: one group of 3)."""
+    from bnbench.kernels import gemm_launchers
     from bnbench.kernels.gemm_launchers import linear_bn_act_fwd_train
+
+    monkeypatch.setattr(gemm_launchers, "MAX_PARTIALS", max_partials)
+    merges = {"merge": 0}
+    kernel = gemm_launchers._gemm_partials_merge_kernel
+    monkeypatch.setattr(gemm_launchers, "_gemm_partials_merge_kernel", _CountingKernel(kernel, merges, "merge"))
 
     x, w = torch.randn(37, 20, device=DEVICE) + 3.0, torch.randn(19, 20, device=DEVICE)
     rm, rv = torch.zeros(19, device=DEVICE), torch.zeros(19, device=DEVICE)
@@ -268,7 +276,7 @@ def test_forward_statistics_come_from_the_matmul_partials(spy):
     assert rel_err(mean, z64.mean(0)) < 1e-6
     assert rel_err(rv, z64.var(0, unbiased=True)) < 1e-5
     assert rel_err(rstd, (z64.var(0, unbiased=False) + 1e-5).rsqrt()) < 1e-5
-    assert spy["gemm"] == 1
+    assert spy["gemm"] == 1 and merges["merge"] == (0 if max_partials >= 3 else 1)
 
 
 def test_torch_backend_is_the_module_chain_bitwise():
