@@ -16,9 +16,10 @@ copy on this path: for stride > 1, the backward's dW = dZ^T @ X gathers the stri
 ``torch.matmul`` (a quarter of the input at stride 2).
 
 Under ``torch.autocast`` the matmul's operands are cast to the autocast dtype, as autocast does for
-``F.linear``/``F.conv2d``. fp32 inputs are multiplied exactly by default (``input_precision="ieee"``, what ``nn.Linear`` does with
-PyTorch's default ``allow_tf32=False``); ``input_precision="tf32"`` selects the tensor cores. The backward's
-``torch.matmul`` follows ``torch.backends.cuda.matmul.allow_tf32``, as the module chain does.
+``F.linear``/``F.conv2d``. fp32 inputs are multiplied exactly by default (``input_precision="ieee"``, what
+``nn.Linear`` does with PyTorch's default ``allow_tf32=False``); ``input_precision="tf32"`` selects the tensor
+cores. The backward's ``torch.matmul`` follows ``torch.backends.cuda.matmul.allow_tf32``, as the module chain
+does. The Triton path is the torch.library ops of :mod:`bnbench.linear_bn_ops` (torch.compile traces them).
 """
 
 from __future__ import annotations
