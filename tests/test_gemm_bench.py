@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bnbench.bench import gemm_cases as gc
 from bnbench.bench import gemm_workload as gw
 from bnbench.bench import runner
 from bnbench.bench.bytes_model import MATMUL_BN_ACT_FWD_PASSES, matmul_bn_act_bytes
@@ -19,26 +20,26 @@ from bnbench.schema import validate_bench
 
 
 def test_cases_describe_the_matmul_and_its_output():
-    case = gw.MatmulCase("conv1x1_bn_act", "fwd", "relu", "bf16", "channels_last", 256, 256, 512, 56, 56, 2)
+    case = gc.MatmulCase("conv1x1_bn_act", "fwd", "relu", "bf16", "channels_last", 256, 256, 512, 56, 56, 2)
     assert case.shape == (256, 512, 28, 28) and case.rows == 256 * 28 * 28 and case.family == "conv1x1_bn_act"
     assert case.key() == ("conv1x1_bn_act", "fwd", "relu", "bf16", "channels_last", "256x256x56x56->512/s2")
     assert case.columns()["S"] == 28 * 28 and case.columns()["C"] == 512
     with pytest.raises(ValueError, match="no spatial size or stride"):
-        gw.MatmulCase("linear_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
+        gc.MatmulCase("linear_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
     with pytest.raises(ValueError, match="not measured"):
-        gw.MatmulCase("linear_bn_act", "eval", "relu", "fp32", "nchw", 8, 4, 4)
+        gc.MatmulCase("linear_bn_act", "eval", "relu", "fp32", "nchw", 8, 4, 4)
     with pytest.raises(ValueError, match="layout 'channels_last'"):
-        gw.MatmulCase("conv1x1_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
+        gc.MatmulCase("conv1x1_bn_act", "fwd", "relu", "fp32", "nchw", 8, 4, 4, 2, 2)
 
 
 def test_resnet50_preset_covers_its_36_one_by_one_convolutions():
     """16 bottlenecks with a reducing and an expanding 1x1 conv each, and 4 downsample branches (3 strided)."""
-    assert sum(count for *_, count in gw.RESNET50_CONV1X1) == 36
-    assert sum(count for _, _, _, stride, _, count in gw.RESNET50_CONV1X1 if stride == 2) == 3
-    cases = gw.select_gemm_cases("conv1x1_bn_act", "resnet50", batch=[256], passes=["fwd"])
-    assert len(cases) == len(gw.RESNET50_CONV1X1) and {c.dtype for c in cases} == {"bf16"}
+    assert sum(count for *_, count in gc.RESNET50_CONV1X1) == 36
+    assert sum(count for _, _, _, stride, _, count in gc.RESNET50_CONV1X1 if stride == 2) == 3
+    cases = gc.select_gemm_cases("conv1x1_bn_act", "resnet50", batch=[256], passes=["fwd"])
+    assert len(cases) == len(gc.RESNET50_CONV1X1) and {c.dtype for c in cases} == {"bf16"}
     with pytest.raises(ValueError, match="no linear_bn_act case"):
-        gw.select_gemm_cases("linear_bn_act", "resnet50")
+        gc.select_gemm_cases("linear_bn_act", "resnet50")
 
 
 def test_bytes_model_counts_3T_of_z_and_y_against_4T_and_6T():
@@ -63,7 +64,7 @@ def _ctx(device="cpu"):
 
 @pytest.mark.parametrize("provider", ["eager", "triton"])
 def test_points_are_checked_against_the_float64_chain(provider):
-    cases = gw.select_gemm_cases("conv1x1_bn_act", "quick") + gw.select_gemm_cases("linear_bn_act", "quick")
+    cases = gc.select_gemm_cases("conv1x1_bn_act", "quick") + gc.select_gemm_cases("linear_bn_act", "quick")
     for case in cases:
         (result,) = runner.measure_point(case, gw.GEMM_PROVIDERS[provider], _ctx())
         row = result.row
@@ -81,7 +82,7 @@ def test_a_wrong_provider_is_marked_incorrect():
         return lambda *args: fn(*args) * 1.05
 
     wrong = Provider("wrong", False, off_by_5_percent)
-    case = gw.select_gemm_cases("linear_bn_act", "quick", passes=["fwd"])[0]
+    case = gc.select_gemm_cases("linear_bn_act", "quick", passes=["fwd"])[0]
     (result,) = runner.measure_point(case, wrong, _ctx())
     assert result.row["status"] == "incorrect" and "in y" in result.row["message"]
 
@@ -102,7 +103,7 @@ def test_cli_runs_an_op_and_rejects_axes_it_does_not_have(tmp_path, capsys):
 def test_epilogue_cost_tool_shapes_and_refusal_without_a_gpu(capsys):
     from bnbench.bench import gemm_epilogue
 
-    assert len(gemm_epilogue.SHAPES) == len(gw.RESNET50_CONV1X1) + len(gw.MLP_LINEARS)
+    assert len(gemm_epilogue.SHAPES) == len(gc.RESNET50_CONV1X1) + len(gc.MLP_LINEARS)
     name, M, K, N = gemm_epilogue.SHAPES[6]  # the stride-2 downsample of stage 2: 56x56 -> 28x28
     assert (M, K, N) == (256 * 28 * 28, 256, 512) and name.endswith("/s2")
     table = gemm_epilogue.to_markdown(pd.DataFrame([{"shape": "a", "ms": 1.234567}]))

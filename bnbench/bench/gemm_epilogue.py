@@ -19,7 +19,7 @@ __all__ = ["SHAPES", "measure_epilogue", "to_markdown"]
 
 
 def _shapes() -> list[tuple[str, int, int, int]]:
-    from bnbench.bench.gemm_workload import MLP_LINEARS, RESNET50_CONV1X1
+    from bnbench.bench.gemm_cases import MLP_LINEARS, RESNET50_CONV1X1
 
     shapes = []
     for cin, cout, h, stride, _, _ in RESNET50_CONV1X1:
