@@ -283,7 +283,7 @@ class _MemorySavingReferenceFunction(torch.autograd.Function):
 
 
 def _bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param):
-    """(dx, dweight, dbias) of y = act(BN(x)) from y in fp32 PyTorch ops; mirrors ``kernels/_memory_saving.py``."""
+    """(dx, dweight, dbias) of y = act(BN(x)) from y in fp32 PyTorch ops; mirrors the SAVED_OUTPUT kernels of ``kernels/_backward.py``."""
     C = y.shape[1]
     shape = (1, C) + (1,) * (y.dim() - 2)
     dims = [0, *range(2, y.dim())]

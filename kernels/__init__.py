@@ -4,6 +4,7 @@ Importing this package imports triton; ``import bnbench`` does not import it unt
 """
 
 from .launchers import (
+    MEMORY_SAVING_ACTIVATIONS,
     SUPPORTED_DTYPES,
     Geometry,
     KernelConfig,
@@ -12,13 +13,13 @@ from .launchers import (
     bn_act_batch_stats,
     bn_act_bwd,
     bn_act_bwd_dx,
+    bn_act_bwd_from_output,
     bn_act_bwd_sums,
     bn_act_fwd_eval,
     bn_act_fwd_train,
     interpreter_active,
     plan,
 )
-from .memory_saving import MEMORY_SAVING_ACTIVATIONS, bn_act_bwd_from_output
 
 __all__ = [
     "MEMORY_SAVING_ACTIVATIONS",

@@ -18,14 +18,14 @@ import tempfile
 
 import torch
 
-from . import _backward, _forward, _memory_saving
+from . import _backward, _forward
 
 __all__ = ["KERNELS", "CompiledKernel", "compile_kernel"]
 
 #: every kernel, by name
 KERNELS = {
     name: getattr(module, name)
-    for module in (_forward, _backward, _memory_saving)
+    for module in (_forward, _backward)
     for name in dir(module)
     if name.startswith("_bn_act_") and name.endswith("_kernel")
 }
@@ -50,12 +50,12 @@ class CompiledKernel:
 
 def _default_constexprs(kernel) -> dict:
     defaults = {
-        # the memory-saving kernels accept only invertible activations
-        "ACTIVATION": "leaky_relu" if kernel.__name__.startswith("_bn_act_ms_") else "relu",
+        "ACTIVATION": "relu",
         "HAS_WEIGHT": True,
         "HAS_BIAS": True,
         "HAS_RUNNING": True,
         "TRAINING": True,
+        "SAVED_OUTPUT": False,
         "RSTD_FROM_VAR": False,
         "FINALIZE": True,
         "SPLIT_S": False,

@@ -275,16 +275,17 @@ def test_cumulative_momentum_matches_nn_batchnorm(backend, seed):
 _AOT_SCRIPT = r"""
 import json, sys, torch
 from bnbench.kernels import aot
-names = [n for n in aot.KERNELS if n.startswith("_bn_act_ms_")]
-ONES = ("S", "W", "n_tiles_s", "tiles_per_program", "stride_y_s", "stride_dy_s", "stride_dx_s")
+names = ["_bn_act_bwd_reduce_kernel", "_bn_act_bwd_dx_kernel", "_bn_act_bwd_fused_kernel"]
+ONES = ("S", "W", "n_tiles_s", "tiles_per_program", "stride_x_s", "stride_dy_s", "stride_dx_s")
 out = []
 for name in sorted(names):
     for act in ("identity", "leaky_relu"):
         kernel = aot.KERNELS[name]
-        r = aot.compile_kernel(name, dtype=torch.float32, ACTIVATION=act, INDEX_64=True, num_warps=4)
+        r = aot.compile_kernel(name, dtype=torch.float32, SAVED_OUTPUT=True, ACTIVATION=act, INDEX_64=True,
+                               num_warps=4)
         out.append({"name": name, "registers": r.registers, "spill_stores": r.spill_stores})
         ones = tuple(a for a in ONES if a in kernel.arg_names)
-        r = aot.compile_kernel(name, dtype=torch.bfloat16, ones=ones, ACTIVATION=act, INDEX_64=False,
+        r = aot.compile_kernel(name, dtype=torch.bfloat16, ones=ones, SAVED_OUTPUT=True, ACTIVATION=act, INDEX_64=False,
                                BLOCK_SIZE_N=16, BLOCK_SIZE_C=128, BLOCK_SIZE_S=1, num_warps=8)
         out.append({"name": name, "registers": r.registers, "spill_stores": r.spill_stores})
 print(json.dumps(out))
