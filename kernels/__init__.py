@@ -1,6 +1,7 @@
 """Triton kernels for fused BatchNorm + activation, and their host launchers (installed as ``bnbench.kernels``).
 
-Importing this package imports triton; ``import bnbench`` does not import it until a Triton path runs.
+Importing this package imports triton; ``import bnbench`` does not import it until a Triton path runs. Every
+kernel is listed once in :mod:`.registry` (``KERNELS``).
 """
 
 from .launchers import (
@@ -20,12 +21,15 @@ from .launchers import (
     interpreter_active,
     plan,
 )
+from .registry import KERNELS, KernelSpec, kernel_spec
 
 __all__ = [
+    "KERNELS",
     "MEMORY_SAVING_ACTIVATIONS",
     "SUPPORTED_DTYPES",
     "Geometry",
     "KernelConfig",
+    "KernelSpec",
     "Strides",
     "bn_act_apply",
     "bn_act_batch_stats",
@@ -36,5 +40,6 @@ __all__ = [
     "bn_act_fwd_eval",
     "bn_act_fwd_train",
     "interpreter_active",
+    "kernel_spec",
     "plan",
 ]
