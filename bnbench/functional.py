@@ -91,7 +91,11 @@ def resolve_backend(backend: str, input: Tensor) -> str:
 class _BatchNormActFunction(torch.autograd.Function):
     """One autograd path for the Triton backend. Saves x, weight, bias and fp32 mean/rstd (training) or the
     running statistics (eval); backward recomputes the pre-activation. With ``memory_saving`` it saves the
-    output y (not x) and rstd (or the running variance), and backward rebuilds x_hat from y."""
+    output y (not x) and rstd (or the running variance), and backward rebuilds x_hat from y.
+
+    Returns y only: mean and rstd stay inside (saved for backward), so autograd has no non-differentiable
+    outputs to materialise zero gradients for, and a backward launches bnbench's kernels and nothing else.
+    """
 
     @staticmethod
     def forward(
@@ -108,11 +112,10 @@ class _BatchNormActFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.config = (training, eps, activation, act_param, memory_saving)
-        ctx.mark_non_differentiable(mean, rstd)
-        return y, mean, rstd
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    def backward(ctx, grad_out):
         training, eps, activation, act_param, memory_saving = ctx.config
         if memory_saving:
             y, weight, bias, rstd = ctx.saved_tensors
@@ -243,7 +246,7 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
     """Run one backend with a float momentum."""
     training = bool(training)
     if use_triton:
-        y, _, _ = _BatchNormActFunction.apply(
+        y = _BatchNormActFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act.value, param,
             memory_saving,
         )  # fmt: skip
