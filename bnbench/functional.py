@@ -207,17 +207,57 @@ def batch_norm_act(
     *,
     memory_saving: bool = False,
 ) -> Tensor:
-    """``activation(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))``.
+    r"""Batch normalisation followed by an activation, fused into Triton kernels (forward and backward).
 
-    Same arguments and semantics as :func:`torch.nn.functional.batch_norm`, plus the activation (a name or
-    :class:`bnbench.Activation`; ``activation_param`` is leaky_relu's negative slope) and the backend
-    ("auto", "triton" or "torch"; see :func:`resolve_backend`). Training updates the running statistics in
-    place (unbiased variance) with ``momentum``: a number, or a 0-dim tensor on the device (the modules pass
-    ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
+    Equal to ``activation(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps))``: per channel c, over the batch and every spatial position,
 
-    ``memory_saving=True`` saves the output instead of the input for backward (identity and leaky_relu with a
-    positive slope only: see :func:`memory_saving_unsupported`); the output must then not be modified in place.
-    Gradients of channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate in that mode.
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta\right)
+
+    with the batch statistics (biased variance) when ``training``, else ``running_mean`` and ``running_var``.
+    Training updates the running statistics in place as :class:`torch.nn.BatchNorm2d` does:
+    ``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance. Statistics are
+    computed in fp32 whatever the input dtype; gradients are bitwise reproducible (fixed-order reductions).
+
+    Args:
+        input: the (N, C), (N, C, L) or (N, C, H, W) tensor. The Triton backend takes float32, float16 or
+            bfloat16 in any memory layout (contiguous, channels_last, strided views) and never copies it.
+        running_mean, running_var: (C,) running statistics, or None (only when training: then none are kept or
+            updated). Updated in place when training.
+        weight, bias: (C,) affine parameters gamma and beta, or None (1 and 0).
+        training: normalise with the batch statistics (and update the running ones) rather than the running ones.
+        momentum: the running-average factor: a number, or a 0-dim tensor on the device (the modules pass
+            ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
+            Default 0.1.
+        eps: added to the variance for numerical stability. Default 1e-5.
+        activation: a name or :class:`bnbench.Activation`: identity, relu, leaky_relu, sigmoid, tanh, gelu,
+            gelu_tanh, silu. Default "relu".
+        activation_param: leaky_relu's negative slope (default 0.01); None for every other activation.
+        backend: "triton" (the fused kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), "torch" (the
+            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run, else torch; see
+            :func:`resolve_backend`). Default "auto".
+        memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
+            from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
+            :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
+            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. Default False.
+
+    Shape:
+        - input: (N, C), (N, C, L) or (N, C, H, W)
+        - output: the same shape, dtype and memory layout as the input
+
+    Raises:
+        ValueError, TypeError: on a bad rank, channel count, dtype, momentum, backend or activation, or one value
+            per channel in training, before any kernel runs.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 32, 32, device="cuda", requires_grad=True)
+        >>> running_mean, running_var = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+        >>> weight = torch.ones(16, device="cuda", requires_grad=True)
+        >>> bias = torch.zeros(16, device="cuda", requires_grad=True)
+        >>> y = batch_norm_act(x, running_mean, running_var, weight, bias, training=True, activation="silu")
+        >>> y.sum().backward()
     """
     act, param = parse_activation(activation, activation_param)
     _check_args(input, running_mean, running_var, weight, bias, training, momentum)

@@ -139,10 +139,12 @@ def _bn_act_bwd_reduce_kernel(
     SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
     BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Partial sums. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes part_dz[P, C], part_dz_xhat[P, C] (and dx in eval).
+    """Partial sums over tiles [p * tiles_per_program, (p + 1) * tiles_per_program). Grid (P, cdiv(C, BLOCK_SIZE_C)).
 
-    ``x_ptr`` holds x, or y when SAVED_OUTPUT (``mean_ptr`` is then unused). ``var_ptr`` holds the saved rstd
-    (training) or the running variance (eval).
+    Writes part_dz[p, c] = sum(dz) and part_dz_xhat[p, c] = sum(dz * x_hat); in eval also dx = w * rstd * dz.
+    x (or y), dy, dx are [N, C, S] through their strides; ``x_ptr`` holds x, or y when SAVED_OUTPUT
+    (``mean_ptr`` is then unused). ``var_ptr`` holds the saved rstd [C] (training) or the running variance
+    (eval); mean, weight, bias are [C].
     """
     pid_p = tl.program_id(0)
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
@@ -203,9 +205,12 @@ def _bn_act_bwd_dx_kernel(
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Training dx, elementwise, from the global sums over ``total`` elements per channel.
-    Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)); ``x_ptr`` holds x, or y when SAVED_OUTPUT
-    (``mean_ptr`` is then unused)."""
+    """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), elementwise.
+    Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
+
+    sum_dz[C] and sum_dz_xhat[C] are the fp32 sums over ``total`` elements per channel (all ranks together);
+    ``x_ptr`` holds x, or y when SAVED_OUTPUT (``mean_ptr`` is then unused); mean, rstd, weight, bias are [C].
+    """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean, rstd, w, b, inv_w = _load_backward_params(
@@ -238,7 +243,8 @@ def _bn_act_bwd_fused_kernel(
 ):  # fmt: skip
     """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),).
 
-    Writes dx (like x) and dweight[C], dbias[C]; the pointers as in ``_bn_act_bwd_reduce_kernel``.
+    The two sums over all tiles, dweight[C] = sum(dz * x_hat) and dbias[C] = sum(dz), then dx [N, C, S] (the
+    training or eval formula); the other pointers as in ``_bn_act_bwd_reduce_kernel``.
     """
     c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C

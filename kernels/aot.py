@@ -2,9 +2,9 @@
 
 The Triton interpreter checks indexing and math but not what only the compiler sees (types, constexpr use,
 register pressure). ``compile_kernel`` compiles one kernel through Triton's real pipeline down to a cubin for
-``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Used by the tests and by
-``bnbench profile``. Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT
-functions).
+``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Which kernels exist, and a
+valid value for each of their constexprs, come from :mod:`.registry`. Used by tests/test_kernels_compile.py.
+Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT functions).
 """
 
 from __future__ import annotations
