@@ -322,15 +322,15 @@ def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, 
     if saved_output:
         _check_invertible(act, act_param, min_abs_weight)
     dx = _alloc_like(saved)
-    geom, (ss, dys, dxs) = geometry_of(saved, dy, dx)
-    cfg = config or default_config(geom, ss, saved.element_size(), saved.device)
+    geom, (saved_strides, dys, dxs) = geometry_of(saved, dy, dx)
+    cfg = config or default_config(geom, saved_strides, saved.element_size(), saved.device)
     flags = {
         "ACTIVATION": act,
         "HAS_WEIGHT": weight is not None,
         "HAS_BIAS": bias is not None,
         "SAVED_OUTPUT": saved_output,
     }
-    return dx, geom, (*ss.args(), *dys.args(), *dxs.args()), cfg, flags
+    return dx, geom, (*saved_strides.args(), *dys.args(), *dxs.args()), cfg, flags
 
 
 def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias, *,

@@ -135,6 +135,23 @@ def test_unsound_activations_are_refused(activation, param, why):
                                memory_saving=True)  # fmt: skip
 
 
+def test_the_launcher_refuses_what_the_backward_from_the_output_cannot_use():
+    """Before any kernel runs: a non-invertible activation, a floor for |w| that is not positive, a mean (the
+    from-output kernels never read it), and no mean for the backward from the input."""
+    y, dy, rstd = torch.randn(4, 3), torch.randn(4, 3), torch.rand(3) + 0.5
+    common = {"training": True, "eps": 1e-5}
+    with pytest.raises(ValueError, match="invertible"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="relu", **common)
+    with pytest.raises(ValueError, match="invertible"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="leaky_relu", act_param=0.0, **common)
+    with pytest.raises(ValueError, match="min_abs_weight"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="identity", min_abs_weight=0.0, **common)
+    with pytest.raises(ValueError, match="mean=None"):
+        kernels.bn_act_bwd(dy, y, torch.zeros(3), rstd, None, None, activation="identity", saved_output=True, **common)
+    with pytest.raises(ValueError, match="needs the mean"):
+        kernels.bn_act_bwd(dy, y, None, rstd, None, None, activation="identity", **common)
+
+
 def test_relu_is_refused_because_its_gradient_needs_the_lost_input(seed):
     """The reason, shown: zeroing z where relu(z) == 0 (all y tells) changes dx at exactly those elements."""
     x = torch.randn(8, 3, requires_grad=True)
