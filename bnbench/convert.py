@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnbench.activations import Activation
+from bnbench.activations import Activation, describe
 from bnbench.functional import BACKENDS, memory_saving_unsupported
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
@@ -144,10 +144,6 @@ def _call_activation(node: fx.Node, source: fx.Node) -> tuple[Activation, float]
     return None
 
 
-def _describe(act: Activation, param: float) -> str:
-    return f"{act.value}({param:g})" if act is Activation.LEAKY_RELU else act.value
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The two passes
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,14 +206,14 @@ class _Converter:
             return None
         new = _FUSED[type(bn)](
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, activation=act,
-            activation_param=param if act is Activation.LEAKY_RELU else None, backend=self.backend, device="meta",
+            activation_param=param, backend=self.backend, device="meta",
             memory_saving=self.memory_saving,
         )  # fmt: skip
         new.weight, new.bias = bn.weight, bn.bias
         for buffer in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, buffer, getattr(bn, buffer))
         new.train(bn.training)
-        self.report.converted[name] = _describe(act, param)
+        self.report.converted[name] = describe(act, param)
         return new
 
     # -- traversal ---------------------------------------------------------------------------------------------

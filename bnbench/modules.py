@@ -72,7 +72,7 @@ class _BatchNormActMixin:
             exponential_average_factor,
             self.eps,
             self.activation,
-            self.activation_param if self.activation is Activation.LEAKY_RELU else None,
+            self.activation_param,
             self.backend,
             memory_saving=self.memory_saving,
         )
