@@ -11,13 +11,11 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import Tensor
 
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.interpreter import interpreter_active
 from bnbench.reference import batch_norm_act_reference
 
 __all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
@@ -64,9 +62,7 @@ def _kernels():
 
 
 def _interpreter_active() -> bool:
-    if "bnbench.kernels" in sys.modules:  # already built: ask what the kernels were built for
-        return _kernels().interpreter_active()
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return interpreter_active()
 
 
 def resolve_backend(backend: str, input: Tensor) -> str:

@@ -195,8 +195,10 @@ def _check_resumable(previous, provenance: dict, out: Path) -> None:
 def _done_keys(frame) -> set[tuple]:
     if frame is None:
         return set()
+    from bnbench.schema import POINT_KEY
+
     finished = frame[frame["status"].isin(FINISHED_STATUSES)]
-    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    cols = [*POINT_KEY, "provider"]
     return {tuple(str(v) for v in row) for row in finished[cols].itertuples(index=False)}
 
 
@@ -204,8 +206,10 @@ def _drop_rerun(frame, points) -> object:
     """Earlier rows of the points about to be measured again (error/oom), so each point has one row."""
     if frame is None or not len(points):
         return frame
+    from bnbench.schema import POINT_KEY
+
     rerun = {(*case.key(), provider.name) for case, provider in points}
-    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    cols = [*POINT_KEY, "provider"]
     keep = [tuple(str(v) for v in row) not in rerun for row in frame[cols].itertuples(index=False)]
     return frame[keep]
 
@@ -233,18 +237,11 @@ def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
     _io.write_json(out / "results.json", sidecar)
 
 
-def write_report(out: Path, frame) -> str | None:
-    """summary.md and the PNG figures from the report module; returns the summary (None if the report module is
-    not available, which is said on stderr)."""
+def write_report(out: Path, frame) -> str:
+    """summary.md and the PNG figures from the report module; returns the summary."""
     from bnbench import _io
+    from bnbench.report.bench import bench_figures, summary_markdown
 
-    try:
-        from bnbench.report.bench import bench_figures, summary_markdown
-    except ModuleNotFoundError as err:
-        if err.name not in ("bnbench.report.bench", "bnbench.report"):
-            raise
-        print("bnbench bench: bnbench.report.bench is not available: no summary.md or plots", file=sys.stderr)
-        return None
     summary = summary_markdown(frame)
     _io.write_text(out / "summary.md", summary)
     for stem, fig in bench_figures(frame).items():
@@ -273,7 +270,9 @@ def run(args) -> int:
     from bnbench.bench.bandwidth import measure_copy_bandwidth
     from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
     from bnbench.bench.providers import get_providers
-    from bnbench.bench.workload import TOLERANCE
+    from bnbench.interpreter import switch_triton_interpreter_on
+    from bnbench.schema import DTYPES
+    from bnbench.testing import tolerance
 
     if args.world_size is not None:
         return _run_distributed(args)
@@ -281,7 +280,7 @@ def run(args) -> int:
     providers = get_providers(args.providers)
     device = _device(args.device)
     if device.type == "cpu" and not args.no_interpret:
-        envinfo.switch_triton_interpreter_on()  # before anything imports triton
+        switch_triton_interpreter_on()  # before anything imports triton
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if device.type == "cpu":
@@ -322,7 +321,7 @@ def run(args) -> int:
             "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
             "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
             "timing": dataclasses.asdict(ctx.timing),
-            "tolerance_max_rel_err": TOLERANCE, "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
+            "tolerance_max_rel_err": {d: tolerance(d) for d in DTYPES}, "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
         },
         "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
         "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
@@ -348,9 +347,7 @@ def run(args) -> int:
             write_bench_outputs(out, frame_now(), sidecar)
     frame = frame_now()
     write_bench_outputs(out, frame, {**sidecar, "samples_ms": samples})
-    summary = write_report(out, frame)
-    if summary is not None:
-        print(summary)
+    print(write_report(out, frame))
     failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
     counts = frame["status"].value_counts().to_dict()
     print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from bnbench.bench.cases import Case
+from bnbench.interpreter import interpreter_active
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -73,12 +74,9 @@ def _make_compiled(case: Case, mode: str | None = None) -> BNFunction:
 
 
 def _make_triton(case: Case) -> BNFunction:
-    from bnbench.activations import Activation
     from bnbench.functional import batch_norm_act
 
     def fused(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
-        # the public API takes a parameter only for the activations that have one
-        param = param if activation is Activation.LEAKY_RELU else None
         return batch_norm_act(
             x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, backend="triton"
         )
@@ -93,18 +91,12 @@ def _make_triton_compiled(case: Case) -> BNFunction:
     return torch.compile(_make_triton(case), dynamic=False)
 
 
-def _interpreter_active() -> bool:
-    from bnbench.functional import _interpreter_active
-
-    return _interpreter_active()
-
-
 def _triton_skip(case: Case, device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
         return None
-    if not _interpreter_active():
+    if not interpreter_active():
         return (
             "no CUDA device in use: on CPU tensors the Triton kernels run only in the interpreter; set "
             "TRITON_INTERPRET=1 to check their correctness on tiny cases (no timing)"

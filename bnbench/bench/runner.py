@@ -24,7 +24,6 @@ from bnbench.bench.providers import Provider
 from bnbench.bench.timing import Timing, interpreter_timing, time_cuda_events, time_cuda_graph, time_wall
 from bnbench.bench.workload import (
     STATS_TOLERANCE,
-    TOLERANCE,
     batch_statistics,
     build_pass,
     make_inputs,
@@ -32,7 +31,9 @@ from bnbench.bench.workload import (
     outputs,
     reference_outputs,
 )
-from bnbench.schema import BENCH_COLUMNS
+from bnbench.device import synchronize
+from bnbench.schema import BENCH_COLUMNS, POINT_KEY
+from bnbench.testing import tolerance
 
 __all__ = [
     "SPEED_TIMERS",
@@ -102,7 +103,7 @@ def provenance_from_env(info: dict, run_id: str) -> dict[str, object]:
 
 def point_id(row: dict | pd.Series) -> str:
     """A stable name for a point (case, provider and timer), used as the key of the raw samples."""
-    return "|".join(str(row[k]) for k in ("provider", "timer", "op", "pass", "activation", "dtype", "layout", "shape"))
+    return "|".join(str(row[k]) for k in ("provider", "timer", *POINT_KEY))
 
 
 def plan_points(
@@ -130,11 +131,6 @@ def _base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, obje
     return row
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _is_oom(err: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     if isinstance(err, MemoryError) or (oom_type and isinstance(err, oom_type)):
@@ -159,18 +155,18 @@ def _peak_mem_mb(case: Case, run, inp, device: torch.device) -> float:
     """GPU memory of one more call: for fwd_bwd, the memory held between forward and backward (the output
     plus what autograd saved); otherwise the peak above what was allocated before the call."""
     inp.zero_grads()
-    _sync(device)
+    synchronize(device)
     base = torch.cuda.memory_allocated(device)
     if case.pass_ == "fwd_bwd":
         y = run.forward()
-        _sync(device)
+        synchronize(device)
         held = torch.cuda.memory_allocated(device) - base
         y.backward(inp.dy)
         del y
         return held / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     run.call()
-    _sync(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -193,11 +189,11 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
         row["kernel_config"] = provider.kernel_config(case, inp.x)
         run = build_pass(case, provider.make(case), inp)
         running0 = (inp.running_mean.clone(), inp.running_var.clone())
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run.prepare()
         run.call()
-        _sync(device)
+        synchronize(device)
         row["compile_s"] = time.perf_counter() - start  # first-call latency: compile, JIT, autotuning
         got = outputs(case, inp, run.last_output())
         ref = reference_outputs(case, inp, *running0, run.last_output())
@@ -208,7 +204,7 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
         failures = [
             f"max_rel_err {e:.3g} in {name} > tolerance {tol:g} ({kind})"
             for e, name, tol, kind in (
-                (err, worst, TOLERANCE[case.dtype], case.dtype),
+                (err, worst, tolerance(case.dtype), case.dtype),
                 (stats_err, stats_worst, STATS_TOLERANCE, "fp32 running statistics"),
             )
             if not e <= tol
@@ -270,7 +266,7 @@ def _graph_point(row: dict, run, settings: TimingSettings, copy_gbps: float) -> 
 
 
 #: a provider is compared with a baseline of the same case, timer, device and run only
-_CASE_KEY = ["op", "pass", "activation", "dtype", "layout", "shape", "timer", "device_name", "run_id"]
+_CASE_KEY = [*POINT_KEY, "timer", "device_name", "run_id"]
 
 
 def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
