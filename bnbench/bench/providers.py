@@ -29,9 +29,13 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "INTERPRETER_MAX_NUMEL",
     "PROVIDERS",
+    "BNFunction",
     "Provider",
     "get_providers",
     "register_provider",
+    "triton_kernel_config",
+    "triton_skip_reason",
+    "triton_timer",
 ]
 
 #: the largest case the triton provider runs under the interpreter (it simulates every program in numpy)
@@ -91,7 +95,7 @@ def _make_triton_compiled(case: Case) -> BNFunction:
     return torch.compile(_make_triton(case), dynamic=False)
 
 
-def _triton_skip(case: Case, device: torch.device) -> str | None:
+def triton_skip_reason(case: Case, device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
@@ -109,11 +113,11 @@ def _triton_skip(case: Case, device: torch.device) -> str | None:
     return None
 
 
-def _triton_timer(device: torch.device) -> str | None:
+def triton_timer(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "interpreter"
 
 
-def _triton_config(case: Case, x: torch.Tensor) -> str:
+def triton_kernel_config(case: Case, x: torch.Tensor) -> str:
     from bnbench.kernels import plan
 
     return plan(x)[1].describe()
@@ -140,8 +144,10 @@ register_provider(
         kernel_config=lambda case, x: "inductor:max-autotune",
     )
 )
-register_provider(Provider("triton", False, _make_triton, _triton_skip, _triton_timer, _triton_config))
-register_provider(Provider("triton-compile", False, _make_triton_compiled, _triton_skip, _triton_timer, _triton_config))
+register_provider(Provider("triton", False, _make_triton, triton_skip_reason, triton_timer, triton_kernel_config))
+register_provider(
+    Provider("triton-compile", False, _make_triton_compiled, triton_skip_reason, triton_timer, triton_kernel_config)
+)
 
 DEFAULT_PROVIDERS = ("eager", "compile", "triton")
 

@@ -5,7 +5,7 @@ state_dict keys as ``nn.SyncBatchNorm``), not ``nn.SyncBatchNorm`` itself: Distr
 ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers only work with GPU modules"), which would rule
 out data-parallel training with gloo on CPU. The synchronisation runs on ``torch.distributed`` (NCCL on GPUs, gloo
 on CPU): one all_gather of per-rank statistics in forward, one all_reduce of per-channel gradient sums in backward
-(see :mod:`bnbench.distributed_functional`).
+(see :mod:`bnbench.distributed.functional`).
 Outside an initialised process group, with a world size of 1, or in eval mode it runs exactly as
 ``BatchNormAct1d/2d`` (through :func:`bnbench.batch_norm_act`), with no collective.
 
@@ -20,9 +20,9 @@ import copy
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnbench.activations import Activation, parse_activation
+from bnbench.activations import Activation, describe, parse_activation
 from bnbench.convert import ConversionReport, convert_bn_act
-from bnbench.distributed_functional import sync_batch_norm_act
+from bnbench.distributed.functional import sync_batch_norm_act
 from bnbench.functional import BACKENDS, batch_norm_act, resolve_backend
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d, count_batch
 
@@ -77,14 +77,13 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        param = self.activation_param if self.activation is Activation.LEAKY_RELU else None
         group = self._group() if self.training else None  # eval (even with batch statistics) never synchronises
         if group is None:
             self._check_input_dim(input)
             x = input.view(input.shape[0], input.shape[1], -1) if input.dim() == 5 else input
             y = batch_norm_act(
                 x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                self.activation, param, self.backend,
+                self.activation, self.activation_param, self.backend,
             )  # fmt: skip
             return y.view(input.shape) if input.dim() == 5 else y
         # Input checks that can differ between ranks travel in the forward collective (no rank raises alone), so the
@@ -203,9 +202,9 @@ def convert_sync_bn_act(
             act, param, layer_backend = Activation.IDENTITY, 0.0, backend
         new = SyncBatchNormAct(
             m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group, activation=act,
-            activation_param=param if act is Activation.LEAKY_RELU else None, backend=layer_backend, device="meta",
+            activation_param=param, backend=layer_backend, device="meta",
         )  # fmt: skip
-        report.converted[names[id(m)]] = f"{act.value}({param:g})" if act is Activation.LEAKY_RELU else act.value
+        report.converted[names[id(m)]] = describe(act, param)
         return _share(new, m)
 
     model = _replace(model, to_sync)
