@@ -283,13 +283,13 @@ def _quick() -> list[Case]:
     )
 
 
-#: MEASURE.md's baseline shapes: (N, C) for BN1d and (N, C, H, W) for BN2d
+#: the baseline shapes of docs/measuring.md: (N, C) for BN1d and (N, C, H, W) for BN2d
 BASELINE_SHAPES_1D = ((256, 1024), (32768, 1024), (262144, 256), (401408, 64), (16384, 8192))
 BASELINE_SHAPES_2D = ((128, 256, 28, 28),)
 
 
 def _standard() -> list[Case]:
-    """MEASURE.md's baseline table (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
+    """The baseline table of docs/measuring.md (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
     sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
     dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
     cases: list[Case] = []

@@ -19,14 +19,13 @@ from pathlib import Path
 HELP = "benchmark sweep vs eager and torch.compile -> CSV, JSON, PNG, summary.md"
 DESCRIPTION = """\
 Measure fused BatchNorm + activation against PyTorch eager and torch.compile over a sweep of cases, check every
-point against a float64 reference, and write results.csv (one row per point; columns in MEASURE.md),
-results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
+point against a float64 reference, and write results.csv (one row per point; every column is defined in
+docs/measuring.md), results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
 
 Cases come from a preset or from comma lists. Presets: 'quick' (the default when no axis is given; 12 cases of
 BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: within two
 minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
-cache), 'standard' (MEASURE.md's
-baseline shapes in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
+cache), 'standard' (the baseline shapes of docs/measuring.md in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
 'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
 axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
 relu, fwd,fwd_bwd, nchw).
@@ -35,6 +34,8 @@ Timing: triton.testing.do_bench (L2 flushed, CUDA events; p20/p50/p80) on a GPU;
 CPU. Without a GPU the triton providers run in the Triton interpreter (switched on unless --no-interpret) on the
 cases small enough for it, as a correctness check (timer=interpreter, never in a speed table); larger cases are
 recorded as skipped, saying why.
+With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
+docs/measuring.md). The method (providers, passes, timers, bytes model) is in docs/measuring.md.
 Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
