@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from bnbench.activations import valid_names
+
 HELP = "benchmark sweep vs eager and torch.compile -> CSV, JSON, PNG, summary.md"
 DESCRIPTION = """\
 Measure fused BatchNorm + activation against PyTorch eager and torch.compile over a sweep of cases, check every
@@ -56,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--spatial", metavar="S,...", help="1 for BatchNorm1d on (N, C); HxW (or H) for BatchNorm2d, e.g. 1,28x28"
     )
     cases.add_argument("--dtype", metavar="D,...", help="fp32, fp16, bf16")
-    cases.add_argument("--activation", metavar="A,...", help="identity, relu, leaky_relu, sigmoid, tanh, gelu, ...")
+    cases.add_argument("--activation", metavar="A,...", help=", ".join(valid_names()))
     cases.add_argument(
         "--pass",
         dest="passes",
@@ -415,7 +417,6 @@ def _run_distributed(args, cases, providers, sync_timing, device, info: dict, st
     from bnbench.bench.distributed import measure_sync_point
     from bnbench.distributed import launch
 
-    launch.check_torchrun(args.world_size)
     with launch.process_group(args.world_size, cuda=device.type == "cuda") as rank_device:
         copy = measure_copy_bandwidth(rank_device)
         ctx = runner.RunContext(device=rank_device, copy_gbps=copy.gbps, seed=args.seed,

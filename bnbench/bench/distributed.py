@@ -7,7 +7,7 @@ same cases from ``--preset``/axes/``--pass``, the same rows plus :data:`bnbench.
 - providers (:data:`SYNC_PROVIDERS`): ``sync_fused`` (:class:`bnbench.SyncBatchNormAct`'s function on the Triton
   kernels; on CPU in the interpreter, as a correctness check of tiny cases, like ``triton``), ``sync_fused_torch``
   (the same two collectives on plain torch ops) and ``sync_eager`` (``nn.SyncBatchNorm`` + the activation, the
-  baseline; GPU only, as torch allows). Training passes synchronise; ``eval`` uses the running statistics and
+  baseline; training on GPUs only, as torch allows). Training passes synchronise; ``eval`` uses the running statistics and
   synchronises nothing, as the layers do.
 - inputs: rank r draws x and dy from ``seed + r``; weight, bias and running statistics from ``seed`` (replicas of
   a model hold the same ones). Rank 0's tensors are those of a one-process run with the same seed.
@@ -94,18 +94,23 @@ def _make_sync_fused(use_triton: bool):
 
 
 def _make_sync_eager(case: Case) -> BNFunction:
+    layer = nn.SyncBatchNorm(case.C, device="meta")  # built once: no module construction inside the timed calls
+
     def eager(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
-        layer = nn.SyncBatchNorm(case.C, eps=eps, momentum=momentum, device="meta").train(training)
-        tensors = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var,
-                   "num_batches_tracked": torch.zeros((), dtype=torch.long, device=x.device)}  # fmt: skip
-        y = torch.func.functional_call(layer, tensors, (x,))  # the running statistics are updated in place
-        return apply_activation(y, activation, param)
+        # the point's own tensors, not copies (their .grad and in-place running statistics are what is checked);
+        # set in the dicts directly, as nn.Module's setattr admits only nn.Parameter as a parameter
+        layer._parameters.update(weight=weight, bias=bias)
+        layer._buffers.update(running_mean=running_mean, running_var=running_var)
+        layer.momentum, layer.eps = momentum, eps
+        return apply_activation(layer.train(training)(x), activation, param)
 
     return eager
 
 
 def _eager_skip(case: Case, device: torch.device) -> str | None:
-    return None if device.type == "cuda" else "nn.SyncBatchNorm refuses CPU tensors (torch: GPU only)"
+    if device.type == "cuda" or not case.training:
+        return None
+    return "nn.SyncBatchNorm refuses CPU tensors in training (torch: GPU only)"
 
 
 #: the providers of a ``--world-size`` run
