@@ -11,14 +11,12 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import Tensor
 
 from bnbench import _ops
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.interpreter import interpreter_active
 from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_reference, bwd_from_output_reference
 
 __all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
@@ -54,17 +52,8 @@ def memory_saving_unsupported(activation: Activation, activation_param: float) -
     return _NOT_INVERTIBLE.get(activation)
 
 
-def _kernels():
-    """The Triton launchers, imported on first use (importing bnbench must not import triton)."""
-    from bnbench import kernels
-
-    return kernels
-
-
 def _interpreter_active() -> bool:
-    if "bnbench.kernels" in sys.modules:  # already built: ask what the kernels were built for
-        return _kernels().interpreter_active()
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return interpreter_active()
 
 
 def resolve_backend(backend: str, input: Tensor) -> str:

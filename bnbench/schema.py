@@ -1,4 +1,5 @@
-"""Results schemas: the columns every bench and train CSV carries (see MEASURE.md), and their validation.
+"""Results schemas: the columns every bench and train CSV carries (defined in docs/measuring.md), the key that
+names a point, the dtype names, and their validation.
 
 The harness and the training experiments write these files; reports only read them. A file that does not fit
 raises ValueError naming the file and the column.
@@ -12,10 +13,34 @@ __all__ = [
     "BENCH_COLUMNS",
     "BENCH_STATUSES",
     "BENCH_TIMERS",
+    "DIST_COLUMNS",
+    "DTYPES",
+    "DTYPE_ALIASES",
+    "ELEMENT_SIZE",
+    "POINT_KEY",
     "TRAIN_COLUMNS",
+    "torch_dtype",
     "validate_bench",
     "validate_train",
 ]
+
+#: the results' dtype names -> torch dtype attribute names (resolved by :func:`torch_dtype`, so this module
+#: imports no torch)
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: other spellings the CLI accepts for them
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+#: bytes per element of each dtype
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a results dtype name (``"bf16"`` -> ``torch.bfloat16``); ValueError for others."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes are: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
 
 #: one row per point = case x provider x timer; floats unrounded
 BENCH_COLUMNS: tuple[str, ...] = (
@@ -35,6 +60,14 @@ BENCH_COLUMNS: tuple[str, ...] = (
     # correctness and status ("message" says why a point is not ok)
     "max_rel_err", "status", "message",
 )  # fmt: skip
+
+#: the columns that name a case in a results file; with ``provider`` they name a point (what --resume skips),
+#: with ``timer`` too a row's raw samples
+POINT_KEY: tuple[str, ...] = ("op", "pass", "activation", "dtype", "layout", "shape")
+
+#: columns a ``--world-size`` benchmark adds to BENCH_COLUMNS: who measured, over how many ranks, and the
+#: collectives' share of a call
+DIST_COLUMNS: tuple[str, ...] = ("rank", "world_size", "dist_backend", "collective_ms_p50", "collective_share")
 
 BENCH_STATUSES = ("ok", "incorrect", "error", "skipped", "oom")
 #: cuda_event: triton.testing.do_bench; cuda_graph: CUDA-graph replay; wall: CPU wall clock;

@@ -198,13 +198,6 @@ def test_the_real_training_report_joins_the_page(tmp_path):
         assert claim in page
 
 
-def test_train_folder_without_a_training_report_fails_clearly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bnbench.report.train", None)  # as if train.py did not exist
-    train = _folder(tmp_path / "train", synthetic_train())
-    assert main(["report", str(train), "--out", str(tmp_path / "out")]) == 2
-    assert "no training report" in capsys.readouterr().err
-
-
 def test_train_folders_cannot_be_compared(tmp_path):
     train = _folder(tmp_path / "train", synthetic_train())
     bench = _folder(tmp_path / "bench", _small_bench())

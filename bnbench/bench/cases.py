@@ -12,9 +12,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 from bnbench.activations import parse_activation
+from bnbench.schema import DTYPE_ALIASES, DTYPES, POINT_KEY
 
 __all__ = [
-    "DTYPES",
     "GRID_DEFAULTS",
     "LAYOUTS",
     "PASSES",
@@ -33,9 +33,6 @@ __all__ = [
     "select_cases",
 ]
 
-#: dtype name -> torch dtype attribute name (resolved lazily so this module stays import-cheap)
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 #: fwd: training forward (updates running stats); bwd: backward only, given a saved forward; eval: running stats
 PASSES = ("fwd", "bwd", "fwd_bwd", "eval")
 #: "nchw" is the default contiguous layout (for 2-D input: row-major (N, C)); channels_last applies to 4-D input
@@ -118,8 +115,9 @@ class Case:
         }  # fmt: skip
 
     def key(self) -> tuple[str, str, str, str, str, str]:
-        """What identifies the case in a results file (used by --resume)."""
-        return (self.op, self.pass_, self.activation, self.dtype, self.layout, self.shape_str)
+        """What identifies the case in a results file: its :data:`bnbench.schema.POINT_KEY` columns, as text."""
+        columns = self.columns()
+        return tuple(str(columns[c]) for c in POINT_KEY)
 
 
 def _case(N: int, C: int, spatial: tuple[int, int] | None, dtype: str, activation: str, pass_: str, layout: str):
@@ -209,7 +207,7 @@ def _parse_names(text: str, what: str, valid: Iterable[str], aliases: dict[str, 
 
 
 def parse_dtypes(text: str) -> list[str]:
-    return _parse_names(text, "--dtype", DTYPES, _DTYPE_ALIASES)
+    return _parse_names(text, "--dtype", DTYPES, DTYPE_ALIASES)
 
 
 def parse_passes(text: str) -> list[str]:
@@ -285,13 +283,13 @@ def _quick() -> list[Case]:
     )
 
 
-#: MEASURE.md's baseline shapes: (N, C) for BN1d and (N, C, H, W) for BN2d
+#: the baseline shapes of docs/measuring.md: (N, C) for BN1d and (N, C, H, W) for BN2d
 BASELINE_SHAPES_1D = ((256, 1024), (32768, 1024), (262144, 256), (401408, 64), (16384, 8192))
 BASELINE_SHAPES_2D = ((128, 256, 28, 28),)
 
 
 def _standard() -> list[Case]:
-    """MEASURE.md's baseline table (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
+    """The baseline table of docs/measuring.md (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
     sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
     dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
     cases: list[Case] = []

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from bnbench.report.load import Result
 from bnbench.report.points import device_label
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
-
-TRAIN_MODULE = "bnbench.report.train"
 
 
 @dataclass(frozen=True)
@@ -55,18 +52,6 @@ def _sidecar_environment(meta: dict[str, Any]) -> pd.DataFrame | None:
     if not isinstance(env, dict) or not env:
         return None
     return pd.DataFrame(_flatten(env), columns=["field", "value"])
-
-
-def _train_module(result: Result):
-    try:
-        return importlib.import_module(TRAIN_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != TRAIN_MODULE:
-            raise
-        raise ValueError(
-            f"{result.path}: is a training results folder, but this bnbench has no training report "
-            f"({TRAIN_MODULE} is missing), so its verdict table and figures cannot be made"
-        ) from None
 
 
 def train_overview(df: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +102,8 @@ def _held_text(held) -> str:
 
 
 def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
-    module = _train_module(result)
+    from bnbench.report import train as module
+
     verdict = module.verdict_table(result.frame)
     if "held" in verdict.columns:  # True / False / None (the results cannot decide)
         verdict = verdict.assign(held=verdict["held"].map(_held_text))
