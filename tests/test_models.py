@@ -128,3 +128,13 @@ def test_same_layout_as_torchvision(name):
     assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
         (k, tuple(v.shape)) for k, v in theirs.state_dict().items()
     ]
+
+
+def test_call_order_is_torchvisions():
+    """Checked once against torchvision 0.28's resnet18/resnet50 (installed --no-deps in a throwaway folder):
+    identical state_dict names and shapes, identical outputs with the same weights, identical BN call sequence;
+    torchvision's blocks run the downsample branch after the main path."""
+    calls = [c.layer for c in model_bn_calls("resnet18", 2, resolution=32, source="bnbench")]
+    assert calls[5:8] == ["layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.1"]
+    calls = [c.layer for c in model_bn_calls("resnet50", 2, resolution=32, source="bnbench")]
+    assert calls[:5] == ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.bn3", "layer1.0.downsample.1"]
