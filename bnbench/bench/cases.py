@@ -2,7 +2,7 @@
 
 A :class:`Case` is one (op, pass, activation, dtype, layout, N, C, H, W); a point is a case times a provider.
 Everything here is plain data: no tensors are made and no device is touched (the ``resnet50`` preset runs the
-network's forward on the meta device to read its BatchNorm shapes).
+network on one CPU input, its BatchNorms replaced by probes, to read their shapes).
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def _resnet50() -> list[Case]:
     """Every distinct BN call of ResNet-50 (with the activation that follows it), read off the model's forward
     pass (:mod:`bnbench.bench.model_cases`), at batch 64, 128 and 256, channels_last, bf16 and fp32, training
     forward and forward+backward."""
-    from bnbench.bench.model_cases import model_cases  # builds the network on the meta device
+    from bnbench.bench.model_cases import model_cases  # runs the network on one CPU input
 
     return model_cases("resnet50")  # its default axes are this preset's
 

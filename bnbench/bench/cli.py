@@ -27,7 +27,9 @@ BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32,
 minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
 cache), 'standard' (MEASURE.md's
 baseline shapes in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
-'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
+'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32, read off
+the model; --from-model NAME does the same for any network, on the given batch/dtype/layout/pass axes, and the
+summary adds the call-weighted BN + activation time per training step). With --preset,
 axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
 relu, fwd,fwd_bwd, nchw).
 
@@ -48,6 +50,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("quick", "standard", "resnet50"),
         default=None,
         help="a named sweep (default: quick, when no axis option is given)",
+    )
+    cases.add_argument(
+        "--from-model",
+        metavar="NAME",
+        default=None,
+        help="the BN calls of a network's forward pass (resnet18, resnet50, cnn, mlp) as cases, with their counts; "
+        "takes --batch, --dtype, --layout, --pass (default: those of the resnet50 preset); the summary adds the "
+        "call-weighted BN + activation time per training step",
     )
     cases.add_argument("--batch", metavar="N,...", help="batch sizes, e.g. 64,256,1024")
     cases.add_argument("--width", metavar="C,...", help="channel counts, e.g. 64,256,1024")
@@ -138,6 +148,14 @@ def _select(args):
     def parsed(value, parse):
         return None if value is None else parse(value)
 
+    if args.from_model is not None:  # the network's BN calls (bnbench.bench.model_cases)
+        from bnbench.bench.model_cases import cases_from_model
+
+        return cases_from_model(
+            args.from_model, preset=args.preset, width=args.width, spatial=args.spatial, activation=args.activation,
+            batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")), dtypes=parsed(args.dtype, c.parse_dtypes),
+            layouts=parsed(args.layout, c.parse_layouts), passes=parsed(args.passes, c.parse_passes),
+        )  # fmt: skip
     return c.select_cases(
         args.preset,
         batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
@@ -233,7 +251,7 @@ def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
     _io.write_json(out / "results.json", sidecar)
 
 
-def write_report(out: Path, frame) -> str | None:
+def write_report(out: Path, frame, model_calls: dict | None = None) -> str | None:
     """summary.md and the PNG figures from the report module; returns the summary (None if the report module is
     not available, which is said on stderr)."""
     from bnbench import _io
@@ -245,7 +263,7 @@ def write_report(out: Path, frame) -> str | None:
             raise
         print("bnbench bench: bnbench.report.bench is not available: no summary.md or plots", file=sys.stderr)
         return None
-    summary = summary_markdown(frame)
+    summary = summary_markdown(frame, model_calls=model_calls)
     _io.write_text(out / "summary.md", summary)
     for stem, fig in bench_figures(frame).items():
         _io.write_figure(out / f"{stem}.png", fig, dpi=120, bbox_inches="tight")
@@ -277,11 +295,11 @@ def run(args) -> int:
 
     if args.world_size is not None:
         return _run_distributed(args)
-    cases = _select(args)
-    providers = get_providers(args.providers)
     device = _device(args.device)
     if device.type == "cpu" and not args.no_interpret:
-        envinfo.switch_triton_interpreter_on()  # before anything imports triton
+        envinfo.switch_triton_interpreter_on()  # before anything imports triton (a model's cases import it)
+    cases = _select(args)
+    providers = get_providers(args.providers)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if device.type == "cpu":
@@ -327,6 +345,9 @@ def run(args) -> int:
         "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
         "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
     }  # fmt: skip
+    from bnbench.bench.model_cases import run_call_table
+
+    sidecar["model_bn_calls"] = run_call_table(args.preset, args.from_model)  # None unless cases came from a network
     rows: list[dict] = []
 
     def frame_now() -> pd.DataFrame:
@@ -348,7 +369,7 @@ def run(args) -> int:
             write_bench_outputs(out, frame_now(), sidecar)
     frame = frame_now()
     write_bench_outputs(out, frame, {**sidecar, "samples_ms": samples})
-    summary = write_report(out, frame)
+    summary = write_report(out, frame, sidecar["model_bn_calls"])
     if summary is not None:
         print(summary)
     failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from bnbench.bench.cases import Case, grid
 
-__all__ = ["MODEL_DEFAULTS", "MODEL_PRESETS", "model_call_table", "model_cases"]
+__all__ = ["MODEL_DEFAULTS", "MODEL_PRESETS", "cases_from_model", "model_call_table", "model_cases", "run_call_table"]
 
 #: the axes of a model's cases when the command line leaves them out (those of the resnet50 preset)
 MODEL_DEFAULTS = {
@@ -28,10 +28,12 @@ MODEL_PRESETS = {"resnet50": "resnet50"}
 
 @functools.lru_cache(maxsize=8)
 def _groups(name: str, resolution: int | None, source: str):
-    """The model's BN call groups at batch 1, fp32, NCHW (counts and per-sample shapes do not depend on them)."""
+    """The model's BN call groups for one fp32 NCHW input on the CPU (counts and per-sample shapes do not depend
+    on the batch, dtype or layout; the bench axes set those). Not on meta: that would import triton, before the
+    bench CLI switches the Triton interpreter on. ResNet-50 at 224x224 takes well under a second."""
     from bnbench.models.bn_calls import group_calls, model_bn_calls
 
-    return tuple(group_calls(model_bn_calls(name, 1, resolution=resolution, source=source)))
+    return tuple(group_calls(model_bn_calls(name, 1, resolution=resolution, source=source, device="cpu")))
 
 
 def model_call_table(name: str, *, resolution: int | None = None, source: str = "auto") -> dict[str, object]:
@@ -42,7 +44,7 @@ def model_call_table(name: str, *, resolution: int | None = None, source: str = 
     from bnbench.models import build_network, get_network
 
     spec = get_network(name)
-    with torch.device("meta"):
+    with torch.device("meta"):  # only the source is needed
         _, used = build_network(name, source=source)
     calls = [
         {"op": g.op, "sample_shape": g.sample_shape, "activation": g.activation, "count": g.count,
@@ -71,3 +73,46 @@ def model_cases(
             sp = [None] if g.op == "bn1d" else [tuple(spatial)]
             cases += grid([N], [C], sp, dtypes, [g.activation], passes, layouts)
     return list(dict.fromkeys(cases))
+
+
+def cases_from_model(
+    name: str,
+    *,
+    preset: str | None = None,
+    width: str | None = None,
+    spatial: str | None = None,
+    activation: str | None = None,
+    batch: Sequence[int] | None = None,
+    dtypes: Sequence[str] | None = None,
+    layouts: Sequence[str] | None = None,
+    passes: Sequence[str] | None = None,
+) -> list[Case]:
+    """``bench --from-model NAME``: the network's cases on the given axes (unset: :data:`MODEL_DEFAULTS`). The
+    shape axes come from the network, so --preset, --width, --spatial and --activation are refused."""
+    given = {"--preset": preset, "--width": width, "--spatial": spatial, "--activation": activation}
+    clash = [flag for flag, value in given.items() if value is not None]
+    if clash:
+        raise ValueError(
+            f"--from-model {name} takes its shapes and activations from the network: drop {', '.join(clash)}"
+        )
+    from bnbench.models import get_network
+
+    if layouts is None and not get_network(name).spatial:  # BN1d only: the default layout is the only one
+        layouts = ("nchw",)
+    cases = model_cases(
+        name,
+        batch or MODEL_DEFAULTS["batch"],
+        dtypes or MODEL_DEFAULTS["dtypes"],
+        layouts or MODEL_DEFAULTS["layouts"],
+        passes or MODEL_DEFAULTS["passes"],
+    )
+    if not cases:
+        raise ValueError(f"--from-model {name}: no case left (channels_last needs 4-D activations)")
+    return cases
+
+
+def run_call_table(preset: str | None, from_model: str | None) -> dict[str, object] | None:
+    """The call table a bench run records in results.json: its network's (--from-model, or a model preset), or
+    None when its cases do not come from a network."""
+    name = from_model or MODEL_PRESETS.get(preset or "")
+    return None if name is None else model_call_table(name)

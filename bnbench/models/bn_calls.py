@@ -2,8 +2,8 @@
 and how many times each distinct call occurs. The ``resnet50`` bench preset and ``bnbench bench --from-model``
 are built from this, so their shapes are the model's, not a hand-typed table.
 
-The forward runs on the ``meta`` device (no memory, no compute) with forward pre-hooks on every BatchNorm
-module. Meta convolutions return contiguous outputs whatever the input's memory format (CUDA's and oneDNN's keep
+The forward runs on the ``meta`` device (no memory, no compute), every BatchNorm module replaced by a probe that
+records its input. Meta convolutions return contiguous outputs whatever the input's memory format (CUDA's and oneDNN's keep
 channels_last through convolution, BatchNorm, ReLU and the residual add), so on meta the layout of a 4-D call is
 the layout the network runs in, given by the caller; a forward on a real device observes it. The activation of a call is the one :func:`bnbench.convert_bn_act` would fuse into it ("identity" for a
 BatchNorm it leaves alone, e.g. one feeding a residual add: no activation follows it directly).
@@ -11,6 +11,7 @@ BatchNorm it leaves alone, e.g. one feeding a residual add: no activation follow
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 
@@ -87,19 +88,36 @@ def _activations(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def record_bn_calls(model: nn.Module, example: torch.Tensor, *, layout: str | None = None) -> list[BNCall]:
-    """Run ``model(example)`` without gradients and return every BatchNorm call, in call order. The layout of a
-    4-D call is observed from its input's strides, or ``layout`` when given (for meta tensors)."""
+class _Probe(nn.Module):
+    """Stands in for a BatchNorm during the recording forward: records its input, returns it unchanged (the
+    shape, dtype and memory format a BatchNorm returns). The BatchNorm itself is not run: on meta tensors its
+    Python decomposition would import torch._dynamo, and with it triton, before a CLI could switch the Triton
+    interpreter on."""
+
+    def __init__(self, record) -> None:
+        super().__init__()
+        self.record = record
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.record(x)
+        return x
+
+
+def record_bn_calls(
+    model: nn.Module, example: torch.Tensor, *, layout: str | None = None, run_on: str | None = None
+) -> list[BNCall]:
+    """Run a copy of ``model`` on ``example`` without gradients, each BatchNorm replaced by a probe, and return
+    every BatchNorm call in call order. The layout of a 4-D call is observed from its input's strides, or
+    ``layout`` when given (for meta tensors). With ``run_on``, the copy of a meta model is given uninitialised
+    storage on that device first (values do not matter: only shapes are read). ``model`` is not changed."""
     activations = _activations(model)
     calls: list[BNCall] = []
 
-    def hook(name: str):
-        def record(module: nn.Module, args) -> None:
-            x = args[0]
+    def recorder(name: str):
+        def record(x: torch.Tensor) -> None:
             if x.dim() not in (2, 4):
-                raise ValueError(
-                    f"BatchNorm {name} got a {x.dim()}-D input {tuple(x.shape)}: only (N, C) and (N, C, H, W) are benchmark cases"
-                )
+                raise ValueError(f"BatchNorm {name} got a {x.dim()}-D input {tuple(x.shape)}: only (N, C) and "
+                                 "(N, C, H, W) are benchmark cases")  # fmt: skip
             dtype = _DTYPE_NAMES.get(x.dtype)
             if dtype is None:
                 raise ValueError(f"BatchNorm {name} got an input of dtype {x.dtype}: no benchmark dtype for it")
@@ -109,17 +127,20 @@ def record_bn_calls(model: nn.Module, example: torch.Tensor, *, layout: str | No
 
         return record
 
-    handles = [
-        module.register_forward_pre_hook(hook(name))
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-    ]
-    try:
+    probed = copy.deepcopy(model)
+    for name, module in list(probed.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent_name, _, child = name.rpartition(".")
+            setattr(probed.get_submodule(parent_name), child, _Probe(recorder(name)))
+    if run_on is not None:
+        probed = probed.to_empty(device=run_on)
+    threads = torch.get_num_threads()
+    try:  # one input, one thread: on a shared machine a CPU thread pool can stall for whole scheduler ticks
+        torch.set_num_threads(1)
         with torch.no_grad():
-            model(example)
+            probed(example)
     finally:
-        for handle in handles:
-            handle.remove()
+        torch.set_num_threads(threads)
     return calls
 
 
@@ -133,11 +154,14 @@ def group_calls(calls: Sequence[BNCall]) -> list[BNCallGroup]:
 
 def model_bn_calls(
     name: str, batch: int, *, resolution: int | None = None, dtype: str = "fp32", layout: str = "nchw",
-    source: str = "auto",
+    source: str = "auto", device: str = "meta",
 ) -> list[BNCall]:  # fmt: skip
     """The BatchNorm calls of network ``name`` (see :data:`bnbench.models.NETWORKS`) for a batch of ``batch``
     inputs at ``resolution`` (default: the network's), with parameters and input in ``dtype`` and ``layout``
-    (as under autocast, where each BatchNorm sees the low-precision output of its convolution). Runs on meta."""
+    (as under autocast, where each BatchNorm sees the low-precision output of its convolution). Runs on
+    ``device``: "meta" costs nothing at any size; "cpu" computes the convolutions (use a batch of 1 and scale:
+    counts and per-sample shapes do not depend on the batch) and, unlike meta, imports neither torch._dynamo
+    nor triton (meta tensors run PyTorch's Python decompositions, which do)."""
     from bnbench.models import build_network, get_network
 
     spec = get_network(name)
@@ -150,9 +174,12 @@ def model_bn_calls(
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    with torch.device("meta"):
+    with torch.device("meta"):  # no initialisation cost at any size; run_on gives the copy storage
         model, _ = build_network(name, source=source)
-        example = torch.empty(spec.input_shape(batch, resolution), dtype=_TORCH_DTYPES[dtype])
-    # eval: the shapes are the same, and a batch of 1 passes BatchNorm's "more than 1 value per channel" check
-    model = model.to(dtype=_TORCH_DTYPES[dtype], memory_format=memory_format).eval()
-    return record_bn_calls(model, example.contiguous(memory_format=memory_format), layout=layout)
+    model = model.to(dtype=_TORCH_DTYPES[dtype], memory_format=memory_format)
+    example = torch.zeros(spec.input_shape(batch, resolution), dtype=_TORCH_DTYPES[dtype], device=device)
+    meta = torch.device(device).type == "meta"
+    return record_bn_calls(
+        model, example.contiguous(memory_format=memory_format), layout=layout if meta else None,
+        run_on=None if meta else device,
+    )  # fmt: skip

@@ -89,7 +89,7 @@ def train_overview(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bench_part(result: Result, prefix: str, level: int) -> list[Section]:
-    sections = bench_sections(result.frame, level=level)
+    sections = bench_sections(result.frame, level=level, model_calls=result.meta.get("model_bn_calls"))
     env = _sidecar_environment(result.meta)
     if env is not None:
         sections.insert(1, Section("Environment recorded in results.json", [Table(env)], level))
