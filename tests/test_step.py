@@ -142,7 +142,7 @@ def test_cli_writes_results_and_report_reads_them(tmp_path, provider, capsys):
     from bnbench.report.load import load_result
 
     out = tmp_path / "run"
-    args = ["step", "--model", "mlp,cnn", "--batch", "4", "--layout", "nchw,channels_last", "--resolution", "8",
+    args = ["step", "--model", "mlp,cnn", "--batch", "4", "--layout", "nchw,channels_last",
             "--providers", "eager,fused", "--steps", "2", "--warmup", "0", "--profile-steps", "1", "--no-progress"]  # fmt: skip
     assert main([*args, "--out", str(out)]) == 0
     assert {"results.csv", "results.json", "summary.md", "step_time.png"} <= {p.name for p in out.iterdir()}
@@ -169,6 +169,7 @@ def test_cli_writes_results_and_report_reads_them(tmp_path, provider, capsys):
         (["--model", "mlp", "--dtype", "fp64"], "--dtype"),
         (["--model", "mlp", "--layout", "channels_last"], "no configuration left"),
         (["--model", "mlp", "--providers", "eager,nope"], "unknown provider"),
+        (["--model", "mlp", "--resolution", "16"], "takes 8x8 inputs only"),
     ],
 )
 def test_cli_bad_usage_exits_2(extra, message, capsys, tmp_path):

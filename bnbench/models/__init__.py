@@ -32,6 +32,8 @@ class NetworkSpec:
 
     def input_shape(self, batch: int, resolution: int | None = None) -> tuple[int, int, int, int]:
         r = self.resolution if resolution is None else resolution
+        if not self.spatial and r != self.resolution:  # its first layer takes exactly in_channels x res x res features
+            raise ValueError(f"network {self.name!r} takes {self.resolution}x{self.resolution} inputs only, got {r}")
         return (batch, self.in_channels, r, r)
 
 

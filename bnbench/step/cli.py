@@ -1,6 +1,6 @@
 """``bnbench step``: time a network's whole training step under eager, torch.compile, the fused layers and the
 fused layers under torch.compile; the only module of ``bnbench.step`` that touches the disk (results.csv,
-results.json, PNG figures, summary.md, each written whole and rewritten after every configuration).
+results.json, PNG figures, summary.md, each written whole; the CSV and JSON are rewritten after every point).
 """
 
 from __future__ import annotations
@@ -99,9 +99,11 @@ def plan_cases(args) -> tuple[list, list[str]]:
 def _device(name: str):
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return torch.device(name)
 
 
 def write_outputs(out: Path, frame, sidecar: dict, *, report: bool) -> str | None:
@@ -171,16 +173,16 @@ def run(args) -> int:
 
     with tqdm(total=len(points), desc="step", unit="pt", file=sys.stderr, disable=args.no_progress) as bar:
 
-        def on_point(provider, row, samples) -> None:
+        def on_point(provider, row, samples) -> None:  # every finished point is on disk (Ctrl-C keeps them)
             rows.append(row)
             sidecar["samples_ms"][point_id(row)] = samples
+            sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            write_outputs(out, results_frame(rows), sidecar, report=False)
             bar.update(1)
 
         for case in cases:
             bar.set_postfix_str(case.label(), refresh=True)
             measure_case(case, providers, device, settings, provenance, on_point=on_point)
-            sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            write_outputs(out, results_frame(rows), sidecar, report=False)
     frame = results_frame(rows)
     summary = write_outputs(out, frame, sidecar, report=True)
     print(summary)

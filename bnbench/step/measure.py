@@ -86,6 +86,7 @@ class StepCase:
             )
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
             raise ValueError(f"resolution must be a positive integer, got {self.resolution!r}")
+        spec.input_shape(self.batch, self.resolution)  # raises for a size the network does not take
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -209,8 +210,9 @@ def _reference(case: StepCase, device: torch.device, settings: StepSettings, bat
     from bnbench.testing import tolerance
 
     model, _ = _build(case, device, settings)
-    f64 = copy.deepcopy(model).double()
-    f64_batch = _Batch(batch.x.double(), batch.target)
+    # float64 in NCHW whatever the run's layout (the same math; cuDNN's float64 kernels are NCHW ones)
+    f64 = copy.deepcopy(model).double().to(memory_format=torch.contiguous_format)
+    f64_batch = _Batch(batch.x.double().contiguous(), batch.target)
     exact: dict = {}
     _Trainer(f64, dataclasses.replace(case, dtype="fp32"), device, f64_batch, settings.lr).step(exact)
     del f64
