@@ -13,8 +13,10 @@ import torch
 from bnbench.cli import main
 from bnbench.schema import STEP_COLUMNS, validate_step
 from bnbench.step import providers as sp
-from bnbench.step.measure import StepCase, StepSettings, error_bound, run_steps
+from bnbench.step.check import error_bound
+from bnbench.step.measure import run_steps
 from bnbench.step.share import is_bn_act
+from bnbench.step.training import StepCase, StepSettings
 
 PROVENANCE = {"run_id": "test", "device_name": "cpu"}
 QUICK = StepSettings(fused_backend="torch", warmup=0, steps=2, profile_steps=1)

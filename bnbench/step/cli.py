@@ -74,7 +74,7 @@ def plan_cases(args) -> tuple[list, list[str]]:
     """The configurations, and a note per combination dropped (channels_last of the MLP)."""
     from bnbench.bench.cases import parse_ints
     from bnbench.models import NETWORKS, get_network
-    from bnbench.step.measure import DTYPES, LAYOUTS, StepCase
+    from bnbench.step.training import DTYPES, LAYOUTS, StepCase
 
     models = _names(args.model, "--model", NETWORKS)
     dtypes = _names(args.dtype, "--dtype", DTYPES)
@@ -128,8 +128,9 @@ def run(args) -> int:
 
     from bnbench import envinfo
     from bnbench.bench.runner import provenance_from_env
-    from bnbench.step.measure import StepSettings, measure_case, point_id, results_frame
+    from bnbench.step.measure import measure_case, point_id, results_frame
     from bnbench.step.providers import get_step_providers
+    from bnbench.step.training import StepSettings
 
     cases, dropped = plan_cases(args)
     providers = get_step_providers(args.providers)

@@ -1,17 +1,11 @@
-"""One training-step configuration per provider: prepared, checked against the float64 network, timed, profiled.
+"""One training-step configuration per provider: prepared, checked, timed, profiled; rows in the step schema.
 
-A configuration (:class:`StepCase`) is a network, batch, precision (fp32, or bf16 under ``torch.autocast``),
-layout and input resolution. For each case the network runs one step on a fixed batch in float64 (the
-reference) and in the run's precision (eager: the rounding error every provider is measured against). Each provider then gets the same initial weights (the same seed) and data:
+For each case (:class:`bnbench.step.training.StepCase`) the reference runs first (:mod:`bnbench.step.check`: the
+network in float64 and in the run's precision). Each provider then gets the same initial weights and data:
 
 1. its first step (forward, loss, backward, optimizer step) is timed alone as ``compile_s`` (Dynamo/Inductor
    compile, Triton JIT, cuDNN planning: first-call latency, never in the timed region); its loss and gradients
-   (taken before the optimizer step) are compared with those of the same network in float64 (relative norm
-   errors, all gradients together). The bound is :func:`bnbench.testing.tolerance` of the precision the step
-   computes in (bf16 under autocast; fp32, or TF32's fp16-sized mantissa when CUDA convolutions may use TF32),
-   scaled by the network's amplification of rounding, measured as the eager network's own error over that
-   precision's unit roundoff (a deep network with small per-channel batches amplifies it by orders of magnitude;
-   a fixed per-operation tolerance would fail torch.compile itself). Above the bound: status incorrect;
+   (before the optimizer step) are checked against the float64 network's: above the bound, status incorrect;
 2. ``warmup`` more steps, then ``steps`` timed steps (wall clock, synchronised on CUDA: what a user waits for);
 3. on CUDA one more step for the peak memory (``torch.cuda.max_memory_allocated``: weights, gradients, optimizer
    state and activations). On CPU there is no allocator peak statistic: the column stays empty;
@@ -23,9 +17,6 @@ A failing configuration becomes a row with status error (or oom) and its message
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import datetime as _dt
 import gc
 import math
@@ -35,218 +26,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bnbench.models import build_network, get_network
 from bnbench.schema import STEP_COLUMNS
+from bnbench.step.check import Reference, errors, reference_step
 from bnbench.step.providers import Prepared, StepProvider
 from bnbench.step.share import measure_share
+from bnbench.step.training import DTYPES, StepCase, StepSettings, Trainer, build, make_batch
 
-__all__ = [
-    "DTYPES",
-    "LAYOUTS",
-    "Reference",
-    "StepCase",
-    "StepSettings",
-    "add_speedups",
-    "compute_precision",
-    "error_bound",
-    "measure_case",
-    "point_id",
-    "results_frame",
-    "run_steps",
-]  # fmt: skip
+__all__ = ["add_speedups", "measure_case", "point_id", "results_frame", "run_steps"]
 
-#: precision name -> autocast dtype (None: plain fp32)
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-LAYOUTS = ("nchw", "channels_last")
 _TIMED = ("wall",)
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class StepCase:
-    model: str
-    batch: int
-    dtype: str
-    layout: str
-    resolution: int | None = None  # None: the network's default
-
-    def __post_init__(self) -> None:
-        spec = get_network(self.model)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)} (bf16 = autocast)")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; valid: {', '.join(LAYOUTS)}")
-        if self.layout == "channels_last" and not spec.spatial:
-            raise ValueError(f"network {self.model!r} has no 4-D activations: channels_last does not apply")
-        if not isinstance(self.batch, int) or self.batch < 2:
-            raise ValueError(
-                f"batch must be an integer >= 2 (BatchNorm trains on batch statistics), got {self.batch!r}"
-            )
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
-            raise ValueError(f"resolution must be a positive integer, got {self.resolution!r}")
-        spec.input_shape(self.batch, self.resolution)  # raises for a size the network does not take
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return get_network(self.model).input_shape(self.batch, self.resolution)
-
-    def label(self) -> str:
-        return f"{self.model} b{self.batch} {self.dtype} {self.layout} {self.input_shape[-1]}px"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """How a case runs: the fused layers' backend, step counts, optimizer, seed and network source."""
-
-    fused_backend: str = "torch"
-    warmup: int = 3
-    steps: int = 10
-    profile_steps: int = 2
-    lr: float = 0.01
-    seed: int = 0
-    source: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.fused_backend not in ("triton", "torch"):
-            raise ValueError(f"fused_backend must be 'triton' or 'torch', got {self.fused_backend!r}")
-        if self.warmup < 0 or self.steps < 1 or self.profile_steps < 0:
-            raise ValueError(f"need warmup >= 0, steps >= 1, profile_steps >= 0; got {self.warmup}, {self.steps}, "
-                             f"{self.profile_steps}")  # fmt: skip
-
-
-# --- the step itself ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Batch:
-    x: torch.Tensor
-    target: torch.Tensor
-
-
-def _make_batch(case: StepCase, device: torch.device, seed: int) -> _Batch:
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(case.input_shape, generator=gen)
-    target = torch.randint(0, get_network(case.model).num_classes, (case.batch,), generator=gen)
-    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
-    return _Batch(x.to(device).contiguous(memory_format=fmt), target.to(device))
-
-
-def _build(case: StepCase, device: torch.device, settings: StepSettings) -> tuple[nn.Module, str]:
-    torch.manual_seed(settings.seed)  # the same initial weights for every provider
-    model, source = build_network(case.model, num_classes=get_network(case.model).num_classes, source=settings.source)
-    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
-    return model.to(device=device, memory_format=fmt).train(), source
-
-
-def _autocast(case: StepCase, device: torch.device):
-    dtype = DTYPES[case.dtype]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters by their name in the original network (torch.compile's wrapper adds ``_orig_mod.``)."""
-    return {name.replace("_orig_mod.", ""): p for name, p in model.named_parameters()}
-
-
-class _Trainer:
-    """One model, its SGD optimizer and the step: zero grads, forward + loss (under autocast), backward, step."""
-
-    def __init__(self, model: nn.Module, case: StepCase, device: torch.device, batch: _Batch, lr: float) -> None:
-        self.model, self.case, self.device, self.batch = model, case, device, batch
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-    def step(self, capture: dict | None = None) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        with _autocast(self.case, self.device):
-            loss = F.cross_entropy(self.model(self.batch.x), self.batch.target)
-        loss.backward()
-        if capture is not None:  # the check: loss and gradients before the update, on the CPU
-            capture["loss"] = float(loss.detach())
-            capture["grads"] = {n: None if p.grad is None else p.grad.detach().float().cpu()
-                                for n, p in _params(self.model).items()}  # fmt: skip
-        self.opt.step()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """The float64 network's loss and gradients after one step, the eager network's errors against them (the
-    rounding error of the run's precision, amplified by the network) and the bounds every provider must meet."""
-
-    f64: dict
-    eager_loss_err: float
-    eager_grad_err: float
-    loss_bound: float
-    grad_bound: float
-    tied_to: str
-
-
-# --- checking -------------------------------------------------------------------------------------------------------
-
-
-def compute_precision(case: StepCase, device: torch.device) -> tuple[torch.dtype, str]:
-    """The lowest precision the step computes in, and how it is described: bf16 under autocast; fp32, or TF32
-    (fp16's 10-bit mantissa) when CUDA convolutions and matmuls may use TF32."""
-    if DTYPES[case.dtype] is not None:
-        return DTYPES[case.dtype], f"{case.dtype} autocast"
-    if device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32):
-        return torch.float16, "fp32 with TF32 convolutions/matmuls (fp16's mantissa)"
-    return torch.float32, "fp32"
-
-
-def error_bound(tol: float, eager_err: float, dtype: torch.dtype) -> float:
-    """``tol`` (the dtype's entry of bnbench.testing.TOLERANCE, for one operation) scaled by how much the network
-    amplifies rounding: the eager network's error over the dtype's unit roundoff, when that is above 1."""
-    unit = torch.finfo(dtype).eps / 2
-    return tol * max(1.0, eager_err / unit)
-
-
-def _reference(case: StepCase, device: torch.device, settings: StepSettings, batch: _Batch) -> Reference:
-    from bnbench.testing import tolerance
-
-    model, _ = _build(case, device, settings)
-    # float64 in NCHW whatever the run's layout (the same math; cuDNN's float64 kernels are NCHW ones)
-    f64 = copy.deepcopy(model).double().to(memory_format=torch.contiguous_format)
-    f64_batch = _Batch(batch.x.double().contiguous(), batch.target)
-    exact: dict = {}
-    _Trainer(f64, dataclasses.replace(case, dtype="fp32"), device, f64_batch, settings.lr).step(exact)
-    del f64
-    eager: dict = {}
-    _Trainer(model, case, device, batch, settings.lr).step(eager)
-    loss_err, grad_err, _ = _errors(eager, exact)
-    dtype, tied_to = compute_precision(case, device)
-    tol = tolerance(dtype)
-    return Reference(exact, loss_err, grad_err, error_bound(tol, loss_err, dtype), error_bound(tol, grad_err, dtype),
-                     f"{tied_to}: tolerance {tol:g} x the eager network's error / unit roundoff")  # fmt: skip
-
-
-def _errors(got: dict, ref: dict) -> tuple[float, float, str]:
-    """(loss relative error, gradients' relative norm error over all parameters, the worst parameter)."""
-    loss_err = abs(got["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
-    if set(got["grads"]) != set(ref["grads"]):
-        missing = sorted(set(ref["grads"]) ^ set(got["grads"]))[:5]
-        return loss_err, math.inf, f"parameters differ from the original network's: {missing}"
-    diff2 = norm2 = 0.0
-    worst, worst_name = -1.0, ""
-    for name, r in ref["grads"].items():
-        g = got["grads"][name]
-        if (g is None) != (r is None):
-            return loss_err, math.inf, f"{name} has a gradient in one network only"
-        if r is None:
-            continue
-        d = (g.double() - r.double()).norm().item() ** 2
-        n = r.double().norm().item() ** 2
-        diff2, norm2 = diff2 + d, norm2 + n
-        rel = math.sqrt(d / n) if n > 0 else (0.0 if d == 0 else math.inf)
-        if rel > worst:
-            worst, worst_name = rel, name
-    grad_err = math.sqrt(diff2 / norm2) if norm2 > 0 else (0.0 if diff2 == 0 else math.inf)
-    return loss_err, grad_err, f"{worst_name} ({worst:.3g})"
 
 
 # --- one point ------------------------------------------------------------------------------------------------------
@@ -287,23 +77,23 @@ def _interpreted(prepared: Prepared, device: torch.device) -> bool:
     return prepared.fused_backend == "triton" and device.type != "cuda"
 
 
-def _measure(case, provider, device, settings, batch, reference, row) -> list[float]:
+def _measure(case, provider, device, settings, batch, reference: Reference, row) -> list[float]:
     from bnbench.bench.timing import time_wall
 
-    model, source = _build(case, device, settings)
+    model, source = build(case, device, settings)
     row["network_source"] = source
     row["bn_layers"] = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     prepared = provider.prepare(model, settings.fused_backend)
     row.update(fused_backend=prepared.fused_backend, bn_fused=prepared.bn_fused, bn_unfused=prepared.bn_unfused)
     row["bn_unfused_reasons"] = "; ".join(f"{n} x {why}" for why, n in prepared.unfused_reasons.items())
-    trainer = _Trainer(prepared.model, case, device, batch, settings.lr)
+    trainer = Trainer(prepared.model, case, device, batch, settings.lr)
     capture: dict = {}
     trainer.sync()
     start = time.perf_counter()
     trainer.step(capture)
     trainer.sync()
     row["compile_s"] = time.perf_counter() - start
-    loss_err, grad_err, worst = _errors(capture, reference.f64)
+    loss_err, grad_err, worst = errors(capture, reference.f64)
     row.update(loss=capture["loss"], loss_rel_err=loss_err, grad_rel_err=grad_err, tolerance=reference.grad_bound)
     row["eager_grad_rel_err"] = reference.eager_grad_err
     if loss_err <= reference.loss_bound and grad_err <= reference.grad_bound:
@@ -360,8 +150,8 @@ def measure_case(
     device = torch.device(device)
     batch = reference = ref_error = None
     try:
-        batch = _make_batch(case, device, settings.seed)
-        reference = _reference(case, device, settings, batch)
+        batch = make_batch(case, device, settings.seed)
+        reference = reference_step(case, device, settings, batch)
     except KeyboardInterrupt:
         raise
     except Exception as err:
