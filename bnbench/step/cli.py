@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ layers under torch.compile, for every network x batch x precision x layout given
 (p20/p50/p80 of --steps timed steps after --warmup), images per second, speedups vs eager and compile, the first
 step's latency apart (compile_s), peak GPU memory, the share of the step in BatchNorm and activation kernels
 (torch.profiler, --profile-steps more steps), and checks each provider's loss and gradients after one step against
-the eager network's (same weights and data; tolerance of the compute precision). BatchNorms that convert_bn_act
+the same network's in float64 (same weights and data; the bound is the compute precision's tolerance times the
+network's amplification of rounding, measured on the eager network). BatchNorms that convert_bn_act
 leaves alone (those feeding a residual add) are counted in bn_unfused.
 
 Networks: resnet18 and resnet50 (torchvision's when it imports, else the project's identical definitions; 224x224,
@@ -106,6 +108,14 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _load_average() -> list[float] | None:
+    """The machine's load averages at the start: CPU timings on a loaded machine are noise, and this says so."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def write_outputs(out: Path, frame, sidecar: dict, *, report: bool) -> str | None:
     """results.csv and results.json; with ``report``, summary.md and the figures too (returns the summary)."""
     from bnbench import _io
@@ -165,7 +175,8 @@ def run(args) -> int:
         "environment": info,
         "run": {"run_id": out.name, "started_utc": started.isoformat(timespec="seconds"), "options": options,
                 "device": str(device), "fused_backend": backend, "torch_threads": torch.get_num_threads(),
-                "settings": dataclasses.asdict(settings), "dropped": dropped},
+                "settings": dataclasses.asdict(settings), "dropped": dropped,
+                "load_average_1_5_15_min": _load_average()},
         "samples_ms": {},
     }  # fmt: skip
     print(f"bnbench step: {len(points)} point(s) on {device}, fused backend {backend}; out {out}", file=sys.stderr)
