@@ -1,4 +1,4 @@
-"""Results schemas: the columns every bench and train CSV carries (defined in docs/measuring.md), the key that
+"""Results schemas: the columns every bench, step and train CSV carries (defined in docs/measuring.md), the key that
 names a point, the dtype names, and their validation.
 
 The harness and the training experiments write these files; reports only read them. A file that does not fit
@@ -18,9 +18,12 @@ __all__ = [
     "DTYPE_ALIASES",
     "ELEMENT_SIZE",
     "POINT_KEY",
+    "STEP_COLUMNS",
+    "STEP_TIMERS",
     "TRAIN_COLUMNS",
     "torch_dtype",
     "validate_bench",
+    "validate_step",
     "validate_train",
 ]
 
@@ -82,6 +85,29 @@ TRAIN_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+#: ``bnbench step``: one row per training-step configuration x provider (columns in bnbench/step/measure.py)
+STEP_COLUMNS: tuple[str, ...] = (
+    # provenance
+    "run_id", "timestamp_utc", "git_sha", "bnbench_version", "torch_version", "triton_version", "device_name",
+    # case: the network, its definition's source (torchvision | bnbench), batch, input resolution, precision
+    # (fp32 | bf16, the latter under torch.autocast), layout (nchw | channels_last)
+    "model", "network_source", "batch", "resolution", "dtype", "autocast", "layout",
+    # provider; fused_backend: triton | torch ("" when nothing is fused); BatchNorm layers fused and left alone
+    "provider", "is_baseline", "fused_backend", "bn_layers", "bn_fused", "bn_unfused", "bn_unfused_reasons",
+    # method: wall (synchronised wall clock per step) | interpreter (correctness only)
+    "timer", "n_samples", "warmup_steps",
+    # statistics (milliseconds per step) and derived figures
+    "ms_p20", "ms_p50", "ms_p80", "images_per_s", "speedup_vs_eager", "speedup_vs_compile", "compile_s",
+    "peak_mem_mb", "bn_act_ms", "bn_act_share",
+    # correctness after one step: relative errors vs the same network in float64, the eager network's own
+    # gradient error (the precision's rounding, as amplified by the network) and the bound applied
+    "loss", "loss_rel_err", "grad_rel_err", "eager_grad_rel_err", "tolerance", "status", "message",
+)  # fmt: skip
+STEP_TIMERS = ("wall", "interpreter")
+_STEP_NUMERIC = ("batch", "resolution", "n_samples", "ms_p20", "ms_p50", "ms_p80", "images_per_s", "compile_s",
+                 "peak_mem_mb", "bn_act_share", "loss_rel_err", "grad_rel_err")  # fmt: skip
+
+
 def _require(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -98,6 +124,20 @@ def validate_bench(frame: pd.DataFrame, source: str = "bench results") -> pd.Dat
     if bad:
         raise ValueError(f"{source}: column timer has unknown value(s) {bad}; expected {BENCH_TIMERS}")
     for column in _BENCH_NUMERIC:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
+            raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")
+    return frame
+
+
+def validate_step(frame: pd.DataFrame, source: str = "step results") -> pd.DataFrame:
+    """Check a ``bnbench step`` results frame; return it. Raises ValueError naming ``source`` and the column."""
+    _require(frame, STEP_COLUMNS, source)
+    for column, valid in (("status", BENCH_STATUSES), ("timer", STEP_TIMERS)):
+        bad = sorted(set(frame[column].dropna()) - set(valid))
+        if bad:
+            raise ValueError(f"{source}: column {column} has unknown value(s) {bad}; expected {valid}")
+    for column in _STEP_NUMERIC:
         values = frame[column]
         if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
             raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")

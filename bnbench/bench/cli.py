@@ -28,7 +28,9 @@ Cases come from a preset or from comma lists. Presets: 'quick' (the default when
 BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: within two
 minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
 cache), 'standard' (the baseline shapes of docs/measuring.md in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
-'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
+'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32, read off
+the model; --from-model NAME does the same for any network, on the given batch/dtype/layout/pass axes, and the
+summary adds the call-weighted BN + activation time per training step). With --preset,
 axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
 relu, fwd,fwd_bwd, nchw).
 
@@ -51,6 +53,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("quick", "standard", "resnet50"),
         default=None,
         help="a named sweep (default: quick, when no axis option is given)",
+    )
+    cases.add_argument(
+        "--from-model",
+        metavar="NAME",
+        default=None,
+        help="the BN calls of a network's forward pass (resnet18, resnet50, cnn, mlp) as cases, with their counts; "
+        "takes --batch, --dtype, --layout, --pass (default: those of the resnet50 preset); the summary adds the "
+        "call-weighted BN + activation time per training step",
     )
     cases.add_argument("--batch", metavar="N,...", help="batch sizes, e.g. 64,256,1024")
     cases.add_argument("--width", metavar="C,...", help="channel counts, e.g. 64,256,1024")
@@ -130,6 +140,14 @@ def _select(args):
     def parsed(value, parse):
         return None if value is None else parse(value)
 
+    if args.from_model is not None:  # the network's BN calls (bnbench.bench.model_cases)
+        from bnbench.bench.model_cases import cases_from_model
+
+        return cases_from_model(
+            args.from_model, preset=args.preset, width=args.width, spatial=args.spatial, activation=args.activation,
+            batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")), dtypes=parsed(args.dtype, c.parse_dtypes),
+            layouts=parsed(args.layout, c.parse_layouts), passes=parsed(args.passes, c.parse_passes),
+        )  # fmt: skip
     return c.select_cases(
         args.preset,
         batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
@@ -229,12 +247,13 @@ def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
     _io.write_json(out / "results.json", sidecar)
 
 
-def write_report(out: Path, frame) -> str:
-    """summary.md and the PNG figures from the report module; returns the summary."""
+def write_report(out: Path, frame, model_calls: dict | None = None) -> str:
+    """summary.md and the PNG figures from the report module; returns the summary. ``model_calls``: the network's
+    BN call table when the cases came from one (the summary adds the call-weighted total)."""
     from bnbench import _io
     from bnbench.report.bench import bench_figures, summary_markdown
 
-    summary = summary_markdown(frame)
+    summary = summary_markdown(frame, model_calls=model_calls)
     _io.write_text(out / "summary.md", summary)
     for stem, fig in bench_figures(frame).items():
         _io.write_figure(out / f"{stem}.png", fig, dpi=120, bbox_inches="tight")
@@ -259,6 +278,7 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
     import torch
 
     from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
+    from bnbench.bench.model_cases import run_call_table
     from bnbench.schema import DTYPES
     from bnbench.testing import tolerance
 
@@ -276,13 +296,15 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
         },
         "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
         "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
+        # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
+        "model_bn_calls": run_call_table(args.preset, args.from_model),
     }  # fmt: skip
 
 
 def _finish(out: Path, frame, sidecar: dict) -> int:
     """Write the results whole, the summary and the figures; the exit status of the run."""
     write_bench_outputs(out, frame, sidecar)
-    print(write_report(out, frame))
+    print(write_report(out, frame, sidecar.get("model_bn_calls")))
     failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
     counts = frame["status"].value_counts().to_dict()
     print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -334,8 +356,10 @@ def run(args) -> int:
     from bnbench.interpreter import switch_triton_interpreter_on
 
     _check_run_options(args)
-    cases = _select(args)
     device = _device(args.device)
+    if device.type == "cpu" and not args.no_interpret:
+        switch_triton_interpreter_on()  # before anything imports triton (a model's cases import it)
+    cases = _select(args)
     if args.world_size is None:
         providers = get_providers(args.providers or ",".join(DEFAULT_PROVIDERS))
     else:
@@ -343,8 +367,6 @@ def run(args) -> int:
 
         providers = get_sync_providers(args.providers or ",".join(DEFAULT_SYNC_PROVIDERS))
         sync_timing = SyncTiming(warmup=args.warmup, reps=args.reps)
-    if device.type == "cpu" and not args.no_interpret:
-        switch_triton_interpreter_on()  # before anything imports triton
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     started = _dt.datetime.now(_dt.timezone.utc)

@@ -74,7 +74,7 @@ def train_overview(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bench_part(result: Result, prefix: str, level: int) -> list[Section]:
-    sections = bench_sections(result.frame, level=level)
+    sections = bench_sections(result.frame, level=level, model_calls=result.meta.get("model_bn_calls"))
     env = _sidecar_environment(result.meta)
     if env is not None:
         sections.insert(1, Section("Environment recorded in results.json", [Table(env)], level))
@@ -120,6 +120,15 @@ def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
     return sections
 
 
+def _step_part(result: Result, prefix: str, level: int) -> list[Section]:
+    from bnbench.report.step import step_figures, step_sections
+
+    sections = step_sections(result.frame, level=level)
+    refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in step_figures(result.frame).items()]
+    sections.append(Section("Figures", refs or [Text("No timed rows: no figures.")], level))
+    return sections
+
+
 def results_report(results: Sequence[Result], *, title: str | None = None) -> Report:
     """A report of one or more bench/train result folders, one part per folder."""
     if not results:
@@ -130,12 +139,14 @@ def results_report(results: Sequence[Result], *, title: str | None = None) -> Re
         prefix = "" if single else f"{i}-{_slug(result.name)}-"
         level = 2 if single else 3
         if not single:
-            what = "benchmark run" if result.kind == "bench" else "training experiments"
+            what = {"bench": "benchmark run", "step": "training-step benchmark"}.get(
+                result.kind, "training experiments"
+            )
             sections.append(Section(f"{result.name} ({result.kind})", [Text(f"{what}: {result.path.resolve()}")], 2))
-        part = _bench_part if result.kind == "bench" else _train_part
+        part = {"bench": _bench_part, "step": _step_part}.get(result.kind, _train_part)
         sections += part(result, prefix, level)
     kinds = ", ".join(dict.fromkeys(r.kind for r in results))
-    devices = [device_label(r.frame) for r in results if r.kind == "bench"]
+    devices = [device_label(r.frame) for r in results if r.kind in ("bench", "step")]
     subtitle = f"{len(results)} result folder(s) ({kinds})" + (
         f"; devices: {', '.join(dict.fromkeys(devices))}" if devices else ""
     )
