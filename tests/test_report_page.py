@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
+import bnbench.report
 from bnbench import _io
 from bnbench.cli import main
 from bnbench.report.assemble import results_report
@@ -49,6 +50,8 @@ def fake_train_report(monkeypatch):
 
     module.verdict_table, module.train_figures = verdict_table, train_figures
     monkeypatch.setitem(sys.modules, "bnbench.report.train", module)
+    # `from bnbench.report import train` reads the package attribute first, bound once the real module is imported
+    monkeypatch.setattr(bnbench.report, "train", module, raising=False)
     return module
 
 
