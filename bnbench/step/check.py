@@ -2,9 +2,9 @@
 same network in float64, within a bound tied to the precision the step computes in.
 
 The bound is :func:`bnbench.testing.tolerance` of that precision (bf16 under autocast; fp32, or TF32's fp16-sized
-mantissa when CUDA convolutions may use TF32), scaled by the network's amplification of rounding, measured as the
-eager network's own error over the precision's unit roundoff: a deep network with small per-channel batches
-amplifies rounding by orders of magnitude, and a fixed per-operation tolerance would fail torch.compile itself.
+mantissa when CUDA convolutions may use TF32) or ``ERROR_MULTIPLE`` times the eager network's own error against
+float64, whichever is larger: a deep network with small per-channel batches amplifies rounding by orders of
+magnitude, and a fixed per-operation tolerance would fail torch.compile itself.
 """
 
 from __future__ import annotations
@@ -43,11 +43,17 @@ def compute_precision(case: StepCase, device: torch.device) -> tuple[torch.dtype
     return torch.float32, "fp32"
 
 
-def error_bound(tol: float, eager_err: float, dtype: torch.dtype) -> float:
-    """``tol`` (the dtype's entry of bnbench.testing.TOLERANCE, for one operation) scaled by how much the network
-    amplifies rounding: the eager network's error over the dtype's unit roundoff, when that is above 1."""
-    unit = torch.finfo(dtype).eps / 2
-    return tol * max(1.0, eager_err / unit)
+#: how much less accurate than eager (against float64) a provider's loss and gradients may be: fused and compiled
+#: networks sum in other orders, so they sit within a small multiple of eager's own error; a real defect (a 1% error
+#: in one BatchNorm's scale of the MLP) is about 400x eager's error there, so 100x separates the two
+ERROR_MULTIPLE = 100.0
+
+
+def error_bound(tol: float, eager_err: float) -> float:
+    """The largest accepted error of a provider: ``ERROR_MULTIPLE`` times the eager network's own error against
+    float64 (how much this network amplifies rounding), but never below ``tol``, the dtype's entry of
+    bnbench.testing.TOLERANCE for one operation."""
+    return max(tol, ERROR_MULTIPLE * eager_err)
 
 
 def reference_step(case: StepCase, device: torch.device, settings: StepSettings, batch: Batch) -> Reference:
@@ -65,8 +71,8 @@ def reference_step(case: StepCase, device: torch.device, settings: StepSettings,
     loss_err, grad_err, _ = errors(eager, exact)
     dtype, tied_to = compute_precision(case, device)
     tol = tolerance(dtype)
-    return Reference(exact, loss_err, grad_err, error_bound(tol, loss_err, dtype), error_bound(tol, grad_err, dtype),
-                     f"{tied_to}: tolerance {tol:g} x the eager network's error / unit roundoff")  # fmt: skip
+    return Reference(exact, loss_err, grad_err, error_bound(tol, loss_err), error_bound(tol, grad_err),
+                     f"{tied_to}: the larger of tolerance {tol:g} and {ERROR_MULTIPLE:g}x the eager network's error")  # fmt: skip
 
 
 def errors(got: dict, ref: dict) -> tuple[float, float, str]:
