@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect", "device_slug", "format_text", "git_sha", "interpreter_requested", "switch_triton_interpreter_on"]
+__all__ = [
+    "collect",
+    "cpu_name",
+    "device_slug",
+    "format_text",
+    "git_sha",
+    "interpreter_requested",
+    "switch_triton_interpreter_on",
+]
 
 
 def _version(dist: str) -> str | None:
@@ -63,6 +71,20 @@ def switch_triton_interpreter_on() -> bool:
     return True
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    name = line.split(":", 1)[1].strip()
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _device() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -74,7 +96,7 @@ def _device() -> dict[str, Any]:
             "memory_gib": round(props.total_memory / 2**30, 1),
             "count": torch.cuda.device_count(),
         }
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count()}
 
 
 def _backends(device: dict[str, Any], triton_version: str | None) -> dict[str, str]:

@@ -1,0 +1,31 @@
+"""The machine-state probe: copy bandwidth with its noise band, the CPU's name, JSON-ready output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bnbench.bench.machine import probe
+from bnbench.envinfo import cpu_name
+
+
+def test_the_probe_measures_copy_bandwidth_and_names_the_cpu():
+    state = probe("cpu", nbytes=1 << 20)
+    copy = state["copy"]
+    assert 0 < copy["gbps_lo"] <= copy["gbps"] <= copy["gbps_hi"] and len(copy["samples_ms"]) >= 5
+    assert state["cpu"]["name"] == cpu_name() and state["unavailable"] == []
+    json.dumps(state)  # JSON-ready
+
+
+def test_the_cpu_is_named_by_its_model_not_its_architecture():
+    info = Path("/proc/cpuinfo")
+    models = (
+        [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")]
+        if info.exists()
+        else []
+    )
+    if not models:
+        pytest.skip("no model name in /proc/cpuinfo on this machine")
+    assert cpu_name() == models[0] != "x86_64"
