@@ -8,6 +8,10 @@ listed separately, never averaged in.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import pandas as pd
 
 from bnbench.report.bench_plots import bench_figures
@@ -15,14 +19,19 @@ from bnbench.report.document import Section, Table, Text, to_markdown
 from bnbench.report.points import case_label, geomean, is_baseline, sort_points, timed_points
 
 __all__ = [
+    "GpuReference",
     "bench_figures",
     "bench_sections",
+    "completeness",
+    "cpu_scope_items",
     "environment_table",
     "extreme_points",
     "headline_table",
     "interpreter_table",
     "not_ok_points",
     "over_copy_bandwidth",
+    "points_table",
+    "sidecar_environment",
     "summary_markdown",
 ]
 
@@ -34,8 +43,30 @@ PROVENANCE = (
 _POINT_COLUMNS = ["case", "provider", "timer", "ms_p50", "speedup_vs_eager", "speedup_vs_compile", "frac_of_copy_bw"]
 
 
-def environment_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Provenance (distinct values of each column) and how many points had each status."""
+#: sidecar environment fields already shown from the CSV's provenance columns
+_SHOWN = {"bnbench_version", "torch_version", "triton_version", "git_sha", "device.name"}
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, Mapping):
+        out: list[tuple[str, str]] = []
+        for key, value in obj.items():
+            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [(prefix, str(obj))]
+
+
+def sidecar_environment(meta: Mapping[str, Any] | None, skip: Sequence[str] = ()) -> pd.DataFrame:
+    """The ``environment`` object of results.json as field/value rows (nested keys joined by dots), minus
+    ``skip``; empty when there is none."""
+    env = (meta or {}).get("environment")
+    rows = _flatten(env) if isinstance(env, Mapping) else []
+    return pd.DataFrame([r for r in rows if r[0] not in skip], columns=["field", "value"])
+
+
+def environment_table(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Provenance (distinct values of each column), how many points had each status, and the rest of the
+    environment recorded in results.json (``meta``), each field once."""
     rows = []
     for column in PROVENANCE:
         values = [str(v) for v in dict.fromkeys(df[column].dropna())]
@@ -45,7 +76,97 @@ def environment_table(df: pd.DataFrame) -> pd.DataFrame:
     counts = df["status"].value_counts()
     status = ", ".join(f"{name} {int(counts[name])}" for name in counts.index)
     rows.append({"field": "points", "value": f"{len(df)} ({status})" if len(df) else "0"})
-    return pd.DataFrame(rows, columns=["field", "value"])
+    table = pd.DataFrame(rows, columns=["field", "value"])
+    return pd.concat([table, sidecar_environment(meta, skip=_SHOWN)], ignore_index=True)
+
+
+def completeness(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> str:
+    """One sentence: whether the run finished, and how many of its planned points are recorded (from the
+    ``run`` object of results.json: ``state``, ``points_planned``, ``points_done``)."""
+    run = (meta or {}).get("run")
+    run = run if isinstance(run, Mapping) else {}
+    planned, state = run.get("points_planned"), run.get("state")
+    if not isinstance(planned, int) or state is None:
+        return (
+            f"Completeness not recorded (results.json has no planned point count; an older bnbench wrote it): "
+            f"{len(df)} point(s) are in results.csv."
+        )
+    done = int((df["timer"] != "cuda_graph").sum())  # a CUDA-graph replay is a second row of its point
+    if state == "complete" and done >= planned:
+        return f"Complete: all {planned} planned point(s) are recorded."
+    if state == "complete":
+        why = "results.json says the run completed, so results.csv has lost rows"
+    else:
+        why = {
+            "interrupted": "the run was interrupted",
+            "running": "the run did not finish (it was killed, or it is still running)",
+        }.get(str(state), f"the run ended in state {state!r}")
+    return (
+        f"INCOMPLETE: {done} of {planned} planned point(s) are recorded; {why}. The missing points are not "
+        "in any table; 'bnbench bench --resume --out <this folder>' with the same options measures them."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuReference:
+    """The newest committed GPU benchmark (for a CPU run's summary): its folder, device, date and frame."""
+
+    folder: str
+    device: str
+    date: str
+    frame: pd.DataFrame
+
+
+def cpu_scope_items(df: pd.DataFrame, gpu: GpuReference | None = None, inspect_items: Sequence = ()) -> list:
+    """What a run without a GPU timer can and cannot show: the fused kernels' correctness checks, host overhead
+    and launch plans (``inspect_items``: the report items of ``bnbench inspect`` when the caller has them), the
+    newest committed GPU results, and why torch.compile is slower here."""
+    items: list = [
+        Text(
+            "Kernel timings need a GPU: this run had none, so bnbench's Triton kernels were not timed here, only "
+            "checked; the times below are PyTorch eager and torch.compile on this CPU."
+        )
+    ]
+    interp = df[df["timer"] == "interpreter"]
+    if len(interp):
+        ok = int((interp["status"] == "ok").sum())
+        err = pd.to_numeric(interp["max_rel_err"], errors="coerce").max()
+        items.append(
+            Text(
+                f"Correctness: bnbench's kernels ran in the Triton interpreter on {len(interp)} point(s) and matched "
+                f"the float64 reference on {ok} (largest relative error {err:.2g}); see 'Interpreter-only points'."
+            )
+        )
+    else:
+        items.append(
+            Text(
+                "Correctness: bnbench's kernels were not checked in this run (no triton provider ran in the "
+                "interpreter: --no-interpret, or not among --providers)."
+            )
+        )
+    if inspect_items:
+        items += list(inspect_items)
+    else:
+        items.append(Text("Host overhead per call and launch plans: not part of this run ('bnbench profile' "
+                          "measures the host time of one case)."))  # fmt: skip
+    compiled = df[(df["provider"] == "compile") & (df["status"] == "ok") & (df["timer"] == "wall")]
+    if len(compiled) and geomean(pd.to_numeric(compiled["speedup_vs_eager"], errors="coerce")) < 1:
+        items.append(
+            Text(
+                "Why torch.compile is slower than eager here: every training pass is timed with autograd on (x, "
+                "weight and bias require grad, as in training), so the compiled forward also runs AOTAutograd's "
+                "wrapper and saves what its backward needs, while eager calls ATen's native CPU batch-norm kernel. "
+                "These CPU times say nothing about a GPU, where compile fuses the chain."
+            )
+        )
+    if gpu is None:
+        items.append(Text("GPU results: none are committed under reports/ yet (see reports/README.md)."))
+    else:
+        head = headline_table(gpu.frame)
+        head = head[~head["provider"].isin(("eager",))]
+        items.append(Text(f"Newest committed GPU results: {gpu.device}, {gpu.date}, in {gpu.folder} (headline below)."))
+        items.append(Table(head))
+    return items
 
 
 def headline_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -140,8 +261,33 @@ def interpreter_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
-    """The summary of one benchmark run as report sections (environment, headline, extremes, problems)."""
+def points_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every point of the run, one row each, in reading order: case, provider, timer, status, times and the
+    derived figures (the page's per-point table)."""
+    columns = ["case", "provider", "timer", "status", "ms_p20", "ms_p50", "ms_p80", "speedup_vs_eager",
+               "speedup_vs_compile", "frac_of_copy_bw", "compile_s", "peak_mem_mb", "max_rel_err", "message"]  # fmt: skip
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    table = _point_rows(sort_points(df))[columns]
+    if table["peak_mem_mb"].isna().all():  # measured on CUDA only
+        table = table.drop(columns=["peak_mem_mb"])
+    return table.reset_index(drop=True)
+
+
+def _is_gpu_run(df: pd.DataFrame) -> bool:
+    return bool(df["timer"].isin(("cuda_event", "cuda_graph")).any())
+
+
+def bench_sections(
+    df: pd.DataFrame,
+    *,
+    level: int = 2,
+    meta: Mapping[str, Any] | None = None,
+    gpu: GpuReference | None = None,
+    inspect_items: Sequence = (),
+) -> list[Section]:
+    """The summary of one benchmark run as report sections: environment and completeness, on a run without a
+    GPU what it can and cannot show (:func:`cpu_scope_items`), headline, extremes, problems."""
     timed = timed_points(df)
     headline = headline_table(df)
     method = Text(
@@ -155,10 +301,10 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
         headline_items.append(Text("No timed points: nothing to put in a speed table."))
     else:
         headline_items.append(Table(headline))
-    sections = [
-        Section("Environment", [Table(environment_table(df))], level),
-        Section("Headline: speedups and bandwidth", headline_items, level),
-    ]
+    sections = [Section("Environment", [Text(completeness(df, meta)), Table(environment_table(df, meta))], level)]
+    if len(df) and not _is_gpu_run(df):
+        sections.append(Section("What this run can and cannot show", cpu_scope_items(df, gpu, inspect_items), level))
+    sections.append(Section("Headline: speedups and bandwidth", headline_items, level))
     extremes = extreme_points(df)
     if len(extremes):
         sections.append(
@@ -198,6 +344,14 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
     return sections
 
 
-def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary") -> str:
-    """``summary.md`` of one run: environment, the headline table, best and worst points, problem points."""
-    return to_markdown(bench_sections(df), title=title)
+def summary_markdown(
+    df: pd.DataFrame,
+    title: str = "Benchmark summary",
+    *,
+    meta: Mapping[str, Any] | None = None,
+    gpu: GpuReference | None = None,
+    inspect_items: Sequence = (),
+) -> str:
+    """``summary.md`` of one run: environment and completeness, the CPU scope note on a run without a GPU, the
+    headline table, best and worst points, problem points."""
+    return to_markdown(bench_sections(df, meta=meta, gpu=gpu, inspect_items=inspect_items), title=title)
