@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "collect",
+    "cpu_cache_bytes",
     "cpu_name",
     "device_slug",
     "format_text",
@@ -85,6 +86,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_cache_bytes() -> int | None:
+    """The CPU's largest cache (its last level) in bytes, from Linux's sysfs; None where it cannot be read.
+    Timings of working sets smaller than it are cache timings, not memory-bandwidth ones."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)])
+    return max(sizes) if sizes else None
+
+
 def _device() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -96,7 +112,7 @@ def _device() -> dict[str, Any]:
             "memory_gib": round(props.total_memory / 2**30, 1),
             "count": torch.cuda.device_count(),
         }
-    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count()}
+    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "cache_bytes": cpu_cache_bytes()}
 
 
 def _backends(device: dict[str, Any], triton_version: str | None) -> dict[str, str]:

@@ -29,3 +29,29 @@ def test_the_cpu_is_named_by_its_model_not_its_architecture():
     if not models:
         pytest.skip("no model name in /proc/cpuinfo on this machine")
     assert cpu_name() == models[0] != "x86_64"
+
+
+@pytest.mark.parametrize(
+    ("cache", "expected"), [(None, 64 << 20), (32 << 20, 64 << 20), (480 << 20, 480 << 20), (4 << 30, 512 << 20)]
+)
+def test_the_cpu_copy_outgrows_the_last_level_cache(monkeypatch, cache, expected):
+    import torch
+
+    from bnbench import envinfo
+    from bnbench.bench.bandwidth import default_copy_bytes
+
+    monkeypatch.setattr(envinfo, "cpu_cache_bytes", lambda: cache)
+    assert (
+        default_copy_bytes(torch.device("cpu")) == expected
+    )  # a 64 MiB copy inside a 480 MiB cache measured the cache
+    assert default_copy_bytes(torch.device("cuda")) == 256 << 20
+
+
+def test_the_cache_size_is_read_from_sysfs():
+    from bnbench.envinfo import cpu_cache_bytes
+
+    sysfs = Path("/sys/devices/system/cpu/cpu0/cache")
+    if not sysfs.is_dir():
+        pytest.skip("no sysfs cache information on this machine")
+    sizes = [p.read_text().strip() for p in sysfs.glob("index*/size")]
+    assert cpu_cache_bytes() >= max(int(s.rstrip("KMG")) for s in sizes) << 10
