@@ -88,8 +88,8 @@ def completeness(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> str
     planned, state = run.get("points_planned"), run.get("state")
     if not isinstance(planned, int) or state is None:
         return (
-            f"Completeness not recorded (results.json has no planned point count; an older bnbench wrote it): "
-            f"{len(df)} point(s) are in results.csv."
+            f"Completeness not recorded (results.json holds no run state and planned point count): {len(df)} "
+            "point(s) are in results.csv; whether the run finished is unknown."
         )
     done = int((df["timer"] != "cuda_graph").sum())  # a CUDA-graph replay is a second row of its point
     if state == "complete" and done >= planned:
@@ -154,8 +154,9 @@ def cpu_scope_items(df: pd.DataFrame, gpu: GpuReference | None = None, inspect_i
         items.append(
             Text(
                 "Why torch.compile is slower than eager here: every training pass is timed with autograd on (x, "
-                "weight and bias require grad, as in training), so the compiled forward also runs AOTAutograd's "
-                "wrapper and saves what its backward needs, while eager calls ATen's native CPU batch-norm kernel. "
+                "weight and bias require grad, as in training), so compile runs its AOTAutograd forward, which "
+                "saves what backward needs and adds host work per call, while eager calls ATen's CPU batch-norm "
+                "kernel directly. "
                 "These CPU times say nothing about a GPU, where compile fuses the chain."
             )
         )
