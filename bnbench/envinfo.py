@@ -173,7 +173,9 @@ def format_text(info: dict[str, Any]) -> str:
             f"sm_{device['capability'].replace('.', '')}, {device['count']} visible)"
         )
     else:
-        dev = f"CPU {device['name']} ({device['cores']} cores), no CUDA device"
+        cache = device.get("cache_bytes")
+        cache_text = f", {cache / 2**20:.0f} MiB last-level cache" if cache else ""
+        dev = f"CPU {device['name']} ({device['cores']} cores{cache_text}), no CUDA device"
     lines = [
         f"bnbench     {info['bnbench_version']}" + (f" (git {info['git_sha']})" if info["git_sha"] else ""),
         f"python      {info['python_version']}",

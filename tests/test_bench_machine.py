@@ -55,3 +55,12 @@ def test_the_cache_size_is_read_from_sysfs():
         pytest.skip("no sysfs cache information on this machine")
     sizes = [p.read_text().strip() for p in sysfs.glob("index*/size")]
     assert cpu_cache_bytes() >= max(int(s.rstrip("KMG")) for s in sizes) << 10
+
+
+def test_env_names_the_cpu_and_its_cache():
+    from bnbench.envinfo import format_text
+
+    info = {"bnbench_version": "0", "git_sha": None, "python_version": "3", "torch_version": "2", "numpy_version": "2",
+            "triton_version": None, "triton_interpreter": False, "backends": {},
+            "device": {"type": "cpu", "name": "Intel(R) Xeon(R) Processor", "cores": 2, "cache_bytes": 480 << 20}}  # fmt: skip
+    assert "CPU Intel(R) Xeon(R) Processor (2 cores, 480 MiB last-level cache)" in format_text(info)
