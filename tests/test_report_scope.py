@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from bnbench import _io
-from bnbench.report import bench
+from bnbench.report import bench, scope
 from bnbench.report.assemble import results_report
 from bnbench.report.document import Table, Text
 from bnbench.report.load import load_result, newest_gpu_reference
@@ -46,7 +46,7 @@ def _texts(sections) -> str:
 )  # fmt: skip
 def test_completeness_is_said(rows, run, expected):
     frame = synthetic_bench(dtypes=("fp32",), passes=("fwd",), providers=("eager", "compile"))
-    assert expected in bench.completeness(frame.iloc[:rows], {"run": run})
+    assert expected in scope.completeness(frame.iloc[:rows], {"run": run})
 
 
 def test_one_environment_table_with_the_sidecar_fields_once():
@@ -80,9 +80,9 @@ def test_a_cpu_run_quotes_the_newest_committed_gpu_results(tmp_path):
     (tmp_path / "bench" / "broken" / "results.csv").write_text("run_id\n1,2\n")
     gpu = newest_gpu_reference([tmp_path])
     assert gpu.folder.endswith("h200-new") and gpu.device == "NVIDIA H200" and gpu.date.startswith("2026-11-30")
-    scope = bench.cpu_scope_items(_cpu_run(), gpu)
-    assert any(isinstance(i, Text) and "Newest committed GPU results: NVIDIA H200, 2026-11-30" in i.text for i in scope)
-    assert any(isinstance(i, Table) and "geomean_vs_eager" in i.frame.columns for i in scope)
+    items = scope.cpu_scope_items(_cpu_run(), gpu)
+    assert any(isinstance(i, Text) and "Newest committed GPU results: NVIDIA H200, 2026-11-30" in i.text for i in items)
+    assert any(isinstance(i, Table) and "geomean_vs_eager" in i.frame.columns for i in items)
     assert newest_gpu_reference([tmp_path / "bench" / "cpu"]) is None
 
 

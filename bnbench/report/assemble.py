@@ -13,13 +13,14 @@ from typing import Any
 
 import pandas as pd
 
-from bnbench.report.bench import GpuReference, bench_figures, bench_sections, points_table, sidecar_environment
+from bnbench.report.bench import bench_figures, bench_sections, points_table, sidecar_environment
 from bnbench.report.compare import compare_runs, compare_sections, gate_failures
 from bnbench.report.compare_plots import compare_figures
 from bnbench.report.document import FigureRef, Link, Section, Table, Text
 from bnbench.report.load import RESULTS_CSV, Result
 from bnbench.report.machine import MachineCheck, check_machines, run_machine
 from bnbench.report.points import device_label
+from bnbench.report.scope import GpuReference
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
 

@@ -148,9 +148,10 @@ def committed_roots() -> list[Path]:
 
 def newest_gpu_reference(roots: list[Path] | None = None):
     """The newest bench results under ``roots`` (default :func:`committed_roots`) timed on a GPU, as a
-    ``bnbench.report.bench.GpuReference``, or None when there is none. A folder that does not load is
+    ``bnbench.report.scope.GpuReference`` quoting its headline (the fused providers' rows), or None when there is none. A folder that does not load is
     skipped: committed results are quoted here, not validated (``bnbench report`` on it says what is wrong)."""
-    from bnbench.report.bench import GpuReference
+    from bnbench.report.bench import headline_table
+    from bnbench.report.scope import GpuReference
 
     best = None
     for root in committed_roots() if roots is None else roots:
@@ -166,5 +167,6 @@ def newest_gpu_reference(roots: list[Path] | None = None):
             date = str(gpu["timestamp_utc"].dropna().max()) if gpu["timestamp_utc"].notna().any() else ""
             if best is None or date > best.date:
                 devices = ", ".join(str(v) for v in dict.fromkeys(gpu["device_name"].dropna())) or "unknown GPU"
-                best = GpuReference(str(result.path), devices, date, gpu)
+                head = headline_table(gpu)
+                best = GpuReference(str(result.path), devices, date, head[head["provider"] != "eager"])
     return best
