@@ -68,6 +68,7 @@ def test_a_cpu_run_says_what_it_can_and_cannot_show():
     assert "ran in the Triton interpreter on 6 point(s) and matched the float64 reference on 6" in text
     assert "timed with autograd on" in text  # why compile is slower here
     assert "GPU results: none are committed under reports/ yet" in text
+    assert "Peak memory (peak_mem_mb) is measured with CUDA's allocator only" in text
     # a GPU run has no such section
     assert not any(s.title == scope.title for s in bench.bench_sections(synthetic_bench()))
 

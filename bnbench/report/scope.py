@@ -104,6 +104,8 @@ def cpu_scope_items(df: pd.DataFrame, gpu: GpuReference | None = None, inspect_i
                 "These CPU times say nothing about a GPU, where compile fuses the chain."
             )
         )
+    if pd.to_numeric(df["peak_mem_mb"], errors="coerce").isna().all():
+        items.append(Text("Peak memory (peak_mem_mb) is measured with CUDA's allocator only: empty in this run."))
     if gpu is None:
         items.append(Text("GPU results: none are committed under reports/ yet (see reports/README.md)."))
     else:
