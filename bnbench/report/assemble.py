@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from bnbench.report.points import device_label
 from bnbench.report.scope import GpuReference
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
-
-TRAIN_MODULE = "bnbench.report.train"
 
 
 @dataclass(frozen=True)
@@ -46,18 +43,6 @@ class Report:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "result"
-
-
-def _train_module(result: Result):
-    try:
-        return importlib.import_module(TRAIN_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != TRAIN_MODULE:
-            raise
-        raise ValueError(
-            f"{result.path}: is a training results folder, but this bnbench has no training report "
-            f"({TRAIN_MODULE} is missing), so its verdict table and figures cannot be made"
-        ) from None
 
 
 def train_overview(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +71,8 @@ def _csv_copy_name(result: Result, prefix: str) -> str:
 
 
 def _bench_part(result: Result, prefix: str, level: int, gpu: GpuReference | None, csv_name: str) -> list[Section]:
-    sections = bench_sections(result.frame, level=level, meta=result.meta, gpu=gpu)
+    model_calls = result.meta.get("model_bn_calls")
+    sections = bench_sections(result.frame, level=level, model_calls=model_calls, meta=result.meta, gpu=gpu)
     figures = [FigureRef(prefix + stem, fig, _bench_caption(stem)) for stem, fig in bench_figures(result.frame).items()]
     if figures:
         sections.append(Section("Figures", figures, level))
@@ -116,7 +102,8 @@ def _held_text(held) -> str:
 
 
 def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
-    module = _train_module(result)
+    from bnbench.report import train as module
+
     verdict = module.verdict_table(result.frame)
     if "held" in verdict.columns:  # True / False / None (the results cannot decide)
         verdict = verdict.assign(held=verdict["held"].map(_held_text))
@@ -133,9 +120,18 @@ def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
     return sections
 
 
+def _step_part(result: Result, prefix: str, level: int) -> list[Section]:
+    from bnbench.report.step import step_figures, step_sections
+
+    sections = step_sections(result.frame, level=level)
+    refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in step_figures(result.frame).items()]
+    sections.append(Section("Figures", refs or [Text("No timed rows: no figures.")], level))
+    return sections
+
+
 def results_report(results: Sequence[Result], *, title: str | None = None, gpu: GpuReference | None = None) -> Report:
-    """A report of one or more bench/train result folders, one part per folder. ``gpu``: the newest committed
-    GPU benchmark, quoted in the part of a run that had no GPU."""
+    """A report of one or more bench/step/train result folders, one part per folder. ``gpu``: the newest
+    committed GPU benchmark, quoted in the part of a bench run that had no GPU."""
     if not results:
         raise ValueError("no result folders given")
     sections: list[Section] = []
@@ -145,16 +141,20 @@ def results_report(results: Sequence[Result], *, title: str | None = None, gpu: 
         prefix = "" if single else f"{i}-{_slug(result.name)}-"
         level = 2 if single else 3
         if not single:
-            what = "benchmark run" if result.kind == "bench" else "training experiments"
+            what = {"bench": "benchmark run", "step": "training-step benchmark"}.get(
+                result.kind, "training experiments"
+            )
             sections.append(Section(f"{result.name} ({result.kind})", [Text(f"{what}: {result.path.resolve()}")], 2))
         if result.kind == "bench":
             csv_name = _csv_copy_name(result, prefix)
             sections += _bench_part(result, prefix, level, gpu, csv_name)
             attachments[csv_name] = result.path / RESULTS_CSV
+        elif result.kind == "step":
+            sections += _step_part(result, prefix, level)
         else:
             sections += _train_part(result, prefix, level)
     kinds = ", ".join(dict.fromkeys(r.kind for r in results))
-    devices = [device_label(r.frame) for r in results if r.kind == "bench"]
+    devices = [device_label(r.frame) for r in results if r.kind in ("bench", "step")]
     subtitle = f"{len(results)} result folder(s) ({kinds})" + (
         f"; devices: {', '.join(dict.fromkeys(devices))}" if devices else ""
     )

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from bnbench.report.bench_plots import bench_figures
+from bnbench.report.bn_total import bn_total_sections
 from bnbench.report.document import Section, Table, Text, to_markdown
 from bnbench.report.points import case_label, geomean, is_baseline, sort_points, timed_points
 from bnbench.report.scope import GpuReference, completeness, cpu_scope_items, is_gpu_run
@@ -182,20 +183,18 @@ def points_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _is_gpu_run(df: pd.DataFrame) -> bool:
-    return bool(df["timer"].isin(("cuda_event", "cuda_graph")).any())
-
-
 def bench_sections(
     df: pd.DataFrame,
     *,
     level: int = 2,
+    model_calls: dict | None = None,
     meta: Mapping[str, Any] | None = None,
     gpu: GpuReference | None = None,
     inspect_items: Sequence = (),
 ) -> list[Section]:
     """The summary of one benchmark run as report sections: environment and completeness, on a run without a
-    GPU what it can and cannot show (``bnbench.report.scope``), headline, extremes, problems."""
+    GPU what it can and cannot show (``bnbench.report.scope``), headline, with ``model_calls`` (a network's BN
+    call table) the call-weighted BN + activation time per training step, extremes, problems."""
     timed = timed_points(df)
     headline = headline_table(df)
     method = Text(
@@ -213,6 +212,7 @@ def bench_sections(
     if len(df) and not is_gpu_run(df):
         sections.append(Section("What this run can and cannot show", cpu_scope_items(df, gpu, inspect_items), level))
     sections.append(Section("Headline: speedups and bandwidth", headline_items, level))
+    sections += bn_total_sections(df, model_calls, level=level)
     extremes = extreme_points(df)
     if len(extremes):
         sections.append(
@@ -255,11 +255,14 @@ def bench_sections(
 def summary_markdown(
     df: pd.DataFrame,
     title: str = "Benchmark summary",
+    model_calls: dict | None = None,
     *,
     meta: Mapping[str, Any] | None = None,
     gpu: GpuReference | None = None,
     inspect_items: Sequence = (),
 ) -> str:
     """``summary.md`` of one run: environment and completeness, the CPU scope note on a run without a GPU, the
-    headline table, best and worst points, problem points."""
-    return to_markdown(bench_sections(df, meta=meta, gpu=gpu, inspect_items=inspect_items), title=title)
+    headline table (and, for a network's cases, the call-weighted BN + activation time per step), best and worst
+    points, problem points."""
+    sections = bench_sections(df, model_calls=model_calls, meta=meta, gpu=gpu, inspect_items=inspect_items)
+    return to_markdown(sections, title=title)
