@@ -95,6 +95,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="continue the run in --out: skip points already recorded there (error/oom are retried)",
     )
     run.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (for logs and CI); the per-run lines and the summary are still printed")  # fmt: skip
     run.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run (auto: cuda when available)"
     )
@@ -401,7 +403,7 @@ def run(args) -> int:
     def frame_now():
         return _merge(kept, runner.results_frame(rows))
 
-    bar, on_start, advance = _progress(points)
+    bar, on_start, advance = _progress(points, enabled=not args.no_progress)
 
     def on_point(case, provider, results) -> None:  # the finished points are on disk after every point
         advance(case, provider, results)
@@ -448,7 +450,7 @@ def _run_distributed(args, cases, providers, sync_timing, device, info: dict, st
         if rank0:
             print(f"bnbench bench: {len(points)} point(s) on {args.world_size} ranks ({dist.get_backend()}, "
                   f"{rank_device}); out {out}")  # fmt: skip
-        bar, on_start, on_point = _progress(points, enabled=rank0)
+        bar, on_start, on_point = _progress(points, enabled=rank0 and not args.no_progress)
         with bar:
             frame, samples = runner.run_sweep(cases, providers, ctx, on_start=on_start, on_point=on_point,
                                               measure=functools.partial(measure_sync_point, timing=sync_timing))  # fmt: skip

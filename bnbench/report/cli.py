@@ -28,25 +28,20 @@ DESCRIPTION = (
 EXIT_OK, EXIT_REGRESSION = 0, 1
 
 
-#: appended to the help of options whose default is None: "%(default).0s" prints nothing but stops
-#: ArgumentDefaultsHelpFormatter (used by bnbench.cli) from adding "(default: None)"
-_NO_DEFAULT = "%(default).0s"
-
-
 def configure(parser) -> None:
-    parser.add_argument("results", nargs="*", metavar="RESULTS_DIR", help="bench or train result folders" + _NO_DEFAULT)
+    parser.add_argument("results", nargs="*", metavar="RESULTS_DIR", help="bench or train result folders")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: results/report/<UTC time>/, or results/compare/<UTC time>/ "
-                        "in compare mode; results/ is git-ignored)" + _NO_DEFAULT)  # fmt: skip
+                        "in compare mode; results/ is git-ignored)")  # fmt: skip
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="compare mode: the reference bench run" + _NO_DEFAULT)  # fmt: skip
+                        help="compare mode: the reference bench run")  # fmt: skip
     parser.add_argument("--candidate", type=Path, default=None, metavar="DIR",
-                        help="compare mode: the bench run under test" + _NO_DEFAULT)  # fmt: skip
+                        help="compare mode: the bench run under test")  # fmt: skip
     parser.add_argument("--threshold", type=float, default=0.10, metavar="FRACTION",
                         help="compare mode: a point slower by more than this fraction (0.1 = 10%%) outside its noise "
                         "band is a regression")  # fmt: skip
     parser.add_argument("--svg", action="store_true", help="also write every figure as SVG")
-    parser.add_argument("--title", default=None, help="page title (default: from the folder names)" + _NO_DEFAULT)
+    parser.add_argument("--title", default=None, help="page title (default: from the folder names)")
 
 
 #: where commands write when --out is not given (git-ignored); committed results live under reports/
