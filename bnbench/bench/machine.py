@@ -18,7 +18,7 @@ import torch
 from bnbench.bench.bandwidth import measure_copy_bandwidth
 from bnbench.envinfo import cpu_name
 
-__all__ = ["copy_band", "probe"]
+__all__ = ["copy_band", "copy_record", "probe"]
 
 
 def copy_band(copy) -> dict[str, float]:
@@ -29,6 +29,11 @@ def copy_band(copy) -> dict[str, float]:
         return 2 * nbytes / (ms * 1e-3) / 1e9
 
     return {"gbps": gbps(timing.ms_p50), "gbps_lo": gbps(timing.ms_p80), "gbps_hi": gbps(timing.ms_p20)}
+
+
+def copy_record(copy) -> dict[str, Any]:
+    """A copy-bandwidth measurement as results.json records it: the band, one side's bytes, the raw samples."""
+    return {**copy_band(copy), "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)}
 
 
 def _cpu_state() -> dict[str, Any]:
@@ -86,7 +91,7 @@ def probe(device: torch.device | str, *, nbytes: int | None = None) -> dict[str,
     state: dict[str, Any] = {
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device_type": device.type,
-        "copy": {**copy_band(copy), "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
+        "copy": copy_record(copy),
         "cpu": _cpu_state(),
     }
     if device.type == "cuda":

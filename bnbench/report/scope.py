@@ -15,7 +15,11 @@ import pandas as pd
 from bnbench.report.document import Table, Text
 from bnbench.report.points import geomean
 
-__all__ = ["GpuReference", "completeness", "cpu_scope_items", "is_gpu_run"]
+__all__ = ["CACHE_RESIDENT", "GpuReference", "completeness", "cpu_scope_items", "is_gpu_run"]
+
+#: how the harness's message of a cache-resident CPU point starts (``bnbench.bench.runner.CACHE_RESIDENT``; the
+#: report reads results files and never imports the harness)
+CACHE_RESIDENT = "cache-resident"
 
 
 def is_gpu_run(df: pd.DataFrame) -> bool:
@@ -102,6 +106,15 @@ def cpu_scope_items(df: pd.DataFrame, gpu: GpuReference | None = None, inspect_i
                 "saves what backward needs and adds host work per call, while eager calls ATen's CPU batch-norm "
                 "kernel directly. "
                 "These CPU times say nothing about a GPU, where compile fuses the chain."
+            )
+        )
+    resident = df["message"].fillna("").astype(str).str.startswith(CACHE_RESIDENT)
+    if resident.any():
+        items.append(
+            Text(
+                f"{int(resident.sum())} timed point(s) move few enough bytes to stay in the CPU's last-level cache "
+                "(nothing flushes it between calls on CPU): their bandwidth is the cache's, not memory's, and their "
+                "fraction of the copy bandwidth (measured with a copy larger than the cache) can exceed 1."
             )
         )
     if pd.to_numeric(df["peak_mem_mb"], errors="coerce").isna().all():
