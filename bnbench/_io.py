@@ -23,6 +23,8 @@ __all__ = [
     "LOCK_NAME",
     "FolderBusy",
     "atomic_path",
+    "describe_entries",
+    "folder_entries",
     "folder_lock",
     "read_csv",
     "write_bytes",
@@ -88,6 +90,22 @@ def write_figure(path: str | os.PathLike, fig, **savefig_kwargs) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
     return path
+
+
+def folder_entries(folder: str | os.PathLike, option: str = "--out") -> list[str]:
+    """The visible entries of an output folder, sorted ([] when it does not exist yet); ValueError when it is a
+    file. Each command then decides which of them it may write beside."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder}: is a file, not a folder")
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def describe_entries(entries: list[str], limit: int = 5) -> str:
+    """A few entry names for a message: ``a, b, c, ...``."""
+    return ", ".join(entries[:limit]) + (", ..." if len(entries) > limit else "")
 
 
 class FolderBusy(ValueError):

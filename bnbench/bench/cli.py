@@ -198,19 +198,16 @@ def _load_previous(out: Path):
 def _check_out(out: Path, resume: bool) -> None:
     """Refuse, before anything runs, an --out that would overwrite another command's files: a file, a folder
     holding other files (a report, someone's notes), or an earlier run without --resume."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    if not out.is_dir():
-        return
-    if (out / "results.csv").exists():
+    from bnbench import _io
+
+    entries = _io.folder_entries(out)
+    if "results.csv" in entries:
         if not resume:
             raise ValueError(f"{out} already holds results.csv: pass --resume to continue it, or choose another --out")
-        return
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    if entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    elif entries:
         raise ValueError(
-            f"--out {out}: is not empty and holds no benchmark run ({shown}); choose a new or empty folder"
+            f"--out {out}: is not empty and holds no benchmark run ({_io.describe_entries(entries)}); choose a new "
+            "or empty folder"
         )
 
 

@@ -99,8 +99,7 @@ def run(args) -> int:
         torch.set_num_threads(1)  # as bnbench bench does on CPU: no OpenMP stalls on a shared machine
     stamp = _dt.datetime.now(_dt.timezone.utc)
     out = args.out or RESULTS_ROOT / "profile" / f"{envinfo.device_slug()}-{stamp:%Y%m%d-%H%M%S}"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
+    _io.folder_entries(out)  # a file named by --out is refused before anything is profiled
 
     profiles = []
     for provider in providers:

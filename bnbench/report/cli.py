@@ -59,19 +59,19 @@ def check_out(out: Path) -> None:
     """Refuse an --out that would overwrite another command's files: a file, a results folder (results.csv: a
     bench or train run, whose summary.md and figures a report would replace), a folder holding other files.
     An earlier report's folder (index.html, no results.csv) may be written again."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    if not out.is_dir():
-        return
-    if (out / "results.csv").exists():
+    from bnbench import _io
+
+    entries = _io.folder_entries(out)
+    if "results.csv" in entries:
         raise ValueError(
             f"--out {out}: is a results folder (it holds results.csv); a report there would overwrite its "
             "summary.md and figures. Choose another --out."
         )
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if entries and _REPORT_MARKER not in entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise ValueError(f"--out {out}: is not empty and not an earlier report ({shown}); choose a new or empty folder")
+        raise ValueError(
+            f"--out {out}: is not empty and not an earlier report ({_io.describe_entries(entries)}); choose a new "
+            "or empty folder"
+        )
 
 
 def _remove_stale_files(out: Path, written: list[Path]) -> None:
