@@ -128,3 +128,13 @@ def test_older_results_fall_back_to_the_copy_samples_or_the_column():
     other = run_machine(frame.assign(peak_copy_gbps=2000.0), {})
     check = check_machines(column, other)
     assert check.differs and check.slowdown == pytest.approx(4270.0 / 2000.0)
+
+
+def test_the_comparison_says_how_complete_each_run_is(tmp_path):
+    base = _run()
+    a = _folder(tmp_path / "a", base, {"run": {"state": "complete", "points_planned": len(base)}})
+    b = _folder(tmp_path / "b", base.iloc[:2], {"run": {"state": "interrupted", "points_planned": len(base)}})
+    assert main(["report", "--baseline", str(a), "--candidate", str(b), "--out", str(tmp_path / "o")]) == 1
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert f"Baseline: Complete: all {len(base)} planned point(s)" in summary
+    assert f"Candidate: INCOMPLETE: 2 of {len(base)} planned point(s) are recorded; the run was interrupted" in summary

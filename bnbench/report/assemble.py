@@ -19,7 +19,7 @@ from bnbench.report.document import FigureRef, Link, Section, Table, Text
 from bnbench.report.load import RESULTS_CSV, Result
 from bnbench.report.machine import MachineCheck, check_machines, run_machine
 from bnbench.report.points import device_label
-from bnbench.report.scope import GpuReference
+from bnbench.report.scope import GpuReference, completeness
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
 
@@ -176,6 +176,12 @@ def comparison_report(
     machine = check_machines(run_machine(baseline.frame, baseline.meta), run_machine(candidate.frame, candidate.meta))
     comparison = compare_runs(baseline.frame, candidate.frame, threshold=threshold, slowdown=machine.slowdown)
     sections = compare_sections(comparison, baseline.frame, candidate.frame, threshold=threshold, machine=machine)
+    runs = sections[0]  # "Runs": each run's completeness beside its provenance
+    states = [
+        Text(f"{role}: {completeness(r.frame, r.meta)}")
+        for role, r in (("Baseline", baseline), ("Candidate", candidate))
+    ]
+    sections[0] = Section(runs.title, [*runs.items, *states], runs.level)
     device = device_label(candidate.frame)
     heading = f"{candidate.name} vs {baseline.name} on {device}"
     figures = compare_figures(comparison, threshold=threshold, title=heading)
