@@ -64,6 +64,16 @@ def test_negative_zero_or_infinite_times_are_rejected(tmp_path, column, value):
         load_result(folder)
 
 
+def test_the_schema_check_itself_rejects_impossible_times():
+    from bnbench.schema import validate_bench
+
+    frame = synthetic_bench(dtypes=("fp32",), passes=("fwd",))
+    validate_bench(frame)
+    for column, value in (("ms_p20", -1.0), ("ms_p80", math.inf)):
+        with pytest.raises(ValueError, match=rf"column {column} must be a finite time"):
+            validate_bench(frame.assign(**{column: value}))
+
+
 def test_a_whole_file_reads_back_equal(tmp_path):
     frame = synthetic_bench(dtypes=("fp32",), passes=("fwd",)).assign(message='a "quoted", comma message')
     folder = _bench_folder(tmp_path / "run", frame)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from bnbench import _io
@@ -71,40 +70,6 @@ def detect_kind(frame: pd.DataFrame, source: str) -> str:
     )
 
 
-def _check_times(frame: pd.DataFrame, source: str) -> None:
-    """Every recorded time is a finite positive number of milliseconds, and timed ok points satisfy
-    0 < ms_p20 <= ms_p50 <= ms_p80 (the comparison's noise band relies on it)."""
-    for column in ("ms_p20", "ms_p50", "ms_p80"):
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
-        bad = ~np.isnan(values) & ~(np.isfinite(values) & (values > 0))
-        if bad.any():
-            i = int(np.argmax(bad))
-            row = frame.iloc[i]
-            raise ValueError(
-                f"{source}: column {column} must be a finite time > 0 ms, got {row[column]} on {int(bad.sum())} "
-                f"row(s), e.g. line {i + 2} (provider={row['provider']} shape={row['shape']})"
-            )
-    ok = frame[(frame["status"] == "ok") & (frame["timer"] != "interpreter")]
-    p20, p50, p80 = (
-        pd.to_numeric(ok[c], errors="coerce").to_numpy(dtype=float) for c in ("ms_p20", "ms_p50", "ms_p80")
-    )
-    if np.isnan(p50).any():
-        raise ValueError(
-            f"{source}: column ms_p50 is empty on {int(np.isnan(p50).sum())} timed point(s) with status ok"
-        )
-    for column, bad in (
-        ("ms_p20", p20 > p50 * (1 + 1e-9)),
-        ("ms_p80", p80 < p50 * (1 - 1e-9)),
-    ):
-        if bad.any():
-            row = ok.iloc[int(np.argmax(bad))]
-            raise ValueError(
-                f"{source}: column {column} breaks 0 < ms_p20 <= ms_p50 <= ms_p80 on {int(bad.sum())} row(s), e.g. "
-                f"provider={row['provider']} shape={row['shape']} (p20={row['ms_p20']}, p50={row['ms_p50']}, "
-                f"p80={row['ms_p80']})"
-            )
-
-
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -132,7 +97,6 @@ def load_result(path: str | os.PathLike) -> Result:
             is_baseline(frame["is_baseline"])
         except ValueError as err:
             raise ValueError(f"{csv}: {err}") from None
-        _check_times(frame, str(csv))
     elif kind == "step":
         validate_step(frame, str(csv))
     else:
