@@ -93,6 +93,8 @@ def test_an_interrupted_run_says_so_and_keeps_what_it_finished(tmp_path, monkeyp
     measured = _spy(monkeypatch)
     assert main(["bench", *TINY, "--out", str(out), "--resume"]) == 0
     assert measured == ["16x4"] and _sidecar(out)["run"]["state"] == "complete"
+    earlier = _sidecar(out)["previous_runs"][-1]
+    assert earlier["state"] == "interrupted" and earlier["machine"]["before"]["copy"]["gbps"] > 0
 
 
 @pytest.mark.parametrize(

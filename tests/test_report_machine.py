@@ -138,3 +138,11 @@ def test_the_comparison_says_how_complete_each_run_is(tmp_path):
     summary = (tmp_path / "o" / "summary.md").read_text()
     assert f"Baseline: Complete: all {len(base)} planned point(s)" in summary
     assert f"Candidate: INCOMPLETE: 2 of {len(base)} planned point(s) are recorded; the run was interrupted" in summary
+
+
+def test_a_resumed_run_spans_the_machines_of_all_its_sessions():
+    frame = _run()
+    meta = _machine(10.0)
+    meta["previous_runs"] = [{"run_id": "r", **_machine(5.0)}]  # the first session ran on a slower machine
+    machine = run_machine(frame, meta)
+    assert machine.copy_lo == pytest.approx(5.0 * 0.98) and machine.copy_hi == pytest.approx(10.0 * 1.02)

@@ -334,7 +334,9 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
             "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
         },
         "copy_bandwidth": copy,
-        "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
+        # the sessions a --resume continues, each with the machine it ran on
+        "previous_runs": old_sidecar.get("previous_runs", [])
+        + ([{**old_sidecar["run"], "machine": old_sidecar.get("machine")}] if "run" in old_sidecar else []),
         # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
         "model_bn_calls": run_call_table(args.preset, args.from_model),
     }  # fmt: skip

@@ -2,7 +2,7 @@
 before any time ratio is called a regression.
 
 Each run's machine is read from its ``results.json``: ``machine.before``/``machine.after`` (probes written by the
-harness, ``bnbench.bench.machine``), else the run's start-of-run copy bandwidth samples (older files), else the
+harness, ``bnbench.bench.machine``; a resumed run's earlier sessions' probes too, from ``previous_runs``), else the run's start-of-run copy bandwidth samples (older files), else the
 ``peak_copy_gbps`` column (one number, no noise band). A run's copy band spans every probe's p20-p80 band, so a
 machine that drifted during the run has a wide band.
 
@@ -70,10 +70,10 @@ def _band_from_samples(samples, nbytes) -> tuple[float, float, float] | None:
 
 
 def _probes(meta: dict[str, Any]) -> list[dict]:
-    machine = meta.get("machine")
-    if not isinstance(machine, dict):
-        return []
-    return [machine[k] for k in ("before", "after") if isinstance(machine.get(k), dict)]
+    """Every machine probe of a run: those of the sessions a --resume continued (``previous_runs``), then its own."""
+    machines = [r.get("machine") for r in meta.get("previous_runs") or () if isinstance(r, dict)]
+    machines.append(meta.get("machine"))
+    return [m[k] for m in machines if isinstance(m, dict) for k in ("before", "after") if isinstance(m.get(k), dict)]
 
 
 def run_machine(frame: pd.DataFrame, meta: dict[str, Any]) -> RunMachine:
