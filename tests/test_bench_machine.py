@@ -64,3 +64,34 @@ def test_env_names_the_cpu_and_its_cache():
             "triton_version": None, "triton_interpreter": False, "backends": {},
             "device": {"type": "cpu", "name": "Intel(R) Xeon(R) Processor", "cores": 2, "cache_bytes": 480 << 20}}  # fmt: skip
     assert "CPU Intel(R) Xeon(R) Processor (2 cores, 480 MiB last-level cache)" in format_text(info)
+
+
+def test_gpu_state_reads_each_nvml_field_on_its_own(monkeypatch):
+    import sys
+    import types
+
+    from bnbench.bench import machine
+
+    fake = types.ModuleType("pynvml")
+    fake.NVML_CLOCK_SM, fake.NVML_CLOCK_MEM, fake.NVML_TEMPERATURE_GPU = 0, 1, 0
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda index: f"gpu{index}"
+    fake.nvmlDeviceGetClockInfo = lambda handle, kind: (1980, 2619)[kind]
+    fake.nvmlDeviceGetMaxClockInfo = lambda handle, kind: 1980
+    fake.nvmlDeviceGetTemperature = lambda handle, kind: 41
+    fake.nvmlDeviceGetPowerUsage = lambda handle: 123_000
+
+    def refused(handle):
+        raise RuntimeError("NVML_ERROR_NO_PERMISSION")
+
+    fake.nvmlDeviceGetEnforcedPowerLimit = refused
+    fake.nvmlDeviceGetCurrentClocksThrottleReasons = lambda handle: 0x4 | 0x40
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    unavailable: list[str] = []
+    state = machine._nvml_state(0, unavailable)
+    assert state["sm_clock_mhz"] == 1980 and state["mem_clock_mhz"] == 2619 and state["power_w"] == 123.0
+    assert state["throttle_reasons"] == ["hw_thermal", "sw_power_cap"]
+    assert state["power_limit_w"] is None and unavailable == ["power_limit_w: RuntimeError: NVML_ERROR_NO_PERMISSION"]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: said, not guessed
+    unavailable.clear()
+    assert machine._nvml_state(0, unavailable) == {} and "pynvml is not installed" in unavailable[0]

@@ -45,6 +45,17 @@ def _cpu_state() -> dict[str, Any]:
     return state
 
 
+#: NVML's clock-throttle reason bits, by the names results.json records
+_THROTTLE_BITS = {
+    "gpu_idle": 0x1, "applications_clocks": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8, "sync_boost": 0x10,
+    "sw_thermal": 0x20, "hw_thermal": 0x40, "hw_power_brake": 0x80,
+}  # fmt: skip
+
+
+def _reason_names(bits: int) -> list[str]:
+    return sorted(name for name, bit in _THROTTLE_BITS.items() if bits & bit)
+
+
 def _nvml_state(index: int, unavailable: list[str]) -> dict[str, Any]:
     try:
         import pynvml
@@ -54,24 +65,26 @@ def _nvml_state(index: int, unavailable: list[str]) -> dict[str, Any]:
     try:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        state = {
-            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-            "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-            "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
-        }
-        reasons = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
-        names = {
-            "gpu_idle": 0x1, "applications_clocks": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8,
-            "sync_boost": 0x10, "sw_thermal": 0x20, "hw_thermal": 0x40, "hw_power_brake": 0x80,
-        }  # fmt: skip
-        state["throttle_reasons"] = sorted(name for name, bit in names.items() if reasons & bit)
-        return state
-    except Exception as err:  # NVML missing or refusing: say so, measure the rest
+    except Exception as err:  # no NVML library or no permission: say so, measure the rest
         unavailable.append(f"NVML: {type(err).__name__}: {err}")
         return {}
+    reads = {
+        "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+        "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+        "max_sm_clock_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+        "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+        "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+        "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+        "throttle_reasons": lambda: _reason_names(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)),
+    }
+    state: dict[str, Any] = {}
+    for name, read in reads.items():  # each field on its own: one the driver refuses does not lose the others
+        try:
+            state[name] = read()
+        except Exception as err:
+            state[name] = None
+            unavailable.append(f"{name}: {type(err).__name__}: {err}")
+    return state
 
 
 def _gpu_state(device: torch.device, unavailable: list[str]) -> dict[str, Any]:
