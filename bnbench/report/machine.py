@@ -163,6 +163,7 @@ def check_machines(baseline: RunMachine, candidate: RunMachine) -> MachineCheck:
         ("CPU load (1 min)", _fmt(baseline.load_avg), _fmt(candidate.load_avg)),
         ("recorded in", baseline.source, candidate.source),
     ]  # fmt: skip
+    rows = [r for r in rows if r[1] != "" or r[2] != ""]  # a CPU run has no GPU clocks to show
     table = pd.DataFrame(rows, columns=["machine", "baseline", "candidate"])
     if not known:
         reasons_unknown = "copy bandwidth not recorded in one of the runs: the machine cannot be checked"
