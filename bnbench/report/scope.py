@@ -95,8 +95,13 @@ def cpu_scope_items(df: pd.DataFrame, gpu: GpuReference | None = None, inspect_i
     if inspect_items:
         items += list(inspect_items)
     else:
-        items.append(Text("Host overhead per call and launch plans: not part of this run ('bnbench profile' "
-                          "measures the host time of one case)."))  # fmt: skip
+        items.append(
+            Text(
+                "Host overhead per call and launch plans of bnbench's kernels: not measured in this run (no "
+                "inspection tool is part of it; on a GPU 'bnbench profile' shows GPU vs wall time per call and "
+                "the kernels' launch configuration)."
+            )
+        )
     compiled = df[(df["provider"] == "compile") & (df["status"] == "ok") & (df["timer"] == "wall")]
     if len(compiled) and geomean(pd.to_numeric(compiled["speedup_vs_eager"], errors="coerce")) < 1:
         items.append(
