@@ -1,8 +1,9 @@
 """``bnbench report``: tables, figures and an HTML page from result folders, or a baseline/candidate comparison.
 
 The only module of ``bnbench.report`` that writes files (through the atomic writers of ``bnbench._io``).
-Exit codes: 0 ok; 1 a regression in compare mode; 2 bad input (raised as ValueError/FileNotFoundError and
-turned into exit code 2 by ``bnbench.cli``).
+Exit codes: 0 ok; 1 the candidate does not pass in compare mode (a regression, baseline points missing, no point
+in common); 2 bad input or an --out that would overwrite another command's files (raised as
+ValueError/FileNotFoundError and turned into exit code 2 by ``bnbench.cli``).
 """
 
 from __future__ import annotations
