@@ -223,3 +223,17 @@ def test_a_swept_log_axis_is_labelled_at_its_values_only():
     assert ax.get_xscale() == "log"
     assert _labels(ax.xaxis) == ["256", "2048", "16384", "262k"]
     assert not [t for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # no crowded minor labels
+
+
+def test_a_label_has_one_style_in_every_panel():
+    # BN1d panels have only nchw; BN2d panels both layouts: "eager (nchw)" must look the same everywhere
+    bn1d = synthetic_bench(providers=("eager",), dtypes=("fp32",), passes=("fwd",), widths=(64,))
+    bn2d = bn1d.assign(op="bn2d", S=196)
+    frame = pd.concat([bn1d, bn2d, bn2d.assign(layout="channels_last")], ignore_index=True)
+    figure = bench.bench_figures(frame)["time_vs_batch"]
+    styles: dict[str, set] = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            styles.setdefault(line.get_label(), set()).add((line.get_marker(), line.get_linestyle()))
+    assert set(styles) == {"eager (nchw)", "eager (channels_last)"}
+    assert all(len(s) == 1 for s in styles.values()) and styles["eager (nchw)"] != styles["eager (channels_last)"]

@@ -49,10 +49,17 @@ def _varying_within(panels, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if any(rows[c].nunique(dropna=False) > 1 for _, rows in panels)]
 
 
-def _series(frame: pd.DataFrame, extras: Sequence[str]):
-    """(provider, label, style index, rows) per line, in a stable order: provider order, then extra values."""
+def style_order(frame: pd.DataFrame, extras: Sequence[str]) -> list[tuple]:
+    """The combinations of ``extras`` values in ``frame``, in a stable order: a line's style is its index here.
+    Compute it once per figure, so that a label has the same style in every panel (and in the legend)."""
+    return order_values(tuple(r) for r in frame[list(extras)].astype(str).itertuples(index=False))
+
+
+def _series(frame: pd.DataFrame, extras: Sequence[str], styles: Sequence[tuple] | None = None):
+    """(provider, label, style index, rows) per line, in a stable order: provider order, then extra values.
+    ``styles``: the figure's :func:`style_order` (default: this frame's)."""
     keys = ["provider", *extras]
-    combos = order_values(tuple(r) for r in frame[list(extras)].astype(str).itertuples(index=False))
+    combos = list(styles) if styles is not None else style_order(frame, extras)
     for provider in order_values(frame["provider"], PROVIDER_ORDER):
         rows = frame[frame["provider"] == provider]
         for _, group in rows.groupby(keys, sort=True, dropna=False):
@@ -67,10 +74,12 @@ def _times(frame: pd.DataFrame) -> pd.Series:
 
 
 def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), title: str = "",
-                       xlog: bool | None = None, ylog: bool | None = None):  # fmt: skip
-    """Median time vs batch size N, one line per provider (and per value of ``extras``), p20-p80 band. Axes are
-    log when asked (``xlog``/``ylog``; by default when this panel's values span a decade)."""
-    for provider, label, style, group in _series(frame, extras):
+                       xlog: bool | None = None, ylog: bool | None = None,
+                       styles: Sequence[tuple] | None = None):  # fmt: skip
+    """Median time vs batch size N, one line per provider (and per value of ``extras``, styled by its index in
+    ``styles``), p20-p80 band. Axes are log when asked (``xlog``/``ylog``; by default when this panel's values
+    span a decade)."""
+    for provider, label, style, group in _series(frame, extras, styles):
         group = group.sort_values("N")
         color = color_for(provider)
         ax.plot(group["N"], group["ms_p50"], color=color, marker=_MARKERS[style % len(_MARKERS)],
@@ -86,10 +95,10 @@ def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), t
 
 
 def plot_bandwidth(ax, frame: pd.DataFrame, *, copy_gbps: Sequence[float] = (), extras: Sequence[str] = (),
-                   title: str = "", xlog: bool | None = None):  # fmt: skip
+                   title: str = "", xlog: bool | None = None, styles: Sequence[tuple] | None = None):  # fmt: skip
     """Effective bandwidth (minimal bytes / median time) vs tensor bytes per provider; the p20-p80 band as error
     bars; a horizontal line at each measured copy bandwidth."""
-    for provider, label, style, group in _series(frame, extras):
+    for provider, label, style, group in _series(frame, extras, styles):
         group = group.sort_values("bytes_min")
         gbps = group["gbps"].to_numpy(dtype=float)
         p50 = group["ms_p50"].to_numpy(dtype=float)
@@ -187,9 +196,10 @@ def _time_figure(timed: pd.DataFrame, device: str) -> Figure:
     title = f"Time vs batch size on {device} (median; band p20-p80)"
     fig, axes = new_figure(len(panels), max_cols=max(1, min(timed["C"].nunique(), 4)), title=title)
     xlog, ylog = wants_log(timed["N"]), wants_log(_times(timed))
+    styles = style_order(timed, extras)
     for ax, ((op, dtype, pass_, width), rows) in zip(axes, panels, strict=True):
         name = f"{_op_name(op)} · {dtype} · {pass_} · width C={width}"
-        plot_time_vs_batch(ax, rows, extras=extras, title=name, xlog=xlog, ylog=ylog)
+        plot_time_vs_batch(ax, rows, extras=extras, title=name, xlog=xlog, ylog=ylog, styles=styles)
     _legend(fig, axes)
     return fig
 
@@ -201,10 +211,11 @@ def _bandwidth_figure(timed: pd.DataFrame, device: str) -> Figure | None:
     panels = _panels(rows, ["dtype", "pass"])
     extras = _varying_within(panels, [c for c in _EXTRA_DIMS if c != "S"])
     fig, axes = new_figure(len(panels), title=f"Effective bandwidth vs bytes on {device}")
-    xlog = wants_log(rows["bytes_min"])
+    xlog, styles = wants_log(rows["bytes_min"]), style_order(rows, extras)
     for ax, ((dtype, pass_), part) in zip(axes, panels, strict=True):
         copy = pd.to_numeric(part["peak_copy_gbps"], errors="coerce").dropna().unique()
-        plot_bandwidth(ax, part, copy_gbps=list(copy), extras=extras, title=f"{dtype} · {pass_}", xlog=xlog)
+        plot_bandwidth(ax, part, copy_gbps=list(copy), extras=extras, title=f"{dtype} · {pass_}", xlog=xlog,
+                       styles=styles)  # fmt: skip
     _legend(fig, axes)
     return fig
 
