@@ -108,7 +108,7 @@ def plot_bandwidth(ax, frame: pd.DataFrame, *, copy_gbps: Sequence[float] = (), 
         ax.errorbar(group["bytes_min"], gbps, yerr=yerr, color=color_for(provider), label=label, capsize=2,
                     marker=_MARKERS[style % len(_MARKERS)], linestyle="none", markersize=4)  # fmt: skip
     for value in order_values(copy_gbps):
-        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth {value:.0f} GB/s")
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth {value:.3g} GB/s")
     set_axis_scale(ax, "x", wants_log(frame["bytes_min"]) if xlog is None else xlog, ticks=frame["bytes_min"])
     ax.set_xlabel("minimal bytes moved per call")
     ax.set_ylabel("effective bandwidth (GB/s)")
