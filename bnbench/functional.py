@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bnbench import _ops
 from bnbench.activations import Activation, apply_activation, parse_activation
-from bnbench.interpreter import interpreter_active
+from bnbench.interpreter import interpreter_active, warn_if_large
 from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_reference, bwd_from_output_reference
 
 __all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
@@ -253,6 +253,8 @@ def batch_norm_act(
     if memory_saving and (reason := memory_saving_unsupported(act, param)) is not None:
         raise ValueError(f"memory_saving=True is not supported for activation {act.value!r}: {reason}")
     use_triton = resolve_backend(backend, input) == "triton"
+    if use_triton and input.device.type == "cpu":  # the Triton interpreter
+        warn_if_large(input.numel())
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.

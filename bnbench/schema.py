@@ -7,6 +7,7 @@ raises ValueError naming the file and the column.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 __all__ = [
@@ -115,7 +116,9 @@ def _require(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None
 
 
 def validate_bench(frame: pd.DataFrame, source: str = "bench results") -> pd.DataFrame:
-    """Check a bench results frame; return it. Raises ValueError naming ``source`` and the bad column."""
+    """Check a bench results frame; return it. Raises ValueError naming ``source`` and the bad column: missing
+    columns, unknown statuses or timers, non-numeric numbers, times that are not finite and > 0 ms, and timed ok
+    points whose quantiles are not ordered (0 < ms_p20 <= ms_p50 <= ms_p80)."""
     _require(frame, BENCH_COLUMNS, source)
     bad = sorted(set(frame["status"].dropna()) - set(BENCH_STATUSES))
     if bad:
@@ -127,7 +130,42 @@ def validate_bench(frame: pd.DataFrame, source: str = "bench results") -> pd.Dat
         values = frame[column]
         if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
             raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")
+    _check_times(frame, source)
     return frame
+
+
+def _check_times(frame: pd.DataFrame, source: str) -> None:
+    """Every recorded time is a finite positive number of milliseconds, and timed ok points satisfy
+    0 < ms_p20 <= ms_p50 <= ms_p80 (the comparison's noise band relies on it)."""
+    for column in ("ms_p20", "ms_p50", "ms_p80"):
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isnan(values) & ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            row = frame.iloc[i]
+            raise ValueError(
+                f"{source}: column {column} must be a finite time > 0 ms, got {row[column]} on {int(bad.sum())} "
+                f"row(s), e.g. line {i + 2} (provider={row['provider']} shape={row['shape']})"
+            )
+    ok = frame[(frame["status"] == "ok") & (frame["timer"] != "interpreter")]
+    p20, p50, p80 = (
+        pd.to_numeric(ok[c], errors="coerce").to_numpy(dtype=float) for c in ("ms_p20", "ms_p50", "ms_p80")
+    )
+    if np.isnan(p50).any():
+        raise ValueError(
+            f"{source}: column ms_p50 is empty on {int(np.isnan(p50).sum())} timed point(s) with status ok"
+        )
+    for column, bad in (
+        ("ms_p20", p20 > p50 * (1 + 1e-9)),
+        ("ms_p80", p80 < p50 * (1 - 1e-9)),
+    ):
+        if bad.any():
+            row = ok.iloc[int(np.argmax(bad))]
+            raise ValueError(
+                f"{source}: column {column} breaks 0 < ms_p20 <= ms_p50 <= ms_p80 on {int(bad.sum())} row(s), e.g. "
+                f"provider={row['provider']} shape={row['shape']} (p20={row['ms_p20']}, p50={row['ms_p50']}, "
+                f"p80={row['ms_p80']})"
+            )
 
 
 def validate_step(frame: pd.DataFrame, source: str = "step results") -> pd.DataFrame:

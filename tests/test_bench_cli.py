@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from bnbench.bench import runner
 from bnbench.bench.providers import PROVIDERS, Provider
@@ -116,3 +117,12 @@ def test_help_and_dry_run_import_neither_triton_nor_dynamo(run_python):
     env_run = run_python("-c", code, timeout=120)
     assert env_run.returncode == 0, env_run.stderr[-2000:]
     assert "--preset" in env_run.stdout and "quick" in env_run.stdout
+
+
+@pytest.fixture(autouse=True)
+def _small_copy_probe(monkeypatch):
+    """The copy-bandwidth probe at 4 MiB: on CPU it defaults to the last-level cache's size (hundreds of MiB
+    on a server), seconds per run that these tests do not need."""
+    from bnbench.bench import bandwidth
+
+    monkeypatch.setattr(bandwidth, "default_copy_bytes", lambda device: 4 << 20)

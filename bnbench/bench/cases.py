@@ -331,5 +331,10 @@ def select_cases(preset: str | None, **axes: Sequence | None) -> list[Case]:
         cases = preset_cases("quick")
         where = "preset 'quick'"
     if not cases:
-        raise ValueError(f"no benchmark case left in {where} (channels_last needs a spatial size other than 1)")
+        spatial = given.get("spatial", GRID_DEFAULTS["spatial"] if preset is None else ())
+        only_2d = bool(spatial) and all(sp is None for sp in spatial)
+        hint = " (channels_last needs a spatial size other than 1)" if (
+            set(given.get("layouts", ())) == {"channels_last"} and only_2d
+        ) else ""  # fmt: skip
+        raise ValueError(f"no benchmark case left in {where}{hint}")
     return cases

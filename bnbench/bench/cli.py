@@ -3,7 +3,9 @@ the disk (results CSV, JSON sidecar, PNG figures, summary.md; the profiler's fil
 
 Every file is written whole through :mod:`bnbench._io` (a temporary file, then a rename). The CSV and the JSON
 sidecar are rewritten after every point, so Ctrl-C leaves the finished points on disk and ``--resume`` picks up
-from there.
+from there; results.json says how complete the run is (``bnbench.bench.record``). One command writes a folder at
+a time (``bnbench._io.folder_lock``). The machine is probed before and after the sweep (copy bandwidth, device,
+GPU clocks; ``bnbench.bench.machine``), so a comparison can tell a changed machine from changed code.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import math
 import sys
 from pathlib import Path
@@ -40,10 +41,16 @@ cases small enough for it, as a correctness check (timer=interpreter, never in a
 recorded as skipped, saying why.
 With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
 docs/measuring.md). The method (providers, passes, timers, bytes model) is in docs/measuring.md.
-Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments."""
+Results go to --out, by default results/bench/<device>-<UTC time>/ (results/ is git-ignored; commit a run under
+reports/ deliberately). --out must be new, empty, or (with --resume) an earlier run with the same options.
+results.json records whether the run completed and how many of its planned points are recorded.
+Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments or
+input, 130 interrupted (the finished points are kept; --resume continues)."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
+#: where runs go without --out (git-ignored); committed results live under reports/
+RESULTS_ROOT = Path("results")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -87,14 +94,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "sync_eager (all three by default)",
     )
     run.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: reports/bench/<device>-<UTC timestamp>/)"
-    )
+        "--out", type=Path, default=None,
+        help="output folder: new, empty, or an earlier run to --resume (default: results/bench/<device>-<UTC "
+        "timestamp>/; results/ is git-ignored)",
+    )  # fmt: skip
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out: skip points already recorded there (error/oom are retried)",
+        help="continue the run in --out: skip points already recorded there (error/oom are retried); refused "
+        "when its options (cases, providers, seed, timing) differ from this command's, naming the difference",
     )
     run.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (for logs and CI); the per-run lines and the summary are still printed")  # fmt: skip
     run.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run (auto: cuda when available)"
     )
@@ -171,27 +183,47 @@ def _device(name: str):
 
 
 def _load_previous(out: Path):
-    """(frame, sidecar) of an earlier run in ``out`` (for --resume), or (None, {})."""
-    import pandas as pd
+    """(frame, sidecar) of an earlier run in ``out`` (for --resume), or (None, {}). Both are validated whole
+    (``bnbench.report.load``): a cut CSV or a results.json that is not a JSON object is a ValueError."""
+    from bnbench.report.load import load_result
 
-    from bnbench.schema import validate_bench
-
-    csv = out / "results.csv"
-    if not csv.exists():
+    if not (out / "results.csv").exists():
         return None, {}
-    frame = validate_bench(pd.read_csv(csv), str(csv))
-    sidecar_path = out / "results.json"
-    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.exists() else {}
-    return frame, sidecar
+    result = load_result(out)
+    if result.kind != "bench":
+        raise ValueError(f"cannot resume {out}: it holds {result.kind} results, not a benchmark run")
+    return result.frame, result.meta
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse, before anything runs, an --out that would overwrite another command's files: a file, a folder
+    holding other files (a report, someone's notes), or an earlier run without --resume."""
+    from bnbench import _io
+
+    entries = _io.folder_entries(out)
+    if "results.csv" in entries:
+        if not resume:
+            raise ValueError(f"{out} already holds results.csv: pass --resume to continue it, or choose another --out")
+    elif entries:
+        raise ValueError(
+            f"--out {out}: is not empty and holds no benchmark run ({_io.describe_entries(entries)}); choose a new "
+            "or empty folder"
+        )
 
 
 _RESUME_MUST_MATCH = ("device_name", "git_sha", "torch_version", "triton_version", "bnbench_version")
 
 
-def _check_resumable(previous, provenance: dict, out: Path) -> None:
-    """--resume continues a run only on the same device, code and versions: speedups pair points of one run."""
+def _check_resumable(previous, provenance: dict, out: Path, old_sidecar: dict, options: dict) -> None:
+    """--resume continues a run only with the same options (the same grid, measured the same way) on the same
+    device, code and versions: speedups pair points of one run."""
+    from bnbench.bench.record import resume_mismatch
+
     if previous is None or not len(previous):
         return
+    why = resume_mismatch(old_sidecar.get("run"), options)
+    if why:
+        raise ValueError(f"cannot resume {out}: {why}. Rerun with those options, or start a new --out.")
     for column in _RESUME_MUST_MATCH:
         before = {str(v) for v in previous[column].dropna().unique()}
         now = str(provenance[column])
@@ -247,13 +279,17 @@ def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
     _io.write_json(out / "results.json", sidecar)
 
 
-def write_report(out: Path, frame, model_calls: dict | None = None) -> str:
+def write_report(out: Path, frame, model_calls: dict | None = None, meta: dict | None = None) -> str:
     """summary.md and the PNG figures from the report module; returns the summary. ``model_calls``: the network's
-    BN call table when the cases came from one (the summary adds the call-weighted total)."""
+    BN call table when the cases came from one (the summary adds the call-weighted total); ``meta``: results.json
+    (the summary says how complete the run is). A run without a GPU quotes the newest committed GPU results."""
     from bnbench import _io
     from bnbench.report.bench import bench_figures, summary_markdown
+    from bnbench.report.load import newest_gpu_reference
+    from bnbench.report.scope import is_gpu_run
 
-    summary = summary_markdown(frame, model_calls=model_calls)
+    gpu = None if is_gpu_run(frame) else newest_gpu_reference()
+    summary = summary_markdown(frame, model_calls=model_calls, meta=meta, gpu=gpu)
     _io.write_text(out / "summary.md", summary)
     for stem, fig in bench_figures(frame).items():
         _io.write_figure(out / f"{stem}.png", fig, dpi=120, bbox_inches="tight")
@@ -272,13 +308,16 @@ def write_profile_outputs(out: Path, markdown: str, kernels, profiles) -> None:
                 p.profiler.export_chrome_trace(str(tmp))
 
 
-def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, timing: dict, copy,
+def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, timing: dict, copy: dict,
              old_sidecar: dict) -> dict:  # fmt: skip
-    """results.json without the raw samples: the environment, the run's settings, the copy bandwidth."""
+    """results.json without the raw samples: the environment, the run's settings and completeness (state
+    running, the points planned), the copy bandwidth record (``bnbench.bench.machine.copy_record``)."""
     import torch
 
     from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
     from bnbench.bench.model_cases import run_call_table
+    from bnbench.bench.record import options_record
+    from bnbench.bench.runner import plan_points
     from bnbench.schema import DTYPES
     from bnbench.testing import tolerance
 
@@ -286,16 +325,18 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
         "environment": info,
         "run": {
             "run_id": run_id, "started_utc": started.isoformat(timespec="seconds"),
-            "options": {k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
-                        for k, v in vars(args).items() if not k.startswith("_")},
+            "options": options_record(args),
+            "state": "running", "points_planned": len(plan_points(cases, providers)), "points_done": 0,
             "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
             "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
             "timing": timing,
             "tolerance_max_rel_err": {d: tolerance(d) for d in DTYPES},
             "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
         },
-        "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
-        "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
+        "copy_bandwidth": copy,
+        # the sessions a --resume continues, each with the machine it ran on
+        "previous_runs": old_sidecar.get("previous_runs", [])
+        + ([{**old_sidecar["run"], "machine": old_sidecar.get("machine")}] if "run" in old_sidecar else []),
         # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
         "model_bn_calls": run_call_table(args.preset, args.from_model),
     }  # fmt: skip
@@ -304,7 +345,7 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
 def _finish(out: Path, frame, sidecar: dict) -> int:
     """Write the results whole, the summary and the figures; the exit status of the run."""
     write_bench_outputs(out, frame, sidecar)
-    print(write_report(out, frame, sidecar.get("model_bn_calls")))
+    print(write_report(out, frame, sidecar.get("model_bn_calls"), sidecar))
     failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
     counts = frame["status"].value_counts().to_dict()
     print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -349,9 +390,8 @@ def _check_run_options(args) -> None:
 def run(args) -> int:
     import torch
 
-    from bnbench import envinfo
+    from bnbench import _io, envinfo
     from bnbench.bench import runner
-    from bnbench.bench.bandwidth import measure_copy_bandwidth
     from bnbench.bench.providers import DEFAULT_PROVIDERS, get_providers
     from bnbench.interpreter import switch_triton_interpreter_on
 
@@ -371,49 +411,83 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     started = _dt.datetime.now(_dt.timezone.utc)
     info = envinfo.collect()
-    out = args.out or Path("reports/bench") / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
-    previous, old_sidecar = _load_previous(out) if args.resume else (None, {})
-    if not args.resume and (out / "results.csv").exists():
-        raise ValueError(f"{out} already holds results.csv: pass --resume to continue it, or choose another --out")
-    done = _done_keys(previous)
-    points = runner.plan_points(cases, providers, done)
+    out = args.out or RESULTS_ROOT / "bench" / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
+    _check_out(out, args.resume)
     if args.dry_run:
-        return _dry_run(points, done, device)
+        previous, _ = _load_previous(out) if args.resume else (None, {})
+        done = _done_keys(previous)
+        return _dry_run(runner.plan_points(cases, providers, done), done, device)
     if args.world_size is not None:
         return _run_distributed(args, cases, providers, sync_timing, device, info, started, out)
+    with _io.folder_lock(out, "bnbench bench"):
+        _check_out(out, args.resume)  # again, under the lock: another command may have written there meanwhile
+        return _run_local(args, cases, providers, device, info, started, out)
+
+
+def _run_local(args, cases, providers, device, info: dict, started, out: Path) -> int:
+    """The sweep on this process's device, the results written after every point; the folder is locked."""
+    from bnbench.bench import runner
+    from bnbench.bench.machine import probe
+    from bnbench.bench.record import mark, options_record
+
+    previous, old_sidecar = _load_previous(out) if args.resume else (None, {})
+    done = _done_keys(previous)
+    points = runner.plan_points(cases, providers, done)
     if args.resume and previous is None:
         print(f"bnbench bench: nothing to resume in {out} (no results.csv); starting a new run there", file=sys.stderr)
 
     run_id = str(previous["run_id"].iloc[0]) if previous is not None and len(previous) else out.name
-    _check_resumable(previous, runner.provenance_from_env(info, run_id), out)
-    copy = measure_copy_bandwidth(device)
-    print(f"bnbench bench: {len(points)} point(s) on {device}; copy bandwidth {copy.gbps:.1f} GB/s; out {out}")
+    _check_resumable(previous, runner.provenance_from_env(info, run_id), out, old_sidecar, options_record(args))
+    before = probe(device)
+    copy = before["copy"]
+    print(f"bnbench bench: {len(points)} point(s) on {device}; copy bandwidth {copy['gbps']:.3g} GB/s (band "
+          f"{copy['gbps_lo']:.3g}-{copy['gbps_hi']:.3g}); out {out}")  # fmt: skip
     ctx = runner.RunContext(
-        device=device, copy_gbps=copy.gbps, provenance=runner.provenance_from_env(info, run_id), seed=args.seed,
+        device=device, copy_gbps=copy["gbps"], provenance=runner.provenance_from_env(info, run_id), seed=args.seed,
         timing=runner.TimingSettings(rep_ms=args.rep_ms, cpu_budget_s=args.cpu_budget_s, cuda_graph=args.cuda_graph),
+        cache_bytes=info["device"].get("cache_bytes") if device.type == "cpu" else None,
     )  # fmt: skip
     kept = _drop_rerun(previous, points)
     sidecar = _sidecar(args, info, run_id, started, device, providers, cases, dataclasses.asdict(ctx.timing), copy,
                        old_sidecar)  # fmt: skip
+    sidecar["machine"] = {"before": before, "after": None}
     samples: dict[str, list[float]] = dict(old_sidecar.get("samples_ms", {}))
     rows: list[dict] = []
 
     def frame_now():
         return _merge(kept, runner.results_frame(rows))
 
-    bar, on_start, advance = _progress(points)
+    bar, on_start, advance = _progress(points, enabled=not args.no_progress)
+
+    def recorded(frame) -> int:  # points, not rows: a CUDA-graph replay is a second row of its point
+        return int((frame["timer"] != "cuda_graph").sum()) if len(frame) else 0
 
     def on_point(case, provider, results) -> None:  # the finished points are on disk after every point
         advance(case, provider, results)
         for result in results:
             rows.append(result.row)
             samples[runner.point_id(result.row)] = result.samples_ms
-        sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        write_bench_outputs(out, frame_now(), {**sidecar, "samples_ms": samples})
+        frame = frame_now()
+        sidecar["run"] = mark(sidecar["run"], "running", points_done=recorded(frame))
+        write_bench_outputs(out, frame, {**sidecar, "samples_ms": samples})
 
-    with bar:
-        runner.run_sweep(cases, providers, ctx, done=done, on_start=on_start, on_point=on_point)
-    return _finish(out, frame_now(), {**sidecar, "samples_ms": samples})
+    try:
+        with bar:
+            runner.run_sweep(cases, providers, ctx, done=done, on_start=on_start, on_point=on_point)
+    except KeyboardInterrupt:  # keep what finished, say what is missing, then let the CLI exit 130
+        frame = frame_now()
+        sidecar["run"] = mark(sidecar["run"], "interrupted", points_done=recorded(frame))
+        meta = {**sidecar, "samples_ms": samples}
+        write_bench_outputs(out, frame, meta)
+        write_report(out, frame, sidecar.get("model_bn_calls"), meta)
+        print(f"bnbench bench: interrupted with {recorded(frame)} of {sidecar['run']['points_planned']} point(s) "
+              f"recorded in {out}; 'bnbench bench --resume --out {out}' with the same options measures the rest",
+              file=sys.stderr)  # fmt: skip
+        raise
+    sidecar["machine"]["after"] = probe(device)
+    frame = frame_now()
+    sidecar["run"] = mark(sidecar["run"], "complete", points_done=recorded(frame))
+    return _finish(out, frame, {**sidecar, "samples_ms": samples})
 
 
 def _merge(kept, new):
@@ -434,9 +508,12 @@ def _run_distributed(args, cases, providers, sync_timing, device, info: dict, st
 
     import torch.distributed as dist
 
+    from bnbench import _io
     from bnbench.bench import runner
     from bnbench.bench.bandwidth import measure_copy_bandwidth
     from bnbench.bench.distributed import measure_sync_point
+    from bnbench.bench.machine import copy_record
+    from bnbench.bench.record import mark
     from bnbench.distributed import launch
 
     with launch.process_group(args.world_size, cuda=device.type == "cuda") as rank_device:
@@ -448,7 +525,7 @@ def _run_distributed(args, cases, providers, sync_timing, device, info: dict, st
         if rank0:
             print(f"bnbench bench: {len(points)} point(s) on {args.world_size} ranks ({dist.get_backend()}, "
                   f"{rank_device}); out {out}")  # fmt: skip
-        bar, on_start, on_point = _progress(points, enabled=rank0)
+        bar, on_start, on_point = _progress(points, enabled=rank0 and not args.no_progress)
         with bar:
             frame, samples = runner.run_sweep(cases, providers, ctx, on_start=on_start, on_point=on_point,
                                               measure=functools.partial(measure_sync_point, timing=sync_timing))  # fmt: skip
@@ -458,8 +535,11 @@ def _run_distributed(args, cases, providers, sync_timing, device, info: dict, st
     if not rank0:
         return 1 if frame["status"].isin(("incorrect", "error", "oom")).any() else 0
     sidecar = _sidecar(args, info, out.name, started, device, providers, cases, dataclasses.asdict(sync_timing),
-                       copy, {})  # fmt: skip
+                       copy_record(copy), {})  # fmt: skip
     sidecar["run"]["world_size"] = args.world_size
-    sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    rank0_rows = frame[frame["rank"] == 0] if "rank" in frame.columns else frame  # every rank measures every point
+    sidecar["run"] = mark(sidecar["run"], "complete", points_done=len(rank0_rows))
     sidecar["samples_ms"] = {f"rank{r}|{k}": v for r, ranks in enumerate(every_sample) for k, v in ranks.items()}
-    return _finish(out, frame, sidecar)
+    with _io.folder_lock(out, "bnbench bench --world-size (rank 0)"):
+        _check_out(out, resume=False)
+        return _finish(out, frame, sidecar)

@@ -36,6 +36,7 @@ from bnbench.schema import BENCH_COLUMNS, DIST_COLUMNS, POINT_KEY
 from bnbench.testing import tolerance
 
 __all__ = [
+    "CACHE_RESIDENT",
     "SPEED_TIMERS",
     "PointResult",
     "RunContext",
@@ -77,13 +78,15 @@ class TimingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """What every point of a run shares: the device, the measured copy bandwidth and the provenance columns."""
+    """What every point of a run shares: the device, the measured copy bandwidth and the provenance columns;
+    on CPU the last-level cache's size (``cache_bytes``), to mark timings of working sets that fit in it."""
 
     device: torch.device
     copy_gbps: float
     provenance: dict[str, object]
     seed: int = 0
     timing: TimingSettings = TimingSettings()
+    cache_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -202,6 +205,23 @@ def check_outputs(row: dict, case: Case, inp, run, running0: tuple[torch.Tensor,
         row["status"] = "ok"
 
 
+#: the start of the message of a CPU point whose bytes fit in the last-level cache (``bnbench.report`` counts them)
+CACHE_RESIDENT = "cache-resident"
+
+
+def _bandwidth_note(row: dict, device: torch.device, cache_bytes: int | None) -> str:
+    """Why a timed point's bandwidth is not a memory bandwidth, if it is not ("" otherwise): on CPU its bytes fit
+    in the last-level cache (nothing flushes it between calls), or it beat the copy bandwidth."""
+    if device.type == "cpu" and cache_bytes and row["bytes_min"] <= cache_bytes:
+        return (
+            f"{CACHE_RESIDENT}: {row['bytes_min'] / 2**20:.3g} MiB per call fits in the CPU's "
+            f"{cache_bytes / 2**20:.0f} MiB last-level cache, so its bandwidth is the cache's, not memory's"
+        )
+    if row["frac_of_copy_bw"] > 1:
+        return "effective bandwidth above the copy bandwidth: cache effects, not a real rate"
+    return ""
+
+
 def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[PointResult]:
     """Check and time one point; returns its row (two rows when a CUDA-graph replay is added). Never raises
     but for KeyboardInterrupt."""
@@ -247,8 +267,8 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
             )  # fmt: skip
         fill_timing(row, timing, ctx.copy_gbps)
         samples = list(timing.samples_ms)
-        if row["status"] == "ok" and row["frac_of_copy_bw"] > 1:
-            row["message"] = "effective bandwidth above the copy bandwidth: cache effects, not a real rate"
+        if row["status"] == "ok" and timing.timer in SPEED_TIMERS:
+            row["message"] = _bandwidth_note(row, device, ctx.cache_bytes)
         if device.type == "cuda":
             row["peak_mem_mb"] = _peak_mem_mb(case, run, inp, device)
             if settings.cuda_graph and case.pass_ in ("fwd", "eval") and row["bytes_min"] <= CUDA_GRAPH_MAX_BYTES:
