@@ -269,15 +269,22 @@ BASELINE_SHAPES_1D = ((256, 1024), (32768, 1024), (262144, 256), (401408, 64), (
 BASELINE_SHAPES_2D = ((128, 256, 28, 28),)
 
 
-def _standard() -> list[Case]:
-    """The baseline table of docs/measuring.md (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
-    sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
+def _baseline() -> list[Case]:
+    """The baseline table of docs/measuring.md: its seven shapes (the 4-D one in both layouts) in fp32 and bf16,
+    relu, fwd and fwd_bwd. The GPU check's headline: small enough to run with every provider in a few minutes."""
     dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
     cases: list[Case] = []
     for N, C in BASELINE_SHAPES_1D:
         cases += grid([N], [C], [None], dts, acts, passes, ["nchw"])
     for N, C, H, W in BASELINE_SHAPES_2D:
         cases += grid([N], [C], [(H, W)], dts, acts, passes, ["channels_last", "nchw"])
+    return _unique(cases)
+
+
+def _standard() -> list[Case]:
+    """The baseline preset, a batch sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
+    dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
+    cases = _baseline()
     cases += grid([64, 256, 1024, 4096, 16384, 65536], [1024], [None], dts, acts, passes, ["nchw"])
     cases += grid([4096], [64, 128, 256, 512, 1024, 2048, 4096, 8192], [None], dts, acts, passes, ["nchw"])
     return _unique(cases)
@@ -292,7 +299,7 @@ def _resnet50() -> list[Case]:
     return model_cases("resnet50")  # its default axes are this preset's
 
 
-PRESETS = {"quick": _quick, "standard": _standard, "resnet50": _resnet50}
+PRESETS = {"quick": _quick, "baseline": _baseline, "standard": _standard, "resnet50": _resnet50}
 
 
 def preset_cases(name: str) -> list[Case]:

@@ -28,7 +28,8 @@ docs/measuring.md), results.json (environment, copy bandwidth, raw samples), PNG
 Cases come from a preset or from comma lists. Presets: 'quick' (the default when no axis is given; 12 cases of
 BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: within two
 minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
-cache), 'standard' (the baseline shapes of docs/measuring.md in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
+cache), 'baseline' (the baseline shapes of docs/measuring.md in fp32 and bf16, 28 cases; GPU-sized), 'standard'
+(baseline plus a batch sweep at width 1024 and a width sweep at batch 4096), and
 'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32, read off
 the model; --from-model NAME does the same for any network, on the given batch/dtype/layout/pass axes, and the
 summary adds the call-weighted BN + activation time per training step). With --preset,
@@ -57,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cases = parser.add_argument_group("cases (comma lists; with --preset they filter it)")
     cases.add_argument(
         "--preset",
-        choices=("quick", "standard", "resnet50"),
+        choices=("quick", "baseline", "standard", "resnet50"),
         default=None,
         help="a named sweep (default: quick, when no axis option is given)",
     )
