@@ -20,6 +20,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = {
     "bench": "bnbench.bench.cli",
     "profile": "bnbench.bench.profile",
+    "inspect": "bnbench.inspect.cli",
     "train": "bnbench.train.cli",
     "report": "bnbench.report.cli",
     "env": "bnbench.envinfo",
