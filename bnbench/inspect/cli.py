@@ -107,8 +107,16 @@ def run(args) -> int:
 
         print("bnbench inspect: measuring host time per call ...", file=sys.stderr)
         result.host = host_frame(cases, target=target, calls=args.calls, warmup=max(10, args.calls // 10))
-    summary = table.format_summary(result, regenerate=args.regenerate)
-    document = table.to_json(result)
+    import triton
+
+    from bnbench import __version__, envinfo
+
+    machine = "GPU machine" if torch.cuda.is_available() else "CPU machine"
+    title = f"bnbench inspect: {machine}, compiled for {target.name}, nothing executed on a GPU"
+    provenance = {"bnbench": __version__, "git": envinfo.git_sha() or "unknown", "torch": torch.__version__,
+                  "triton": triton.__version__}  # fmt: skip
+    summary = table.format_summary(result, title=title, regenerate=args.regenerate, provenance=provenance)
+    document = table.to_json(result, provenance)
     if args.out is not None:
         write_csv(args.out / "launches.csv", result.launches)
         write_csv(args.out / "passes.csv", result.passes)

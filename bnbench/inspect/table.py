@@ -91,9 +91,13 @@ def _markdown(frame: pd.DataFrame, columns) -> list[str]:
     return lines
 
 
-def format_summary(result: Inspection, *, title: str = "bnbench inspect", regenerate: str = "") -> str:
+def format_summary(
+    result: Inspection, *, title: str = "bnbench inspect", regenerate: str = "", provenance: dict | None = None
+) -> str:
     """The inspection as markdown: what ran, the passes, the launches and (if measured) the host times."""
     lines = [f"# {title}", "", f"Target: {result.target}. {EXECUTED}", ""]
+    if provenance:
+        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in provenance.items()) + ".", ""]
     if regenerate:
         lines += [f"Regenerate: `{regenerate}`", ""]
     lines += [
@@ -126,7 +130,7 @@ _HOST_COLUMNS = [
 ]  # fmt: skip
 
 
-def to_json(result: Inspection) -> dict:
+def to_json(result: Inspection, provenance: dict | None = None) -> dict:
     """The JSON document: schema, target, what was executed, and the rows of each table."""
 
     def records(frame):
@@ -136,6 +140,7 @@ def to_json(result: Inspection) -> dict:
                 for r in frame.to_dict(orient="records")]  # fmt: skip
 
     return {
-        "schema": SCHEMA, "target": result.target, "executed": EXECUTED, "passes": records(result.passes),
+        "schema": SCHEMA, "target": result.target, "executed": EXECUTED, "provenance": provenance or {},
+        "passes": records(result.passes),
         "launches": records(result.launches), "host": records(result.host),
     }  # fmt: skip
