@@ -76,7 +76,8 @@ def host_times(case: Case, *, target="sm_90", calls: int = 300, warmup: int = 30
     with recording(target):
         run.prepare()
         samples = _time(run.call, inp.zero_grads, calls, warmup)
-    executed = f"triton: host path only; kernels compiled for {target}, launches recorded, nothing run on a GPU"
+    name = getattr(target, "name", target)
+    executed = f"triton: host path only; kernels compiled for {name}, launches recorded, nothing run on a GPU"
     aten = sum(record.aten_kernels.values())
     return [*rows, _row("triton", case, samples, len(record.launches), aten, executed)]
 
