@@ -17,13 +17,20 @@ def _check(doc: dict) -> None:
     for row in doc["launches"]:
         assert row["spill_bytes"] == 0, row  # no spills anywhere
         by_case.setdefault((row["shape"], row["dtype"], row["layout"], row["pass"]), []).append(row)
-    for p in doc["passes"]:
+    passes = {(p["shape"], p["dtype"], p["layout"], p["pass"]): p for p in doc["passes"]}
+    for (shape, dtype, layout, pass_), p in passes.items():
         assert p["status"] == "ok", p
-        launches = by_case[(p["shape"], p["dtype"], p["layout"], p["pass"])]
-        assert len(launches) == p["triton_launches"]
-        expected = {"eval": 1, "fwd": 1 if p["path"] == "fused" else 3, "bwd": 1 if p["path"] == "fused" else 3}
-        assert p["triton_launches"] == expected[p["pass"]], p
-        if p["pass"] != "bwd":
+        assert len(by_case[(shape, dtype, layout, pass_)]) == p["triton_launches"]
+        if pass_ == "eval":
+            assert p["triton_launches"] == 1, p
+        elif pass_ in ("fwd", "bwd"):
+            assert p["triton_launches"] == (1 if p["path"] == "fused" else 3), p
+        else:  # fwd_bwd is the forward's launches then the backward's
+            fwd, bwd = (passes.get((shape, dtype, layout, q)) for q in ("fwd", "bwd"))
+            if fwd and bwd:
+                kernels = [r["kernel"] for r in by_case[(shape, dtype, layout, pass_)]]
+                assert kernels == fwd["kernels"].split(";") + bwd["kernels"].split(";"), p
+        if pass_ in ("fwd", "eval"):
             assert p["aten_kernel_launches"] == 0, p  # forward passes launch only bnbench's kernels
 
 

@@ -7,12 +7,12 @@ from bnbench.bench.cases import BASELINE_SHAPES_1D, BASELINE_SHAPES_2D, RESNET50
 
 __all__ = ["INSPECT_PRESETS", "inspect_preset"]
 
-_PASSES = ["fwd", "bwd", "eval"]  # fwd_bwd is fwd then bwd: the summary adds them up
+_PASSES = ["fwd", "bwd", "fwd_bwd", "eval"]
 _DTYPES = ["fp32", "bf16"]
 
 
 def _baseline() -> list[Case]:
-    """MEASURE.md's baseline shapes, fp32 and bf16, relu; the 4-D shape in both layouts."""
+    """MEASURE.md's baseline shapes, fp32 and bf16, relu, every pass; the 4-D shape in both layouts."""
     cases = []
     for N, C in BASELINE_SHAPES_1D:
         cases += grid([N], [C], [None], _DTYPES, ["relu"], _PASSES, ["nchw"])
@@ -22,7 +22,8 @@ def _baseline() -> list[Case]:
 
 
 def _resnet50_b256() -> list[Case]:
-    """Every distinct BN shape of ResNet-50 at batch 256 with the activation after it, both layouts, fp32 and bf16."""
+    """Every distinct BN shape of ResNet-50 at batch 256 with the activation after it, both layouts, fp32 and bf16,
+    every pass."""
     cases = []
     for C, H, act, _count in RESNET50_BN_LAYERS:
         cases += grid([256], [C], [(H, H)], _DTYPES, [act], _PASSES, ["nchw", "channels_last"])

@@ -31,7 +31,7 @@ _PRESETS = ("quick", "standard", "resnet50", "baseline", "resnet50-b256", "repor
 def configure(parser: argparse.ArgumentParser) -> None:
     cases = parser.add_argument_group("cases (as in 'bnbench bench'; with --preset they filter it)")
     cases.add_argument("--preset", choices=_PRESETS, default=None,
-                       help="a benchmark preset, or: baseline (MEASURE.md's shapes, fp32+bf16, fwd/bwd/eval), "
+                       help="a benchmark preset, or: baseline (MEASURE.md's shapes, fp32+bf16, every pass), "
                             "resnet50-b256 (ResNet-50's BN shapes at batch 256, both layouts), report (both)")  # fmt: skip
     cases.add_argument("--batch", metavar="N,...", help="batch sizes, e.g. 64,256,1024")
     cases.add_argument("--width", metavar="C,...", help="channel counts, e.g. 64,256,1024")
@@ -97,7 +97,7 @@ def run(args) -> int:
     torch.set_num_threads(1)  # eager's CPU kernels single-threaded: a fair, quiet host measurement
     with tqdm(total=len(cases), desc="inspect", unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
 
-        def progress(case):
+        def progress(case):  # after each case
             bar.set_postfix_str(case.label(), refresh=False)
             bar.update(1)
 

@@ -38,11 +38,10 @@ class Inspection:
 
 def inspect_cases(cases: Iterable[Case], target, progress: Callable[[Case], None] | None = None) -> Inspection:
     """Record every case's pass, compile its kernels for ``target`` and read their facts. A case whose kernels
-    fail to compile gets status ``error`` with the message (the others go on)."""
+    fail to compile gets status ``error`` with the message (the others go on). ``progress`` is called after
+    each case."""
     launches, passes = [], []
     for case in cases:
-        if progress is not None:
-            progress(case)
         try:
             record = record_pass(case, target)
             launches += launch_rows(record, target)
@@ -52,6 +51,8 @@ def inspect_cases(cases: Iterable[Case], target, progress: Callable[[Case], None
         except Exception as err:  # a compiler error is a finding about that case, not a crash of the table
             message = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
             passes.append({**case.columns(), "target": target.name, "status": "error", "message": message})
+        if progress is not None:
+            progress(case)
     return Inspection(target.name, pd.DataFrame(launches), pd.DataFrame(passes))
 
 
