@@ -64,7 +64,7 @@ class Launch:
     shared_bytes: int  # static + dynamic shared memory per program, from the compiler
     constexprs: dict[str, Any]  # by parameter name, including integers Triton specialised to the constant 1
     signature: dict[str, str]  # Triton type of every argument ("*fp32", "i32", "constexpr", ...)
-    args: dict[str, Any]  # every argument's value; tensors as TensorArg
+    args: dict[str, Any]  # every argument's value as passed (tensors as TensorArg)
     compiled: Any = dataclasses.field(compare=False, repr=False)  # triton CompiledKernel: asm, metadata
 
     @property
@@ -121,7 +121,13 @@ class RecordingLauncher:
     def __call__(self, grid_x, grid_y, grid_z, stream, function, *rest) -> None:
         if not _STACK:
             raise RuntimeError("a kernel compiled for a recording was launched outside bnbench's recording()")
-        values = rest[len(rest) - len(self.arg_names) :]  # before them: packed metadata, launch metadata, hooks
+        values = rest[4:]  # after packed metadata, launch metadata and the enter/exit hooks (Triton 3.6 to 3.9)
+        names = self.arg_names
+        if len(values) != len(names):  # a caller that passes only the runtime (non-constexpr) arguments
+            names = [n for n in names if self.src.signature.get(n) != "constexpr"]
+        if len(values) != len(names):
+            raise RuntimeError(f"{self.src.fn.__name__} launched with {len(values)} arguments; it takes "
+                               f"{len(self.arg_names)} ({len(names)} at run time)")  # fmt: skip
         md = self.metadata
         _STACK[-1].launches.append(
             Launch(
@@ -132,7 +138,7 @@ class RecordingLauncher:
                 shared_bytes=int(md.shared),
                 constexprs=dict(self.constexprs),
                 signature=dict(self.src.signature),
-                args={name: _describe(v) for name, v in zip(self.arg_names, values, strict=True)},
+                args={name: _describe(v) for name, v in zip(names, values, strict=True)},
                 compiled=self._owner(),
             )
         )

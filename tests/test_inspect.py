@@ -52,7 +52,8 @@ facts = kernel_facts(launch.compiled, TARGETS["sm_90"])
 out["facts"] = {"kernel": facts.kernel, "registers": facts.registers, "local": facts.local_bytes,
                 "arch": launch.compiled.metadata.target.arch, "loops": facts.sass.loops,
                 "main_load_bits": facts.sass.main_load_bits, "blocks": facts.occupancy.blocks_per_sm,
-                "x": [launch.args["x_ptr"].shape, launch.args["x_ptr"].dtype], "constexprs": launch.constexprs}
+                "x": next([a.shape, a.dtype] for a in launch.args.values() if hasattr(a, "nbytes")),
+                "constexprs": launch.constexprs}
 
 
 @triton.jit
