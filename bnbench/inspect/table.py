@@ -92,6 +92,30 @@ def _markdown(frame: pd.DataFrame, columns) -> list[str]:
     return lines
 
 
+def _key_figures(result: Inspection) -> list[str]:
+    """Per kernel over every launch: registers, spills, main load widths, cp.async and barriers in loops; per pass
+    kind: launches, hidden aten kernels and bytes over the floor (the figures to compare before and after)."""
+    if not len(result.launches) or not len(result.passes):
+        return []
+    lines = ["## Key figures", "", "| kernel | launches | registers | spill bytes (max) | main load bits | "
+             "LDGSTS in loops (max) | BAR.SYNC in loops |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kernel, rows in result.launches.groupby("kernel", sort=True):
+        bits = ", ".join(str(int(b)) for b in sorted(rows["main_load_bits"].dropna().unique()))
+        bars = ", ".join(str(int(b)) for b in sorted(rows["bar_sync_in_loops"].dropna().unique()))
+        lines.append(
+            f"| {kernel} | {len(rows)} | {_num(rows['registers'].min(), 'd')}-{_num(rows['registers'].max(), 'd')} | "
+            f"{_num(rows['spill_bytes'].max(), 'd')} | {bits} | {_num(rows['ldgsts_in_loops'].max(), 'd')} | {bars} |"
+        )
+    ok = result.passes[result.passes["status"] == "ok"]
+    lines += ["", "| pass | cases | bnbench launches | aten kernel launches | bytes over the floor (modelled) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for pass_, rows in ok.groupby("pass", sort=False):
+        spans = {c: f"{_num(rows[c].min(), f)}-{_num(rows[c].max(), f)}" for c, f in
+                 (("triton_launches", "d"), ("aten_kernel_launches", "d"), ("bytes_vs_floor", ".2f"))}  # fmt: skip
+        lines.append(f"| {pass_} | {len(rows)} | {' | '.join(spans.values())} |")
+    return [*lines, ""]
+
+
 def format_summary(
     result: Inspection, *, title: str = "bnbench inspect", regenerate: str = "", provenance: dict | None = None
 ) -> str:
@@ -101,6 +125,7 @@ def format_summary(
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in provenance.items()) + ".", ""]
     if regenerate:
         lines += [f"Regenerate: `{regenerate}`", ""]
+    lines += _key_figures(result)
     lines += [
         "## Passes", "",
         f"Launches per pass (bnbench's kernels, and aten ops that would launch a CUDA kernel). bytes_vs_floor: bytes "
