@@ -32,6 +32,11 @@ __all__ = ["Launch", "Recorder", "TensorArg", "recording", "recording_target"]
 _STACK: list[Recorder] = []
 
 
+def _device_key(arch: int) -> str:
+    """The "device" of a recording for sm_<arch>: the key of Triton's per-device kernel cache."""
+    return f"bnbench-recording:sm_{arch}"
+
+
 def recording_target() -> Target | None:
     """The target of the innermost active recording, or None when none is active."""
     return _STACK[-1].target if _STACK else None
@@ -79,19 +84,33 @@ class Launch:
 
 
 class Recorder:
-    """The launches recorded so far, in order (``launches``), for ``target``."""
+    """The launches recorded so far, in order (``launches``), for ``target``.
+
+    A launch is kept as the raw call (launcher, grid, argument values: well under a microsecond, so host-time
+    measurements under a recording are not inflated) and described as a :class:`Launch` when read.
+    """
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.driver = RecordingDriver(target)
-        self.launches: list[Launch] = []
+        self._raw: list[tuple] = []  # (RecordingLauncher, grid, values), not yet described
+        self._launches: list[Launch] = []
+
+    @property
+    def launches(self) -> list[Launch]:
+        if self._raw:
+            self._launches += [launcher.describe(grid, values) for launcher, grid, values in self._raw]
+            self._raw.clear()
+        return self._launches
 
     def clear(self) -> None:
-        self.launches.clear()
+        self._raw.clear()
+        self._launches = []
 
     def take(self) -> list[Launch]:
         """The launches recorded since the last take (or clear), and forget them."""
-        out, self.launches = self.launches, []
+        out = self.launches
+        self._launches = []
         return out
 
 
@@ -121,7 +140,11 @@ class RecordingLauncher:
     def __call__(self, grid_x, grid_y, grid_z, stream, function, *rest) -> None:
         if not _STACK:
             raise RuntimeError("a kernel compiled for a recording was launched outside bnbench's recording()")
-        values = rest[4:]  # after packed metadata, launch metadata and the enter/exit hooks (Triton 3.6 to 3.9)
+        # after packed metadata, launch metadata and the enter/exit hooks (Triton 3.6 to 3.9): the arguments
+        _STACK[-1]._raw.append((self, (grid_x, grid_y, grid_z), rest[4:]))
+
+    def describe(self, grid: tuple, values: tuple) -> Launch:
+        """The :class:`Launch` of one recorded call."""
         names = self.arg_names
         if len(values) != len(names):  # a caller that passes only the runtime (non-constexpr) arguments
             names = [n for n in names if self.src.signature.get(n) != "constexpr"]
@@ -129,25 +152,22 @@ class RecordingLauncher:
             raise RuntimeError(f"{self.src.fn.__name__} launched with {len(values)} arguments; it takes "
                                f"{len(self.arg_names)} ({len(names)} at run time)")  # fmt: skip
         md = self.metadata
-        _STACK[-1].launches.append(
-            Launch(
-                kernel=self.src.fn.__name__,
-                grid=(int(grid_x), int(grid_y), int(grid_z)),
-                num_warps=int(md.num_warps),
-                num_stages=int(md.num_stages),
-                shared_bytes=int(md.shared),
-                constexprs=dict(self.constexprs),
-                signature=dict(self.src.signature),
-                args={name: _describe(v) for name, v in zip(names, values, strict=True)},
-                compiled=self._owner(),
-            )
+        return Launch(
+            kernel=self.src.fn.__name__,
+            grid=tuple(int(g) for g in grid),
+            num_warps=int(md.num_warps),
+            num_stages=int(getattr(md, "num_stages", 0)),
+            shared_bytes=int(md.shared),
+            constexprs=dict(self.constexprs),
+            signature=dict(self.src.signature),
+            args={name: _describe(v) for name, v in zip(names, values, strict=True)},
+            compiled=self._owner(),
         )
 
     def _owner(self):
         """The CompiledKernel in the JIT function's cache whose launcher this is (matched by Triton's hash)."""
         if self._compiled is None:
-            device = _STACK[-1].driver.device
-            cache = self.src.fn.device_caches[device][0]
+            cache = self.src.fn.device_caches[_device_key(self.metadata.target.arch)][0]
             self._compiled = next(k for k in cache.values() if k.hash == self.metadata.hash)
         return self._compiled
 
@@ -181,7 +201,7 @@ class RecordingDriver:
         self.target = target
         self.utils = _Utils(target)
         self.launcher_cls = RecordingLauncher
-        self.device = f"bnbench-recording:{target.name}"
+        self.device = _device_key(target.arch)
 
     @staticmethod
     def is_active() -> bool:
