@@ -57,14 +57,14 @@ out["facts"] = {"kernel": facts.kernel, "registers": facts.registers, "local": f
 
 
 @triton.jit
-def _register_hog(x_ptr, y_ptr, BLOCK: tl.constexpr):  # 4096 values per thread of one warp: spills at 32 registers
+def _register_hog(x_ptr, y_ptr, BLOCK: tl.constexpr):  # 64 values per thread live across a sum: spills at 32 regs
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs)
-    tl.store(y_ptr + offs, tl.cumsum(x * x, 0) + tl.sort(x, 0))
+    tl.store(y_ptr + offs, x * tl.sum(x * x, 0))
 
 
 with recording() as rec:
-    _register_hog[(1,)](torch.empty(4096), torch.empty(4096), BLOCK=4096, num_warps=1, maxnreg=32)
+    _register_hog[(1,)](torch.empty(2048), torch.empty(2048), BLOCK=2048, num_warps=1, maxnreg=32)
 hog = kernel_facts(rec.launches[0].compiled, TARGETS["sm_90"])
 out["hog"] = {"registers": hog.registers, "local": hog.local_bytes, "spills": hog.spills}
 out["after"] = driver._active is None and recording_target() is None
