@@ -69,7 +69,7 @@ class Launch:
     shared_bytes: int  # static + dynamic shared memory per program, from the compiler
     constexprs: dict[str, Any]  # by parameter name, including integers Triton specialised to the constant 1
     signature: dict[str, str]  # Triton type of every argument ("*fp32", "i32", "constexpr", ...)
-    args: dict[str, Any]  # every argument's value as passed (tensors as TensorArg)
+    args: dict[str, Any]  # every argument's value as passed (tensors as TensorArg); {} if not kept
     compiled: Any = dataclasses.field(compare=False, repr=False)  # triton CompiledKernel: asm, metadata
 
     @property
@@ -86,20 +86,23 @@ class Launch:
 class Recorder:
     """The launches recorded so far, in order (``launches``), for ``target``.
 
-    A launch is kept as the raw call (launcher, grid, argument values: well under a microsecond, so host-time
-    measurements under a recording are not inflated) and described as a :class:`Launch` when read.
+    With ``keep_args`` (the default) each launch is described on the spot, arguments included, and no reference
+    to a tensor is kept (a kept reference would change what autograd does: it copies a gradient it cannot steal).
+    Without it only the kernel and grid are kept (``Launch.args`` is empty): well under a microsecond per launch,
+    for measuring host time under a recording.
     """
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, keep_args: bool = True) -> None:
         self.target = target
+        self.keep_args = keep_args
         self.driver = RecordingDriver(target)
-        self._raw: list[tuple] = []  # (RecordingLauncher, grid, values), not yet described
+        self._raw: list[tuple] = []  # (RecordingLauncher, grid) of launches recorded without their arguments
         self._launches: list[Launch] = []
 
     @property
     def launches(self) -> list[Launch]:
         if self._raw:
-            self._launches += [launcher.describe(grid, values) for launcher, grid, values in self._raw]
+            self._launches += [launcher.describe(grid, None) for launcher, grid in self._raw]
             self._raw.clear()
         return self._launches
 
@@ -140,17 +143,21 @@ class RecordingLauncher:
     def __call__(self, grid_x, grid_y, grid_z, stream, function, *rest) -> None:
         if not _STACK:
             raise RuntimeError("a kernel compiled for a recording was launched outside bnbench's recording()")
-        # after packed metadata, launch metadata and the enter/exit hooks (Triton 3.6 to 3.9): the arguments
-        _STACK[-1]._raw.append((self, (grid_x, grid_y, grid_z), rest[4:]))
+        recorder = _STACK[-1]
+        if recorder.keep_args:  # the arguments follow packed metadata, launch metadata and the two hooks
+            recorder._launches.append(self.describe((grid_x, grid_y, grid_z), rest[4:]))
+        else:
+            recorder._raw.append((self, (grid_x, grid_y, grid_z)))
 
-    def describe(self, grid: tuple, values: tuple) -> Launch:
-        """The :class:`Launch` of one recorded call."""
+    def describe(self, grid: tuple, values: tuple | None) -> Launch:
+        """The :class:`Launch` of one recorded call (``values`` None: arguments not kept)."""
         names = self.arg_names
-        if len(values) != len(names):  # a caller that passes only the runtime (non-constexpr) arguments
+        if values is not None and len(values) != len(names):  # a caller passing only the runtime arguments
             names = [n for n in names if self.src.signature.get(n) != "constexpr"]
-        if len(values) != len(names):
+        if values is not None and len(values) != len(names):
             raise RuntimeError(f"{self.src.fn.__name__} launched with {len(values)} arguments; it takes "
                                f"{len(self.arg_names)} ({len(names)} at run time)")  # fmt: skip
+        args = {} if values is None else {name: _describe(v) for name, v in zip(names, values, strict=True)}
         md = self.metadata
         return Launch(
             kernel=self.src.fn.__name__,
@@ -160,7 +167,7 @@ class RecordingLauncher:
             shared_bytes=int(md.shared),
             constexprs=dict(self.constexprs),
             signature=dict(self.src.signature),
-            args={name: _describe(v) for name, v in zip(names, values, strict=True)},
+            args=args,
             compiled=self._owner(),
         )
 
@@ -232,8 +239,9 @@ class RecordingDriver:
 
 
 @contextlib.contextmanager
-def recording(target: Target | str = "sm_90") -> Iterator[Recorder]:
-    """Make Triton compile for ``target`` and record launches instead of running them (see the module doc)."""
+def recording(target: Target | str = "sm_90", *, keep_args: bool = True) -> Iterator[Recorder]:
+    """Make Triton compile for ``target`` and record launches instead of running them (see the module doc and
+    :class:`Recorder` for ``keep_args``)."""
     from triton.runtime.driver import driver
 
     if isinstance(target, str):
@@ -246,7 +254,7 @@ def recording(target: Target | str = "sm_90") -> Iterator[Recorder]:
         raise RuntimeError(
             "recording needs real JIT kernels: TRITON_INTERPRET was set when bnbench.kernels was imported"
         )
-    recorder = Recorder(target)
+    recorder = Recorder(target, keep_args)
     previous = getattr(driver, "_active", None)  # read without creating the default (there is none on CPU)
     driver.set_active(recorder.driver)
     _STACK.append(recorder)

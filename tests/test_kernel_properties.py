@@ -30,6 +30,7 @@ def _check(doc: dict) -> None:
             if fwd and bwd:
                 kernels = [r["kernel"] for r in by_case[(shape, dtype, layout, pass_)]]
                 assert kernels == fwd["kernels"].split(";") + bwd["kernels"].split(";"), p
+                assert p["aten_kernel_launches"] == fwd["aten_kernel_launches"] + bwd["aten_kernel_launches"], p
         if pass_ in ("fwd", "eval"):
             assert p["aten_kernel_launches"] == 0, p  # forward passes launch only bnbench's kernels
 

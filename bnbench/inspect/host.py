@@ -4,8 +4,8 @@ Both run the benchmark's own pass (:func:`bnbench.bench.workload.build_pass`) on
 runs its CPU kernels, so its time includes a little compute. Without CUDA the Triton path runs under the
 recording driver: everything on the host happens (argument checks, planning, allocation, autograd, Triton's
 binder and specialisation) but the launch itself is recorded, not made, so its time excludes the CUDA driver's
-launch call (a few microseconds per kernel on a GPU machine) and all GPU work; recording a launch costs under a
-microsecond (the raw call is kept and only described when read). Times are the median of many calls
+launch call (a few microseconds per kernel on a GPU machine) and all GPU work; recording a launch there costs
+under a microsecond (kernel and grid only, no argument kept). Times are the median of many calls
 after warm-up, with ``perf_counter_ns`` around each call; they are measured here, on this CPU.
 """
 
@@ -74,12 +74,12 @@ def host_times(case: Case, *, target="sm_90", calls: int = 300, warmup: int = 30
     record = record_pass(case, target)  # also compiles the kernels before the timing
     inp = make_inputs(case, "cpu")
     run = build_pass(case, triton_function(case), inp)
-    with recording(target) as rec:
+    with recording(target, keep_args=False) as rec:  # kernel and grid only: under a microsecond per launch
         run.prepare()
 
         def reset() -> None:
             inp.zero_grads()
-            rec.clear()  # the recorder keeps raw calls until read: keep it empty
+            rec.clear()
 
         samples = _time(run.call, reset, calls, warmup)
     name = getattr(target, "name", target)
