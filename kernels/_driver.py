@@ -11,7 +11,7 @@ A Triton driver, as ``JITFunction.run`` and ``CompiledKernel`` use it (same in T
 (what the binder compiles for), ``utils.get_device_properties`` (shared memory check), ``utils.load_binary``
 (module, function, registers, spills, max threads), ``utils.unload_module`` and ``launcher_cls(src, metadata)``,
 whose instances are called as ``(grid_x, grid_y, grid_z, stream, function, *launch_metadata, *kernel_args)``.
-The device key is a string naming the target, so these compiled kernels never mix with a real device's.
+The device key is a string naming the target arch, so these compiled kernels never mix with a real device's.
 
 Triton's active driver is process-global: recordings are not thread-safe. The previous driver is restored on
 exit (nesting works). While a recording is active, :func:`recording_target` returns its target: the launchers
