@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "bnbench.bench.cli",
     "profile": "bnbench.bench.profile",
     "step": "bnbench.step.cli",  # a network's whole training step
+    "inspect": "bnbench.inspect.cli",
     "train": "bnbench.train.cli",
     "report": "bnbench.report.cli",
     "env": "bnbench.envinfo",

@@ -11,6 +11,8 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,12 @@ def _interpreter_active() -> bool:
     return interpreter_active()
 
 
+def _recording() -> bool:
+    """True while bnbench.kernels records launches for a GPU target instead of running them (bnbench inspect)."""
+    driver = sys.modules.get("bnbench.kernels._driver")
+    return driver is not None and driver.recording_target() is not None
+
+
 def resolve_backend(backend: str, input: Tensor) -> str:
     """The backend that runs for this input: "triton" or "torch".
 
@@ -66,7 +74,9 @@ def resolve_backend(backend: str, input: Tensor) -> str:
         raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    triton_here = input.device.type == "cuda" or (input.device.type == "cpu" and _interpreter_active())
+    triton_here = input.device.type == "cuda" or (
+        input.device.type == "cpu" and (_interpreter_active() or _recording())
+    )
     if backend == "auto":
         return "triton" if triton_here else "torch"
     if not triton_here:
