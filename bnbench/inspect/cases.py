@@ -1,9 +1,10 @@
 """The case sets ``bnbench inspect`` offers besides the benchmark's presets, built from the same data
-(:data:`bnbench.bench.cases.BASELINE_SHAPES_1D`, ``BASELINE_SHAPES_2D``, ``RESNET50_BN_LAYERS``)."""
+(:data:`bnbench.bench.cases.BASELINE_SHAPES_1D`, ``BASELINE_SHAPES_2D``, and ResNet-50's BatchNorm calls read off
+the model by :mod:`bnbench.bench.model_cases`)."""
 
 from __future__ import annotations
 
-from bnbench.bench.cases import BASELINE_SHAPES_1D, BASELINE_SHAPES_2D, RESNET50_BN_LAYERS, Case, grid
+from bnbench.bench.cases import BASELINE_SHAPES_1D, BASELINE_SHAPES_2D, Case, grid
 
 __all__ = ["INSPECT_PRESETS", "inspect_preset"]
 
@@ -24,10 +25,9 @@ def _baseline() -> list[Case]:
 def _resnet50_b256() -> list[Case]:
     """Every distinct BN shape of ResNet-50 at batch 256 with the activation after it, both layouts, fp32 and bf16,
     every pass."""
-    cases = []
-    for C, H, act, _count in RESNET50_BN_LAYERS:
-        cases += grid([256], [C], [(H, H)], _DTYPES, [act], _PASSES, ["nchw", "channels_last"])
-    return cases
+    from bnbench.bench.model_cases import model_cases
+
+    return model_cases("resnet50", [256], _DTYPES, ["nchw", "channels_last"], _PASSES)
 
 
 INSPECT_PRESETS = {
