@@ -38,8 +38,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def triton36(session: nox.Session) -> None:
-    """The kernel tests and the sm_90 compile check under triton 3.6, the GPU image's version (whose
-    interpreter needs numpy < 2.4): CI's guard that the kernels still build where they are timed."""
+    """The kernel tests (PyTorch's module samples among them) and the sm_90 compile check under triton 3.6, the
+    GPU image's version (whose interpreter needs numpy < 2.4): CI's guard that the kernels still build where they
+    are timed."""
     session.install(CPU_TORCH, "triton==3.6.0", "numpy<2.4")
     session.install(".[test]")
     session.run(
@@ -47,6 +48,7 @@ def triton36(session: nox.Session) -> None:
         "tests/test_kernels_compile.py",
         "tests/test_kernels.py",
         "tests/test_memory_saving.py",
+        "tests/test_module_db.py",
         *session.posargs,
         env={"TRITON_INTERPRET": "1", "BNBENCH_TEST_INSTALLED": "1", "MPLBACKEND": "Agg"},
     )

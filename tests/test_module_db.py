@@ -1,0 +1,213 @@
+"""PyTorch's own BatchNorm1d/2d module samples, driven against BatchNormAct1d/2d with the identity activation.
+
+torch's wheel ships the ModuleInfo entries for nn.BatchNorm1d/2d (``torch.testing._internal.common_modules.module_db``:
+sample inputs for every constructor and call variant, and error inputs with the exception PyTorch raises); the
+generic tests that drive them live in PyTorch's source tree, not in the wheel. This is the project's own driver
+over those samples, used at run time (nothing is copied): for every sample, both modes and both paths, the fused
+layer must behave as nn.BatchNorm does: forward, input and parameter gradients, second derivatives, forward-mode
+AD, running statistics and num_batches_tracked, output strides for non-contiguous and channels_last inputs,
+state_dict both ways, pickling, repr, factory kwargs, and every error input (same type, same message).
+
+Paths: ``triton`` (the Triton kernels: the interpreter on CPU, natively on a GPU; the ``launches`` fixture proves
+they ran) in float32, the kernels' widest dtype; ``torch`` (the PyTorch path) in float32 and float64 (the
+ModuleInfo dtypes). The reference is nn.BatchNorm in float64 on upcast copies, with the same state; parameters and
+running statistics are randomised (one channel with a small running variance, so an eps applied twice shows).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import bnbench
+from bnbench.testing import rel_err, tolerance
+
+try:
+    _frozen = torch.backends.flags_frozen()
+    from torch.testing._internal.common_modules import module_db
+except ImportError as error:  # torch's test helpers need expecttest (in the project's test extra)
+    if os.environ.get("CI"):
+        raise
+    pytest.skip(
+        f"torch.testing._internal.common_modules does not import here ({error}); pip install expecttest",
+        allow_module_level=True,
+    )
+else:
+    # importing torch's test utilities freezes torch.backends' global flags for the rest of the process
+    if not _frozen and torch.backends.flags_frozen():
+        vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
+
+FUSED = {nn.BatchNorm1d: bnbench.BatchNormAct1d, nn.BatchNorm2d: bnbench.BatchNormAct2d}
+INFOS = {info.module_cls: info for info in module_db if info.module_cls in FUSED}
+assert set(INFOS) == set(FUSED), f"module_db lacks an entry for {set(FUSED) - set(INFOS)}"
+
+#: (backend, dtype) pairs: the Triton kernels in float32; the PyTorch path in both ModuleInfo dtypes
+PATHS = [
+    pytest.param("triton", torch.float32, id="triton-float32"),
+    pytest.param("torch", torch.float32, id="torch-float32"),
+    pytest.param("torch", torch.float64, id="torch-float64"),
+]
+#: fp32 input gradients and second derivatives subtract two per-channel means from dz: an error about 10x that of
+#: the forward (as in tests/test_layer.py), still far below any real defect (a dropped term is O(1))
+GRAD_FACTOR = 10
+
+
+def _samples(cls, device, dtype, *, requires_grad=False, training=True):
+    info = INFOS[cls]
+    return info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=requires_grad, training=training)
+
+
+def _sample_params(with_layouts: bool = False):
+    """One pytest.param per (module class, sample) [and input layout]: ids are PyTorch's sample descriptions."""
+    params = []
+    for cls in FUSED:
+        for index, sample in enumerate(_samples(cls, "cpu", torch.float32)):
+            name = f"{cls.__name__}-{sample.desc or 'default'}"
+            if not with_layouts:
+                params.append(pytest.param(cls, index, id=name))
+                continue
+            (x,) = sample.forward_input.args
+            layouts = ["contiguous", "noncontiguous"] + (["channels_last"] if x.dim() == 4 else [])
+            params += [pytest.param(cls, index, layout, id=f"{name}-{layout}") for layout in layouts]
+    return params
+
+
+def _sample(cls, index, device, dtype, training=True):
+    samples = _samples(cls, device, dtype, requires_grad=True, training=training)
+    return samples[index]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout (a leaf that requires grad)."""
+    x = x.detach()
+    if layout == "noncontiguous":  # every other element of a twice-as-wide last axis
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert x.numel() == 0 or not x.is_contiguous()
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _build(cls, sample, backend, dtype, device):
+    """(fused layer, float64 nn.BatchNorm twin) from one sample's constructor input, with randomised state."""
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    fused = FUSED[cls](*args, **kwargs, activation="identity", backend=backend, device=device, dtype=dtype)
+    ref = cls(*args, **kwargs, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        if fused.weight is not None:
+            fused.weight.uniform_(0.5, 1.5)
+        if fused.bias is not None:
+            fused.bias.normal_(0.0, 0.5)
+        if fused.running_mean is not None:
+            fused.running_mean.normal_(0.0, 0.5)
+            fused.running_var.uniform_(0.5, 2.0)
+            fused.running_var[0] = 1e-3  # as small as the samples' eps: eps must be added exactly once
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in fused.state_dict().items()})
+    return fused, ref
+
+
+def _params(module):
+    return [p for p in (module.weight, module.bias) if p is not None]
+
+
+def _launched(launches) -> int:
+    return sum(launches.values())
+
+
+def _check_path(backend, launches, expected_any: bool = True):
+    """The Triton path ran the kernels (and the PyTorch path did not)."""
+    if backend == "triton":
+        assert _launched(launches) > 0 or not expected_any, "the Triton path ran no Triton launcher"
+    else:
+        assert _launched(launches) == 0, f"the PyTorch path ran Triton launchers: {launches}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
+@pytest.mark.parametrize(("cls", "index", "layout"), _sample_params(with_layouts=True))
+def test_forward_and_gradients_match_nn(cls, index, layout, backend, dtype, training, launches, device):
+    """Two steps (running statistics, momentum=None's cumulative factor): y, its strides, dx, dweight, dbias,
+    running_mean, running_var and num_batches_tracked against nn.BatchNorm in float64."""
+    tol = tolerance(dtype)
+    fused, ref = _build(cls, _sample(cls, index, device, dtype), backend, dtype, device)
+    fused.train(training)
+    ref.train(training)
+    for _ in range(2):
+        (x,) = _sample(cls, index, device, dtype, training).forward_input.args
+        x = _layout(x, layout)
+        x64 = x.detach().double().requires_grad_()
+        y, y_ref = fused(x), ref(x64)
+        assert y.dtype == dtype and y.shape == y_ref.shape
+        assert y.stride() == y_ref.stride(), "output layout differs from nn.BatchNorm's"
+        assert rel_err(y, y_ref) < tol
+        grad = torch.randn_like(y_ref)
+        y.backward(grad.to(dtype))
+        y_ref.backward(grad)
+        assert rel_err(x.grad, x64.grad) < GRAD_FACTOR * tol
+        for p, p_ref in zip(_params(fused), _params(ref), strict=True):
+            assert rel_err(p.grad, p_ref.grad) < tol
+        for name in ("running_mean", "running_var"):
+            if getattr(ref, name) is not None:
+                assert rel_err(getattr(fused, name), getattr(ref, name)) < tol, name
+        if ref.num_batches_tracked is not None:
+            assert int(fused.num_batches_tracked) == int(ref.num_batches_tracked)
+    _check_path(backend, launches)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
+@pytest.mark.parametrize(("cls", "index"), _sample_params())
+def test_state_dict_pickling_and_repr(cls, index, backend, dtype, training, launches, device):
+    """state_dict keys, values and version both ways with nn.BatchNorm; torch.save and pickle round trips that
+    keep the class, the fused layer's settings and the outputs; repr is nn.BatchNorm's plus the activation."""
+    sample = _sample(cls, index, device, dtype)
+    fused, ref = _build(cls, sample, backend, dtype, device)
+    fused.train(training)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    assert fused.state_dict()._metadata[""]["version"] == ref.state_dict()._metadata[""]["version"]
+    plain = type(ref)(*sample.constructor_input.args, **sample.constructor_input.kwargs, device=device, dtype=dtype)
+    plain.load_state_dict(fused.state_dict())  # strict both ways
+    fused.load_state_dict(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+
+    backend_repr = "" if backend == "auto" else f", backend={backend!r}"
+    assert repr(fused) == f"{type(fused).__name__}({ref.extra_repr()}, activation=identity{backend_repr})"
+
+    (x,) = sample.forward_input.args
+    x = x.detach()
+    expected = copy.deepcopy(fused)(x)  # a copy: training mode updates the statistics
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(fused))):
+        assert type(clone) is type(fused) and repr(clone) == repr(fused)
+        assert (clone.activation, clone.backend, clone.memory_saving) == (fused.activation, backend, False)
+        assert clone.training == training
+        assert torch.equal(clone(x), expected)
+    _check_path(backend, launches, expected_any=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("cls", "index"), _sample_params())
+def test_factory_kwargs(cls, index, dtype, device):
+    """device= and dtype= place every parameter and buffer as nn.BatchNorm does (num_batches_tracked stays
+    int64); the meta device allocates nothing."""
+    sample = _sample(cls, index, device, torch.float32)
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    for where in (device, torch.device("meta")):
+        fused = FUSED[cls](*args, **kwargs, activation="identity", device=where, dtype=dtype)
+        ref = cls(*args, **kwargs, device=where, dtype=dtype)
+        described = {n: (t.shape, t.dtype, t.device, type(t)) for n, t in ref.state_dict(keep_vars=True).items()}
+        assert {n: (t.shape, t.dtype, t.device, type(t)) for n, t in fused.state_dict(keep_vars=True).items()} == (
+            described
+        )
+        assert [n for n, _ in fused.named_parameters()] == [n for n, _ in ref.named_parameters()]
