@@ -134,13 +134,14 @@ def _check_path(backend, launches, expected_any: bool = True):
 @pytest.mark.parametrize(("backend", "dtype"), PATHS)
 @pytest.mark.parametrize(("cls", "index", "layout"), _sample_params(with_layouts=True))
 def test_forward_and_gradients_match_nn(cls, index, layout, backend, dtype, training, launches, device):
-    """Two steps (running statistics, momentum=None's cumulative factor): y, its strides, dx, dweight, dbias,
-    running_mean, running_var and num_batches_tracked against nn.BatchNorm in float64."""
+    """y, its strides, dx, dweight, dbias, running_mean, running_var and num_batches_tracked against nn.BatchNorm
+    in float64; two steps for contiguous input (the running statistics' sequence, momentum=None's cumulative
+    factor), one for the other layouts (the interpreter is slow on them, and the statistics do not depend on it)."""
     tol = tolerance(dtype)
     fused, ref = _build(cls, _sample(cls, index, device, dtype), backend, dtype, device)
     fused.train(training)
     ref.train(training)
-    for _ in range(2):
+    for _ in range(2 if layout == "contiguous" else 1):
         (x,) = _sample(cls, index, device, dtype, training).forward_input.args
         x = _layout(x, layout)
         x64 = x.detach().double().requires_grad_()
