@@ -20,19 +20,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = {
     "bench": "bnbench.bench.cli",
     "profile": "bnbench.bench.profile",
+    "step": "bnbench.step.cli",  # a network's whole training step
     "train": "bnbench.train.cli",
     "report": "bnbench.report.cli",
     "env": "bnbench.envinfo",
 }
-
-
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:  # a real missing dependency inside the module: say so
-            raise
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnbench {bnbench.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            p = sub.add_parser(name, help="(not available in this version)")
-            p.set_defaults(_module=None, _module_name=module_name)
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(
             name,
             help=module.HELP,
@@ -59,19 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.configure(p)
-        p.set_defaults(_module=module, _module_name=module_name)
+        p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args._module is None:
-        print(
-            f"bnbench {args.command}: not available in this version ({args._module_name} is missing)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         return int(args._module.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from bnbench.interpreter import interpreter_requested, switch_triton_interpreter_on
+
 __all__ = ["collect", "device_slug", "format_text", "git_sha", "interpreter_requested", "switch_triton_interpreter_on"]
 
 
@@ -46,21 +48,6 @@ def git_sha(start: str | os.PathLike | None = None) -> str | None:
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def switch_triton_interpreter_on() -> bool:
-    """Set TRITON_INTERPRET=1 for this process unless triton is already imported (Triton reads the variable
-    when kernels are decorated). For CLI runs on machines without CUDA; True when the interpreter is on."""
-    if interpreter_requested():
-        return True
-    if "triton" in sys.modules:
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    return True
 
 
 def _device() -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """``batch_norm_act``: F.batch_norm followed by an activation, fused into Triton kernels.
 
-The Triton path is four ``torch.library`` custom ops (``bnbench::bn_act_fwd_train``, ``bnbench::bn_act_fwd_eval``,
-``bnbench::bn_act_bwd``, ``bnbench::bn_act_bwd_from_output``) with fake implementations, tied together by one
+The Triton path is the four ``torch.library`` custom ops of :mod:`bnbench._ops`, tied together here by one
 autograd.Function (an op that mutates its inputs, the running statistics, cannot take ``register_autograd``), so
 torch.compile traces a model that uses them with no graph break. The ``torch`` backend is :mod:`bnbench.reference`.
+This module holds the public :func:`batch_norm_act`, its argument checks and the backend choice.
 
 Memory-saving mode (``memory_saving=True``, after in-place activated BatchNorm, Rota Bulo et al. 2018) saves the
 output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in backward, so x can be freed.
@@ -11,21 +11,17 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import Tensor
 
+from bnbench import _ops
 from bnbench.activations import Activation, apply_activation, parse_activation
-from bnbench.reference import batch_norm_act_reference
+from bnbench.interpreter import interpreter_active
+from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_reference, bwd_from_output_reference
 
 __all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
-
-#: memory-saving backward divides by gamma; |gamma| is floored here (x_hat is unrecoverable where gamma == 0)
-MEMORY_SAVING_MIN_ABS_WEIGHT = 1e-5
 
 _NOT_INVERTIBLE = {
     Activation.RELU: (
@@ -56,17 +52,8 @@ def memory_saving_unsupported(activation: Activation, activation_param: float) -
     return _NOT_INVERTIBLE.get(activation)
 
 
-def _kernels():
-    """The Triton launchers, imported on first use (importing bnbench must not import triton)."""
-    from bnbench import kernels
-
-    return kernels
-
-
 def _interpreter_active() -> bool:
-    if "bnbench.kernels" in sys.modules:  # already built: ask what the kernels were built for
-        return _kernels().interpreter_active()
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return interpreter_active()
 
 
 def resolve_backend(backend: str, input: Tensor) -> str:
@@ -90,167 +77,42 @@ def resolve_backend(backend: str, input: Tensor) -> str:
     return "triton"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile, with fake implementations giving output metadata.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _fwd_train_impl(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float,
-    eps: float,
-    activation: str,
-    act_param: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().bn_act_fwd_train(
-        x, weight, bias, running_mean, running_var,
-        momentum=momentum, eps=eps, activation=activation, act_param=act_param,
-    )  # fmt: skip
-
-
-_fwd_train = torch.library.custom_op("bnbench::bn_act_fwd_train", mutates_args=("running_mean", "running_var"))(
-    _fwd_train_impl
-)
-
-
-@_fwd_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param):
-    stats = x.new_empty(x.shape[1], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
-
-
-def _fwd_eval_impl(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    activation: str,
-    act_param: float,
-) -> Tensor:
-    return _kernels().bn_act_fwd_eval(
-        x, running_mean, running_var, weight, bias, eps=eps, activation=activation, act_param=act_param
-    )
-
-
-_fwd_eval = torch.library.custom_op("bnbench::bn_act_fwd_eval", mutates_args=())(_fwd_eval_impl)
-
-
-@_fwd_eval.register_fake
-def _(x, running_mean, running_var, weight, bias, eps, activation, act_param):
-    return torch.empty_like(x)
-
-
-def _bwd_impl(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    rstd_or_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str,
-    act_param: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dweight, dbias = _kernels().bn_act_bwd(
-        grad_out, x, mean, rstd_or_var, weight, bias,
-        training=training, eps=eps, activation=activation, act_param=act_param,
-    )  # fmt: skip
-    # custom ops return tensors only: an empty tensor stands for "no parameter"
-    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
-
-
-def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
-def _fake_grads(like: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Output metadata of the backward ops: (grad like ``like``, dweight, dbias), empty for a missing parameter."""
-    grads = (None if p is None else torch.empty_like(p) for p in (weight, bias))
-    return torch.empty_like(like), *(_or_empty(g, like) for g in grads)
-
-
-_bwd = torch.library.custom_op("bnbench::bn_act_bwd", mutates_args=())(_bwd_impl)
-
-
-@_bwd.register_fake
-def _(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation, act_param):
-    return _fake_grads(x, weight, bias)
-
-
-def _bwd_from_output_impl(
-    grad_out: Tensor,
-    y: Tensor,
-    rstd_or_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str,
-    act_param: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dweight, dbias = _kernels().bn_act_bwd_from_output(
-        grad_out, y, rstd_or_var, weight, bias, training=training, eps=eps, activation=activation,
-        act_param=act_param, min_abs_weight=MEMORY_SAVING_MIN_ABS_WEIGHT,
-    )  # fmt: skip
-    return dx, _or_empty(dweight, y), _or_empty(dbias, y)
-
-
-_bwd_from_output = torch.library.custom_op("bnbench::bn_act_bwd_from_output", mutates_args=())(_bwd_from_output_impl)
-
-
-@_bwd_from_output.register_fake
-def _(grad_out, y, rstd_or_var, weight, bias, training, eps, activation, act_param):
-    return _fake_grads(y, weight, bias)
-
-
-def _op(op, impl):
-    """The custom op while torch.compile traces (an opaque node with a fake implementation); the plain
-    implementation in eager mode, where going through the dispatcher would only add host overhead (tens of
-    microseconds a call, as much as a small input's whole kernel time)."""
-    return op if torch.compiler.is_compiling() else impl
-
-
 class _BatchNormActFunction(torch.autograd.Function):
     """One autograd path for the Triton backend. Saves x, weight, bias and fp32 mean/rstd (training) or the
     running statistics (eval); backward recomputes the pre-activation. With ``memory_saving`` it saves the
-    output y (not x) and rstd (or the running variance), and backward rebuilds x_hat from y."""
+    output y (not x) and rstd (or the running variance), and backward rebuilds x_hat from y.
+
+    Returns y only: mean and rstd stay inside (saved for backward), so autograd has no non-differentiable
+    outputs to materialise zero gradients for, and a backward launches bnbench's kernels and nothing else.
+    """
 
     @staticmethod
     def forward(
         ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, act_param, memory_saving
     ):
         if training:
-            fwd_train = _op(_fwd_train, _fwd_train_impl)
-            y, mean, rstd = fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param)
+            y, mean, rstd = _ops.fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                           act_param)  # fmt: skip
         else:
-            y = _op(_fwd_eval, _fwd_eval_impl)(x, running_mean, running_var, weight, bias, eps, activation, act_param)
+            y = _ops.fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param)
             mean, rstd = running_mean, running_var
         if memory_saving:
             ctx.save_for_backward(y, weight, bias, rstd)
         else:
             ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.config = (training, eps, activation, act_param, memory_saving)
-        ctx.mark_non_differentiable(mean, rstd)
-        return y, mean, rstd
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    def backward(ctx, grad_out):
         training, eps, activation, act_param, memory_saving = ctx.config
         if memory_saving:
             y, weight, bias, rstd = ctx.saved_tensors
-            bwd = _op(_bwd_from_output, _bwd_from_output_impl)
-            dx, dweight, dbias = bwd(grad_out, y, rstd, weight, bias, training, eps, activation, act_param)
+            dx, dweight, dbias = _ops.bwd_from_output(grad_out, y, rstd, weight, bias, training, eps, activation,
+                                                      act_param)  # fmt: skip
         else:
             x, weight, bias, mean, rstd = ctx.saved_tensors
-            bwd = _op(_bwd, _bwd_impl)
-            dx, dweight, dbias = bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
+            dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
         return (
             dx,
             dweight if weight is not None else None,
@@ -276,37 +138,8 @@ class _MemorySavingReferenceFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         y, weight, bias, rstd = ctx.saved_tensors
         training, activation, act_param = ctx.config
-        dx, dweight, dbias = _bwd_from_output_reference(
-            grad_out, y, rstd, weight, bias, training, activation, act_param
-        )
+        dx, dweight, dbias = bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param)
         return dx, dweight, dbias, *([None] * 7)
-
-
-def _bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param):
-    """(dx, dweight, dbias) of y = act(BN(x)) from y in fp32 PyTorch ops; mirrors ``kernels/_memory_saving.py``."""
-    C = y.shape[1]
-    shape = (1, C) + (1,) * (y.dim() - 2)
-    dims = [0, *range(2, y.dim())]
-    yf, dy = y.float(), grad_out.float()
-    w = weight.float() if weight is not None else yf.new_ones(C)
-    b = bias.float() if bias is not None else yf.new_zeros(C)
-    if activation is Activation.IDENTITY:
-        z, dz = yf, dy
-    else:  # leaky_relu with a positive slope (memory_saving_unsupported rules out the rest)
-        z = torch.where(yf > 0, yf, yf / act_param)
-        dz = torch.where(z > 0, dy, dy * act_param)
-    inv_w = torch.where(w < 0, -1.0, 1.0) / w.abs().clamp_min(MEMORY_SAVING_MIN_ABS_WEIGHT)
-    x_hat = (z - b.view(shape)) * inv_w.view(shape)
-    sum_dz, sum_dz_xhat = dz.sum(dims), (dz * x_hat).sum(dims)
-    scale = (w * rstd).view(shape)
-    if training:
-        total = y.numel() // C
-        dx = scale * (dz - (sum_dz / total).view(shape) - x_hat * (sum_dz_xhat / total).view(shape))
-    else:
-        dx = scale * dz
-    dweight = sum_dz_xhat.to(weight.dtype) if weight is not None else None
-    dbias = sum_dz.to(bias.dtype) if bias is not None else None
-    return dx.to(y.dtype), dweight, dbias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,17 +196,57 @@ def batch_norm_act(
     *,
     memory_saving: bool = False,
 ) -> Tensor:
-    """``activation(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))``.
+    r"""Batch normalisation followed by an activation, fused into Triton kernels (forward and backward).
 
-    Same arguments and semantics as :func:`torch.nn.functional.batch_norm`, plus the activation (a name or
-    :class:`bnbench.Activation`; ``activation_param`` is leaky_relu's negative slope) and the backend
-    ("auto", "triton" or "torch"; see :func:`resolve_backend`). Training updates the running statistics in
-    place (unbiased variance) with ``momentum``: a number, or a 0-dim tensor on the device (the modules pass
-    ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
+    Equal to ``activation(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps))``: per channel c, over the batch and every spatial position,
 
-    ``memory_saving=True`` saves the output instead of the input for backward (identity and leaky_relu with a
-    positive slope only: see :func:`memory_saving_unsupported`); the output must then not be modified in place.
-    Gradients of channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate in that mode.
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta\right)
+
+    with the batch statistics (biased variance) when ``training``, else ``running_mean`` and ``running_var``.
+    Training updates the running statistics in place as :class:`torch.nn.BatchNorm2d` does:
+    ``running = (1 - momentum) * running + momentum * batch``, with the unbiased variance. Statistics are
+    computed in fp32 whatever the input dtype; gradients are bitwise reproducible (fixed-order reductions).
+
+    Args:
+        input: the (N, C), (N, C, L) or (N, C, H, W) tensor. The Triton backend takes float32, float16 or
+            bfloat16 in any memory layout (contiguous, channels_last, strided views) and never copies it.
+        running_mean, running_var: (C,) running statistics, or None (only when training: then none are kept or
+            updated). Updated in place when training.
+        weight, bias: (C,) affine parameters gamma and beta, or None (1 and 0).
+        training: normalise with the batch statistics (and update the running ones) rather than the running ones.
+        momentum: the running-average factor: a number, or a 0-dim tensor on the device (the modules pass
+            ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
+            Default 0.1.
+        eps: added to the variance for numerical stability. Default 1e-5.
+        activation: a name or :class:`bnbench.Activation`: identity, relu, leaky_relu, sigmoid, tanh, gelu,
+            gelu_tanh, silu. Default "relu".
+        activation_param: leaky_relu's negative slope (default 0.01); None for every other activation.
+        backend: "triton" (the fused kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), "torch" (the
+            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run, else torch; see
+            :func:`resolve_backend`). Default "auto".
+        memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
+            from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
+            :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
+            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. Default False.
+
+    Shape:
+        - input: (N, C), (N, C, L) or (N, C, H, W)
+        - output: the same shape, dtype and memory layout as the input
+
+    Raises:
+        ValueError, TypeError: on a bad rank, channel count, dtype, momentum, backend or activation, or one value
+            per channel in training, before any kernel runs.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 32, 32, device="cuda", requires_grad=True)
+        >>> running_mean, running_var = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+        >>> weight = torch.ones(16, device="cuda", requires_grad=True)
+        >>> bias = torch.zeros(16, device="cuda", requires_grad=True)
+        >>> y = batch_norm_act(x, running_mean, running_var, weight, bias, training=True, activation="silu")
+        >>> y.sum().backward()
     """
     act, param = parse_activation(activation, activation_param)
     _check_args(input, running_mean, running_var, weight, bias, training, momentum)
@@ -402,7 +275,7 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
     """Run one backend with a float momentum."""
     training = bool(training)
     if use_triton:
-        y, _, _ = _BatchNormActFunction.apply(
+        y = _BatchNormActFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act.value, param,
             memory_saving,
         )  # fmt: skip

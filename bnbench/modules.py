@@ -111,7 +111,7 @@ class _BatchNormActMixin:
             exponential_average_factor,
             self.eps,
             self.activation,
-            self.activation_param if self.activation is Activation.LEAKY_RELU else None,
+            self.activation_param,
             self.backend,
             memory_saving=self.memory_saving,
         )
@@ -126,8 +126,76 @@ class _BatchNormActMixin:
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` followed by an activation, fused. Input (N, C) or (N, C, L)."""
+    r"""``nn.BatchNorm1d`` followed by an activation, fused into as few passes over memory as possible.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta\right)
+
+    with the mean and biased variance over the batch (and length) axes in training, the running statistics in
+    eval; the running variance is updated with the unbiased variance. Parameters, buffers, ``state_dict`` keys and
+    semantics are exactly those of ``nn.BatchNorm1d``; statistics are fp32 whatever the input dtype.
+
+    Args:
+        num_features: C, the number of channels of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the running statistics' update factor, ``running = (1 - momentum) * running + momentum * batch``;
+            ``None`` for the cumulative average (factor ``1 / num_batches_tracked``). Default: 0.1.
+        affine: learnable ``weight`` (gamma, initialised to 1) and ``bias`` (beta, 0). Default: True.
+        track_running_stats: keep running statistics (used in eval); if False, eval uses batch statistics too.
+            Default: True.
+        activation: ``identity``, ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``gelu_tanh`` or
+            ``silu`` (a name or a :class:`bnbench.Activation`). Default: ``relu``.
+        activation_param: the negative slope of ``leaky_relu`` (default 0.01); the other activations take none.
+        backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
+            reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
+        memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
+            positive slope only; the weight must stay away from 0). Default: False.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`
+        - Output: the input's shape, dtype and strides
+
+    Example::
+
+        >>> layer = bnbench.BatchNormAct1d(100, activation="gelu")
+        >>> y = layer(torch.randn(20, 100))
+    """
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` followed by an activation, fused. Input (N, C, H, W), NCHW or channels_last."""
+    r"""``nn.BatchNorm2d`` followed by an activation, fused into as few passes over memory as possible.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta\right)
+
+    with the mean and biased variance per channel over (N, H, W) in training, the running statistics in eval; the
+    running variance is updated with the unbiased variance. Parameters, buffers, ``state_dict`` keys and semantics
+    are exactly those of ``nn.BatchNorm2d``; statistics are fp32 whatever the input dtype. NCHW, channels_last and
+    strided inputs run without a copy.
+
+    Args:
+        num_features: C, the number of channels of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the running statistics' update factor, ``running = (1 - momentum) * running + momentum * batch``;
+            ``None`` for the cumulative average (factor ``1 / num_batches_tracked``). Default: 0.1.
+        affine: learnable ``weight`` (gamma, initialised to 1) and ``bias`` (beta, 0). Default: True.
+        track_running_stats: keep running statistics (used in eval); if False, eval uses batch statistics too.
+            Default: True.
+        activation: ``identity``, ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``gelu_tanh`` or
+            ``silu`` (a name or a :class:`bnbench.Activation`). Default: ``relu``.
+        activation_param: the negative slope of ``leaky_relu`` (default 0.01); the other activations take none.
+        backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
+            reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
+        memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
+            positive slope only; the weight must stay away from 0). Default: False.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`, contiguous or channels_last
+        - Output: the input's shape, dtype and memory format
+
+    Example::
+
+        >>> layer = bnbench.BatchNormAct2d(64, activation="leaky_relu", activation_param=0.1).cuda()
+        >>> x = torch.randn(32, 64, 28, 28, device="cuda").to(memory_format=torch.channels_last)
+        >>> y = layer(x)  # == F.leaky_relu(nn.BatchNorm2d(64)(x), 0.1)
+    """

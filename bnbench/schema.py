@@ -1,4 +1,5 @@
-"""Results schemas: the columns every bench and train CSV carries (see MEASURE.md), and their validation.
+"""Results schemas: the columns every bench, step and train CSV carries (defined in docs/measuring.md), the key that
+names a point, the dtype names, and their validation.
 
 The harness and the training experiments write these files; reports only read them. A file that does not fit
 raises ValueError naming the file and the column.
@@ -12,10 +13,37 @@ __all__ = [
     "BENCH_COLUMNS",
     "BENCH_STATUSES",
     "BENCH_TIMERS",
+    "DIST_COLUMNS",
+    "DTYPES",
+    "DTYPE_ALIASES",
+    "ELEMENT_SIZE",
+    "POINT_KEY",
+    "STEP_COLUMNS",
+    "STEP_TIMERS",
     "TRAIN_COLUMNS",
+    "torch_dtype",
     "validate_bench",
+    "validate_step",
     "validate_train",
 ]
+
+#: the results' dtype names -> torch dtype attribute names (resolved by :func:`torch_dtype`, so this module
+#: imports no torch)
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: other spellings the CLI accepts for them
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+#: bytes per element of each dtype
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a results dtype name (``"bf16"`` -> ``torch.bfloat16``); ValueError for others."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes are: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
 
 #: one row per point = case x provider x timer; floats unrounded
 BENCH_COLUMNS: tuple[str, ...] = (
@@ -36,6 +64,14 @@ BENCH_COLUMNS: tuple[str, ...] = (
     "max_rel_err", "status", "message",
 )  # fmt: skip
 
+#: the columns that name a case in a results file; with ``provider`` they name a point (what --resume skips),
+#: with ``timer`` too a row's raw samples
+POINT_KEY: tuple[str, ...] = ("op", "pass", "activation", "dtype", "layout", "shape")
+
+#: columns a ``--world-size`` benchmark adds to BENCH_COLUMNS: who measured, over how many ranks, and the
+#: collectives' share of a call
+DIST_COLUMNS: tuple[str, ...] = ("rank", "world_size", "dist_backend", "collective_ms_p50", "collective_share")
+
 BENCH_STATUSES = ("ok", "incorrect", "error", "skipped", "oom")
 #: cuda_event: triton.testing.do_bench; cuda_graph: CUDA-graph replay; wall: CPU wall clock;
 #: interpreter: Triton interpreter (correctness only, never in a speed table)
@@ -47,6 +83,29 @@ TRAIN_COLUMNS: tuple[str, ...] = (
     "experiment", "dataset", "model", "depth", "width", "activation", "norm", "lr", "batch_size", "seed",
     "step", "wall_s", "metric", "value",
 )  # fmt: skip
+
+
+#: ``bnbench step``: one row per training-step configuration x provider (columns in bnbench/step/measure.py)
+STEP_COLUMNS: tuple[str, ...] = (
+    # provenance
+    "run_id", "timestamp_utc", "git_sha", "bnbench_version", "torch_version", "triton_version", "device_name",
+    # case: the network, its definition's source (torchvision | bnbench), batch, input resolution, precision
+    # (fp32 | bf16, the latter under torch.autocast), layout (nchw | channels_last)
+    "model", "network_source", "batch", "resolution", "dtype", "autocast", "layout",
+    # provider; fused_backend: triton | torch ("" when nothing is fused); BatchNorm layers fused and left alone
+    "provider", "is_baseline", "fused_backend", "bn_layers", "bn_fused", "bn_unfused", "bn_unfused_reasons",
+    # method: wall (synchronised wall clock per step) | interpreter (correctness only)
+    "timer", "n_samples", "warmup_steps",
+    # statistics (milliseconds per step) and derived figures
+    "ms_p20", "ms_p50", "ms_p80", "images_per_s", "speedup_vs_eager", "speedup_vs_compile", "compile_s",
+    "peak_mem_mb", "bn_act_ms", "bn_act_share",
+    # correctness after one step: relative errors vs the same network in float64, the eager network's own
+    # gradient error (the precision's rounding, as amplified by the network) and the bound applied
+    "loss", "loss_rel_err", "grad_rel_err", "eager_grad_rel_err", "tolerance", "status", "message",
+)  # fmt: skip
+STEP_TIMERS = ("wall", "interpreter")
+_STEP_NUMERIC = ("batch", "resolution", "n_samples", "ms_p20", "ms_p50", "ms_p80", "images_per_s", "compile_s",
+                 "peak_mem_mb", "bn_act_share", "loss_rel_err", "grad_rel_err")  # fmt: skip
 
 
 def _require(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
@@ -65,6 +124,20 @@ def validate_bench(frame: pd.DataFrame, source: str = "bench results") -> pd.Dat
     if bad:
         raise ValueError(f"{source}: column timer has unknown value(s) {bad}; expected {BENCH_TIMERS}")
     for column in _BENCH_NUMERIC:
+        values = frame[column]
+        if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
+            raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")
+    return frame
+
+
+def validate_step(frame: pd.DataFrame, source: str = "step results") -> pd.DataFrame:
+    """Check a ``bnbench step`` results frame; return it. Raises ValueError naming ``source`` and the column."""
+    _require(frame, STEP_COLUMNS, source)
+    for column, valid in (("status", BENCH_STATUSES), ("timer", STEP_TIMERS)):
+        bad = sorted(set(frame[column].dropna()) - set(valid))
+        if bad:
+            raise ValueError(f"{source}: column {column} has unknown value(s) {bad}; expected {valid}")
+    for column in _STEP_NUMERIC:
         values = frame[column]
         if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
             raise ValueError(f"{source}: column {column} must be numeric, got dtype {values.dtype}")

@@ -16,18 +16,21 @@ import math
 import sys
 from pathlib import Path
 
+from bnbench.activations import valid_names
+
 HELP = "benchmark sweep vs eager and torch.compile -> CSV, JSON, PNG, summary.md"
 DESCRIPTION = """\
 Measure fused BatchNorm + activation against PyTorch eager and torch.compile over a sweep of cases, check every
-point against a float64 reference, and write results.csv (one row per point; columns in MEASURE.md),
-results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
+point against a float64 reference, and write results.csv (one row per point; every column is defined in
+docs/measuring.md), results.json (environment, copy bandwidth, raw samples), PNG plots and summary.md to --out.
 
 Cases come from a preset or from comma lists. Presets: 'quick' (the default when no axis is given; 12 cases of
 BN1d (batch 256/2048 x width 64/256) and BN2d 16x64x14x14 in both layouts, fp32, relu, fwd and fwd_bwd: within two
 minutes on a 2-core CPU including torch.compile's C++ builds, 1-3 s per case; 55 s measured with a cold Inductor
-cache), 'standard' (MEASURE.md's
-baseline shapes in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
-'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32). With --preset,
+cache), 'standard' (the baseline shapes of docs/measuring.md in fp32 and bf16, a batch sweep at width 1024 and a width sweep at batch 4096; GPU-sized), and
+'resnet50' (every BN layer shape of ResNet-50 at batch 64/128/256, channels_last, bf16 and fp32, read off
+the model; --from-model NAME does the same for any network, on the given batch/dtype/layout/pass axes, and the
+summary adds the call-weighted BN + activation time per training step). With --preset,
 axis options filter the preset; without it, they build a grid (unset axes: batch 256, width 256, spatial 1, fp32,
 relu, fwd,fwd_bwd, nchw).
 
@@ -35,6 +38,8 @@ Timing: triton.testing.do_bench (L2 flushed, CUDA events; p20/p50/p80) on a GPU;
 CPU. Without a GPU the triton providers run in the Triton interpreter (switched on unless --no-interpret) on the
 cases small enough for it, as a correctness check (timer=interpreter, never in a speed table); larger cases are
 recorded as skipped, saying why.
+With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
+docs/measuring.md). The method (providers, passes, timers, bytes model) is in docs/measuring.md.
 Exit status: 0 every point ok or skipped, 1 some point incorrect or failed (error, oom), 2 bad arguments."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
@@ -49,13 +54,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a named sweep (default: quick, when no axis option is given)",
     )
+    cases.add_argument(
+        "--from-model",
+        metavar="NAME",
+        default=None,
+        help="the BN calls of a network's forward pass (resnet18, resnet50, cnn, mlp) as cases, with their counts; "
+        "takes --batch, --dtype, --layout, --pass (default: those of the resnet50 preset); the summary adds the "
+        "call-weighted BN + activation time per training step",
+    )
     cases.add_argument("--batch", metavar="N,...", help="batch sizes, e.g. 64,256,1024")
     cases.add_argument("--width", metavar="C,...", help="channel counts, e.g. 64,256,1024")
     cases.add_argument(
         "--spatial", metavar="S,...", help="1 for BatchNorm1d on (N, C); HxW (or H) for BatchNorm2d, e.g. 1,28x28"
     )
     cases.add_argument("--dtype", metavar="D,...", help="fp32, fp16, bf16")
-    cases.add_argument("--activation", metavar="A,...", help="identity, relu, leaky_relu, sigmoid, tanh, gelu, ...")
+    cases.add_argument("--activation", metavar="A,...", help=", ".join(valid_names()))
     cases.add_argument(
         "--pass",
         dest="passes",
@@ -68,9 +81,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--providers",
-        default="eager,compile,triton",
+        default=None,
         help="comma list of eager, compile, compile-max-autotune, triton, triton-compile (the fused layer under "
-        "torch.compile)",
+        "torch.compile); default eager,compile,triton. With --world-size: sync_fused, sync_fused_torch, "
+        "sync_eager (all three by default)",
     )
     run.add_argument(
         "--out", type=Path, default=None, help="output folder (default: reports/bench/<device>-<UTC timestamp>/)"
@@ -110,26 +124,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="run under 'torchrun --nproc-per-node K': time SyncBatchNormAct vs nn.SyncBatchNorm + activation on "
-        "every rank (gloo on CPU, NCCL on GPUs) and record the collective's share of the step; takes --batch, "
-        "--width, --spatial, --dtype, --activation, --layout, --out",
+        help="run under 'torchrun --nproc-per-node K -m bnbench bench --world-size K --out DIR ...': the same "
+        "sweep (every case option, --pass, --seed, --providers) on every rank with synchronised BatchNorm "
+        "(gloo on CPU, NCCL on GPUs), the statistics over the global batch; rank 0 writes every rank's rows with "
+        "the collectives' share of each call. Needs --out; --resume and --cuda-graph are refused",
     )
-
-
-def _run_distributed(args) -> int:
-    """``--world-size K``: hand the case axes to the torchrun entry point of the synchronized layer."""
-    from bnbench import distributed_cli
-
-    if args.out is None:
-        raise ValueError("--world-size needs --out: the folder rank 0 writes results.csv to")
-    argv = ["bench", "--world-size", str(args.world_size), "--out", str(args.out)]
-    for name in ("batch", "width", "spatial", "dtype", "activation"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name}", value]
-    if args.layout and "channels_last" in args.layout:
-        argv.append("--channels-last")
-    return distributed_cli.main(argv)
+    dist = parser.add_argument_group("with --world-size (every rank makes the same number of calls)")
+    dist.add_argument("--warmup", type=int, default=10, help="untimed calls per point before the timed ones")
+    dist.add_argument("--reps", type=int, default=30, help="timed calls per point (replaces the adaptive budgets)")
 
 
 def _select(args):
@@ -138,6 +140,14 @@ def _select(args):
     def parsed(value, parse):
         return None if value is None else parse(value)
 
+    if args.from_model is not None:  # the network's BN calls (bnbench.bench.model_cases)
+        from bnbench.bench.model_cases import cases_from_model
+
+        return cases_from_model(
+            args.from_model, preset=args.preset, width=args.width, spatial=args.spatial, activation=args.activation,
+            batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")), dtypes=parsed(args.dtype, c.parse_dtypes),
+            layouts=parsed(args.layout, c.parse_layouts), passes=parsed(args.passes, c.parse_passes),
+        )  # fmt: skip
     return c.select_cases(
         args.preset,
         batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
@@ -195,8 +205,10 @@ def _check_resumable(previous, provenance: dict, out: Path) -> None:
 def _done_keys(frame) -> set[tuple]:
     if frame is None:
         return set()
+    from bnbench.schema import POINT_KEY
+
     finished = frame[frame["status"].isin(FINISHED_STATUSES)]
-    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    cols = [*POINT_KEY, "provider"]
     return {tuple(str(v) for v in row) for row in finished[cols].itertuples(index=False)}
 
 
@@ -204,8 +216,10 @@ def _drop_rerun(frame, points) -> object:
     """Earlier rows of the points about to be measured again (error/oom), so each point has one row."""
     if frame is None or not len(points):
         return frame
+    from bnbench.schema import POINT_KEY
+
     rerun = {(*case.key(), provider.name) for case, provider in points}
-    cols = ["op", "pass", "activation", "dtype", "layout", "shape", "provider"]
+    cols = [*POINT_KEY, "provider"]
     keep = [tuple(str(v) for v in row) not in rerun for row in frame[cols].itertuples(index=False)]
     return frame[keep]
 
@@ -233,19 +247,13 @@ def write_bench_outputs(out: Path, frame, sidecar: dict) -> None:
     _io.write_json(out / "results.json", sidecar)
 
 
-def write_report(out: Path, frame) -> str | None:
-    """summary.md and the PNG figures from the report module; returns the summary (None if the report module is
-    not available, which is said on stderr)."""
+def write_report(out: Path, frame, model_calls: dict | None = None) -> str:
+    """summary.md and the PNG figures from the report module; returns the summary. ``model_calls``: the network's
+    BN call table when the cases came from one (the summary adds the call-weighted total)."""
     from bnbench import _io
+    from bnbench.report.bench import bench_figures, summary_markdown
 
-    try:
-        from bnbench.report.bench import bench_figures, summary_markdown
-    except ModuleNotFoundError as err:
-        if err.name not in ("bnbench.report.bench", "bnbench.report"):
-            raise
-        print("bnbench bench: bnbench.report.bench is not available: no summary.md or plots", file=sys.stderr)
-        return None
-    summary = summary_markdown(frame)
+    summary = summary_markdown(frame, model_calls=model_calls)
     _io.write_text(out / "summary.md", summary)
     for stem, fig in bench_figures(frame).items():
         _io.write_figure(out / f"{stem}.png", fig, dpi=120, bbox_inches="tight")
@@ -264,32 +272,103 @@ def write_profile_outputs(out: Path, markdown: str, kernels, profiles) -> None:
                 p.profiler.export_chrome_trace(str(tmp))
 
 
+def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, timing: dict, copy,
+             old_sidecar: dict) -> dict:  # fmt: skip
+    """results.json without the raw samples: the environment, the run's settings, the copy bandwidth."""
+    import torch
+
+    from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
+    from bnbench.bench.model_cases import run_call_table
+    from bnbench.schema import DTYPES
+    from bnbench.testing import tolerance
+
+    return {
+        "environment": info,
+        "run": {
+            "run_id": run_id, "started_utc": started.isoformat(timespec="seconds"),
+            "options": {k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+                        for k, v in vars(args).items() if not k.startswith("_")},
+            "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
+            "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
+            "timing": timing,
+            "tolerance_max_rel_err": {d: tolerance(d) for d in DTYPES},
+            "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
+        },
+        "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
+        "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
+        # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
+        "model_bn_calls": run_call_table(args.preset, args.from_model),
+    }  # fmt: skip
+
+
+def _finish(out: Path, frame, sidecar: dict) -> int:
+    """Write the results whole, the summary and the figures; the exit status of the run."""
+    write_bench_outputs(out, frame, sidecar)
+    print(write_report(out, frame, sidecar.get("model_bn_calls")))
+    failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
+    counts = frame["status"].value_counts().to_dict()
+    print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    if len(failed):
+        print(f"bnbench bench: {len(failed)} incorrect or failed point(s): see summary.md", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress(points, enabled: bool = True):
+    """A tqdm bar over the points and the (on_start, on_point) callbacks that drive it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(points), desc="bench", unit="pt", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+
+    def on_start(case, provider) -> None:
+        bar.set_postfix_str(f"{provider.name} {case.label()}", refresh=True)
+
+    def on_point(case, provider, results) -> None:
+        bar.update(1)
+
+    return bar, on_start, on_point
+
+
+def _check_run_options(args) -> None:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not (0 < args.cpu_budget_s < math.inf and 0 < args.rep_ms < math.inf):  # NaN fails both
+        raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out: the folder of the run to continue")
+    if args.world_size is None:
+        return
+    if args.out is None:
+        raise ValueError("--world-size needs --out: the folder rank 0 writes results.csv to")
+    unsupported = [flag for flag, on in (("--resume", args.resume), ("--cuda-graph", args.cuda_graph)) if on]
+    if unsupported:
+        raise ValueError(f"--world-size does not support {', '.join(unsupported)} (every rank would have to agree "
+                         "on which points to run and how to replay them)")  # fmt: skip
+
+
 def run(args) -> int:
-    import pandas as pd
     import torch
 
     from bnbench import envinfo
     from bnbench.bench import runner
     from bnbench.bench.bandwidth import measure_copy_bandwidth
-    from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
-    from bnbench.bench.providers import get_providers
-    from bnbench.bench.workload import TOLERANCE
+    from bnbench.bench.providers import DEFAULT_PROVIDERS, get_providers
+    from bnbench.interpreter import switch_triton_interpreter_on
 
-    if args.world_size is not None:
-        return _run_distributed(args)
-    cases = _select(args)
-    providers = get_providers(args.providers)
+    _check_run_options(args)
     device = _device(args.device)
     if device.type == "cpu" and not args.no_interpret:
-        envinfo.switch_triton_interpreter_on()  # before anything imports triton
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        switch_triton_interpreter_on()  # before anything imports triton (a model's cases import it)
+    cases = _select(args)
+    if args.world_size is None:
+        providers = get_providers(args.providers or ",".join(DEFAULT_PROVIDERS))
+    else:
+        from bnbench.bench.distributed import DEFAULT_SYNC_PROVIDERS, SyncTiming, get_sync_providers
+
+        providers = get_sync_providers(args.providers or ",".join(DEFAULT_SYNC_PROVIDERS))
+        sync_timing = SyncTiming(warmup=args.warmup, reps=args.reps)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if not (0 < args.cpu_budget_s < math.inf and 0 < args.rep_ms < math.inf):  # NaN fails both
-        raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
-    if args.resume and args.out is None:
-        raise ValueError("--resume needs --out: the folder of the run to continue")
     started = _dt.datetime.now(_dt.timezone.utc)
     info = envinfo.collect()
     out = args.out or Path("reports/bench") / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
@@ -300,6 +379,8 @@ def run(args) -> int:
     points = runner.plan_points(cases, providers, done)
     if args.dry_run:
         return _dry_run(points, done, device)
+    if args.world_size is not None:
+        return _run_distributed(args, cases, providers, sync_timing, device, info, started, out)
     if args.resume and previous is None:
         print(f"bnbench bench: nothing to resume in {out} (no results.csv); starting a new run there", file=sys.stderr)
 
@@ -312,49 +393,73 @@ def run(args) -> int:
         timing=runner.TimingSettings(rep_ms=args.rep_ms, cpu_budget_s=args.cpu_budget_s, cuda_graph=args.cuda_graph),
     )  # fmt: skip
     kept = _drop_rerun(previous, points)
+    sidecar = _sidecar(args, info, run_id, started, device, providers, cases, dataclasses.asdict(ctx.timing), copy,
+                       old_sidecar)  # fmt: skip
     samples: dict[str, list[float]] = dict(old_sidecar.get("samples_ms", {}))
-    sidecar = {
-        "environment": info,
-        "run": {
-            "run_id": run_id, "started_utc": started.isoformat(timespec="seconds"),
-            "options": {k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
-                        for k, v in vars(args).items() if not k.startswith("_")},
-            "device": str(device), "torch_threads": torch.get_num_threads(), "seed": args.seed,
-            "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
-            "timing": dataclasses.asdict(ctx.timing),
-            "tolerance_max_rel_err": TOLERANCE, "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
-        },
-        "copy_bandwidth": {"gbps": copy.gbps, "nbytes_each_way": copy.nbytes, "samples_ms": list(copy.timing.samples_ms)},
-        "previous_runs": old_sidecar.get("previous_runs", []) + ([old_sidecar["run"]] if "run" in old_sidecar else []),
-    }  # fmt: skip
     rows: list[dict] = []
 
-    def frame_now() -> pd.DataFrame:
-        new = runner.results_frame(rows)
-        parts = [f for f in (kept, new) if f is not None and len(f)]
-        merged = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else new)
-        return runner.add_speedups(merged) if len(merged) else merged
+    def frame_now():
+        return _merge(kept, runner.results_frame(rows))
 
-    from tqdm.auto import tqdm
+    bar, on_start, advance = _progress(points)
 
-    with tqdm(points, desc="bench", unit="pt", dynamic_ncols=True, file=sys.stderr) as bar:
-        for case, provider in bar:
-            bar.set_postfix_str(f"{provider.name} {case.label()}", refresh=True)
-            for result in runner.measure_point(case, provider, ctx):
-                rows.append(result.row)
-                samples[runner.point_id(result.row)] = result.samples_ms
-            sidecar["samples_ms"] = samples
-            sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            write_bench_outputs(out, frame_now(), sidecar)
-    frame = frame_now()
-    write_bench_outputs(out, frame, {**sidecar, "samples_ms": samples})
-    summary = write_report(out, frame)
-    if summary is not None:
-        print(summary)
-    failed = frame[frame["status"].isin(("incorrect", "error", "oom"))]
-    counts = frame["status"].value_counts().to_dict()
-    print(f"bnbench bench: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
-    if len(failed):
-        print(f"bnbench bench: {len(failed)} incorrect or failed point(s): see summary.md", file=sys.stderr)
-        return 1
-    return 0
+    def on_point(case, provider, results) -> None:  # the finished points are on disk after every point
+        advance(case, provider, results)
+        for result in results:
+            rows.append(result.row)
+            samples[runner.point_id(result.row)] = result.samples_ms
+        sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        write_bench_outputs(out, frame_now(), {**sidecar, "samples_ms": samples})
+
+    with bar:
+        runner.run_sweep(cases, providers, ctx, done=done, on_start=on_start, on_point=on_point)
+    return _finish(out, frame_now(), {**sidecar, "samples_ms": samples})
+
+
+def _merge(kept, new):
+    """Earlier points kept by --resume, then the new ones, with speedups over the whole."""
+    import pandas as pd
+
+    from bnbench.bench import runner
+
+    parts = [f for f in (kept, new) if f is not None and len(f)]
+    merged = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else new)
+    return runner.add_speedups(merged) if len(merged) else merged
+
+
+def _run_distributed(args, cases, providers, sync_timing, device, info: dict, started, out: Path) -> int:
+    """``--world-size K``: the same sweep on every rank of a torchrun process group (``bench/distributed.py``);
+    rank 0 writes every rank's rows. Every rank returns the same exit status."""
+    import functools
+
+    import torch.distributed as dist
+
+    from bnbench.bench import runner
+    from bnbench.bench.bandwidth import measure_copy_bandwidth
+    from bnbench.bench.distributed import measure_sync_point
+    from bnbench.distributed import launch
+
+    with launch.process_group(args.world_size, cuda=device.type == "cuda") as rank_device:
+        copy = measure_copy_bandwidth(rank_device)
+        ctx = runner.RunContext(device=rank_device, copy_gbps=copy.gbps, seed=args.seed,
+                                provenance=runner.provenance_from_env(info, out.name))  # fmt: skip
+        points = runner.plan_points(cases, providers)
+        rank0 = launch.is_rank_zero()
+        if rank0:
+            print(f"bnbench bench: {len(points)} point(s) on {args.world_size} ranks ({dist.get_backend()}, "
+                  f"{rank_device}); out {out}")  # fmt: skip
+        bar, on_start, on_point = _progress(points, enabled=rank0)
+        with bar:
+            frame, samples = runner.run_sweep(cases, providers, ctx, on_start=on_start, on_point=on_point,
+                                              measure=functools.partial(measure_sync_point, timing=sync_timing))  # fmt: skip
+        frame = launch.gather_frames(frame)
+        every_sample: list[dict | None] = [None] * args.world_size
+        dist.all_gather_object(every_sample, samples)
+    if not rank0:
+        return 1 if frame["status"].isin(("incorrect", "error", "oom")).any() else 0
+    sidecar = _sidecar(args, info, out.name, started, device, providers, cases, dataclasses.asdict(sync_timing),
+                       copy, {})  # fmt: skip
+    sidecar["run"]["world_size"] = args.world_size
+    sidecar["run"]["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sidecar["samples_ms"] = {f"rank{r}|{k}": v for r, ranks in enumerate(every_sample) for k, v in ranks.items()}
+    return _finish(out, frame, sidecar)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from bnbench.report.load import Result
 from bnbench.report.points import device_label
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
-
-TRAIN_MODULE = "bnbench.report.train"
 
 
 @dataclass(frozen=True)
@@ -57,18 +54,6 @@ def _sidecar_environment(meta: dict[str, Any]) -> pd.DataFrame | None:
     return pd.DataFrame(_flatten(env), columns=["field", "value"])
 
 
-def _train_module(result: Result):
-    try:
-        return importlib.import_module(TRAIN_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != TRAIN_MODULE:
-            raise
-        raise ValueError(
-            f"{result.path}: is a training results folder, but this bnbench has no training report "
-            f"({TRAIN_MODULE} is missing), so its verdict table and figures cannot be made"
-        ) from None
-
-
 def train_overview(df: pd.DataFrame) -> pd.DataFrame:
     """Per experiment: data set, model, norms, seeds, runs (distinct configurations x seeds), steps, metrics."""
     config = ["model", "depth", "width", "activation", "norm", "lr", "batch_size", "seed"]
@@ -89,7 +74,7 @@ def train_overview(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bench_part(result: Result, prefix: str, level: int) -> list[Section]:
-    sections = bench_sections(result.frame, level=level)
+    sections = bench_sections(result.frame, level=level, model_calls=result.meta.get("model_bn_calls"))
     env = _sidecar_environment(result.meta)
     if env is not None:
         sections.insert(1, Section("Environment recorded in results.json", [Table(env)], level))
@@ -117,7 +102,8 @@ def _held_text(held) -> str:
 
 
 def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
-    module = _train_module(result)
+    from bnbench.report import train as module
+
     verdict = module.verdict_table(result.frame)
     if "held" in verdict.columns:  # True / False / None (the results cannot decide)
         verdict = verdict.assign(held=verdict["held"].map(_held_text))
@@ -134,6 +120,15 @@ def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
     return sections
 
 
+def _step_part(result: Result, prefix: str, level: int) -> list[Section]:
+    from bnbench.report.step import step_figures, step_sections
+
+    sections = step_sections(result.frame, level=level)
+    refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in step_figures(result.frame).items()]
+    sections.append(Section("Figures", refs or [Text("No timed rows: no figures.")], level))
+    return sections
+
+
 def results_report(results: Sequence[Result], *, title: str | None = None) -> Report:
     """A report of one or more bench/train result folders, one part per folder."""
     if not results:
@@ -144,12 +139,14 @@ def results_report(results: Sequence[Result], *, title: str | None = None) -> Re
         prefix = "" if single else f"{i}-{_slug(result.name)}-"
         level = 2 if single else 3
         if not single:
-            what = "benchmark run" if result.kind == "bench" else "training experiments"
+            what = {"bench": "benchmark run", "step": "training-step benchmark"}.get(
+                result.kind, "training experiments"
+            )
             sections.append(Section(f"{result.name} ({result.kind})", [Text(f"{what}: {result.path.resolve()}")], 2))
-        part = _bench_part if result.kind == "bench" else _train_part
+        part = {"bench": _bench_part, "step": _step_part}.get(result.kind, _train_part)
         sections += part(result, prefix, level)
     kinds = ", ".join(dict.fromkeys(r.kind for r in results))
-    devices = [device_label(r.frame) for r in results if r.kind == "bench"]
+    devices = [device_label(r.frame) for r in results if r.kind in ("bench", "step")]
     subtitle = f"{len(results)} result folder(s) ({kinds})" + (
         f"; devices: {', '.join(dict.fromkeys(devices))}" if devices else ""
     )

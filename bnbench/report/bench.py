@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bnbench.report.bench_plots import bench_figures
+from bnbench.report.bn_total import bn_total_sections
 from bnbench.report.document import Section, Table, Text, to_markdown
 from bnbench.report.points import case_label, geomean, is_baseline, sort_points, timed_points
 
@@ -140,8 +141,9 @@ def interpreter_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
-    """The summary of one benchmark run as report sections (environment, headline, extremes, problems)."""
+def bench_sections(df: pd.DataFrame, *, level: int = 2, model_calls: dict | None = None) -> list[Section]:
+    """The summary of one benchmark run as report sections (environment, headline, extremes, problems); with
+    ``model_calls`` (a network's BN call table) also the call-weighted BN + activation time per training step."""
     timed = timed_points(df)
     headline = headline_table(df)
     method = Text(
@@ -158,6 +160,7 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
     sections = [
         Section("Environment", [Table(environment_table(df))], level),
         Section("Headline: speedups and bandwidth", headline_items, level),
+        *bn_total_sections(df, model_calls, level=level),
     ]
     extremes = extreme_points(df)
     if len(extremes):
@@ -198,6 +201,7 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
     return sections
 
 
-def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary") -> str:
-    """``summary.md`` of one run: environment, the headline table, best and worst points, problem points."""
-    return to_markdown(bench_sections(df), title=title)
+def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary", model_calls: dict | None = None) -> str:
+    """``summary.md`` of one run: environment, the headline table (and, for a network's cases, the call-weighted
+    BN + activation time per step), best and worst points, problem points."""
+    return to_markdown(bench_sections(df, model_calls=model_calls), title=title)

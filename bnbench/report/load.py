@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bnbench.report.points import is_baseline
-from bnbench.schema import validate_bench, validate_train
+from bnbench.schema import validate_bench, validate_step, validate_train
 
 __all__ = ["RESULTS_CSV", "RESULTS_JSON", "Result", "detect_kind", "load_result"]
 
@@ -27,7 +27,8 @@ RESULTS_JSON = "results.json"
 _TEXT_COLUMNS = (
     "run_id", "timestamp_utc", "git_sha", "bnbench_version", "torch_version", "triton_version", "device_name",
     "op", "pass", "activation", "bn_mode", "dtype", "layout", "shape", "provider", "kernel_config", "timer",
-    "status", "message", "experiment", "dataset", "model", "norm", "metric",
+    "status", "message", "experiment", "dataset", "model", "norm", "metric", "network_source", "fused_backend",
+    "bn_unfused_reasons",
 )  # fmt: skip
 
 
@@ -46,8 +47,11 @@ class Result:
 
 
 def detect_kind(frame: pd.DataFrame, source: str) -> str:
-    """ "bench" when the frame has per-point timing columns, "train" when it has the long metric/value columns."""
+    """ "step" for ``bnbench step`` results (a network per row), "bench" when the frame has per-point timing
+    columns, "train" when it has the long metric/value columns."""
     columns = set(frame.columns)
+    if {"model", "images_per_s", "ms_p50"} <= columns:
+        return "step"
     if {"provider", "ms_p50"} <= columns:
         return "bench"
     if {"metric", "value", "step"} <= columns:
@@ -124,6 +128,8 @@ def load_result(path: str | os.PathLike) -> Result:
         except ValueError as err:
             raise ValueError(f"{csv}: {err}") from None
         _check_quantiles(frame, str(csv))
+    elif kind == "step":
+        validate_step(frame, str(csv))
     else:
         validate_train(frame, str(csv))
     return Result(path=folder, kind=kind, frame=frame, meta=_read_meta(folder / RESULTS_JSON))

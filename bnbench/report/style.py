@@ -25,7 +25,7 @@ __all__ = [
     "order_values",
 ]
 
-#: benchmark providers (MEASURE.md): the baselines and bnbench's fused kernels
+#: benchmark providers (docs/measuring.md): the baselines and bnbench's fused kernels
 PROVIDER_COLORS: dict[str, str] = {
     "eager": "#1f77b4",  # blue
     "compile": "#ff7f0e",  # orange
