@@ -11,17 +11,31 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 from bnbench import _ops
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.errors import ShapeError
 from bnbench.interpreter import interpreter_active
 from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_reference, bwd_from_output_reference
 
-__all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "MEMORY_SAVING_MIN_ABS_WEIGHT",
+    "TRITON_DTYPES",
+    "batch_norm_act",
+    "memory_saving_unsupported",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "triton", "torch")
+
+#: input dtypes the Triton kernels take (``bnbench.kernels.SUPPORTED_DTYPES``, kept here so that choosing a backend
+#: imports no triton); backend="auto" runs every other dtype (float64) through PyTorch
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _NOT_INVERTIBLE = {
     Activation.RELU: (
@@ -59,8 +73,9 @@ def _interpreter_active() -> bool:
 def resolve_backend(backend: str, input: Tensor) -> str:
     """The backend that runs for this input: "triton" or "torch".
 
-    "auto" picks triton for CUDA tensors and under the Triton interpreter, torch elsewhere. "triton" on a CPU
-    tensor without the interpreter is an error, never a silent fallback.
+    "auto" picks triton for CUDA tensors and under the Triton interpreter when the kernels take the input's dtype
+    (:data:`TRITON_DTYPES`), torch otherwise (float64 always). "triton" on a CPU tensor without the interpreter,
+    or on a dtype the kernels lack, is an error, never a silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
@@ -68,7 +83,12 @@ def resolve_backend(backend: str, input: Tensor) -> str:
         return "torch"
     triton_here = input.device.type == "cuda" or (input.device.type == "cpu" and _interpreter_active())
     if backend == "auto":
-        return "triton" if triton_here else "torch"
+        return "triton" if triton_here and input.dtype in TRITON_DTYPES else "torch"
+    if input.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f'backend="triton" cannot run input of dtype {input.dtype}: the Triton kernels support float32, float16 '
+            f'and bfloat16. backend="auto" runs {input.dtype} through PyTorch.'
+        )
     if not triton_here:
         raise ValueError(
             f'backend="triton" needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported to run '
@@ -155,6 +175,7 @@ def _check_args(
     bias: Tensor | None,
     training: bool,
     momentum: float | None,
+    eps: float,
 ) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -163,14 +184,18 @@ def _check_args(
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != C:
-            raise ValueError(f"input has {C} channels (shape {tuple(input.shape)}) but {name} has {t.numel()}")
+            raise ShapeError(f"input has {C} channels (shape {tuple(input.shape)}) but {name} has {t.numel()}")
+    if training and input.numel() // max(C, 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a number, got {eps!r}")
+    if training and eps <= 0.0:  # F.batch_norm's checks, in its words
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training:
-        if input.numel() // max(C, 1) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
-            )
         if running_mean is not None and not (
-            (isinstance(momentum, (int, float)) and not isinstance(momentum, bool))
+            _is_number(momentum)
             or (isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point())
         ):
             raise TypeError(
@@ -179,6 +204,11 @@ def _check_args(
             )
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be defined in evaluation mode (training=False)")
+
+
+def _is_number(value) -> bool:
+    """A real number as F.batch_norm takes it: Python's, or a numpy scalar (np.float32(0.1)); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def batch_norm_act(
@@ -216,16 +246,17 @@ def batch_norm_act(
             updated). Updated in place when training.
         weight, bias: (C,) affine parameters gamma and beta, or None (1 and 0).
         training: normalise with the batch statistics (and update the running ones) rather than the running ones.
-        momentum: the running-average factor: a number, or a 0-dim tensor on the device (the modules pass
-            ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
-            Default 0.1.
-        eps: added to the variance for numerical stability. Default 1e-5.
+        momentum: the running-average factor: a number (a numpy scalar too), or a 0-dim tensor on the device
+            (the modules pass ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host
+            synchronisation). Default 0.1.
+        eps: added to the variance for numerical stability: > 0 in training, >= 0 in eval. Default 1e-5.
         activation: a name or :class:`bnbench.Activation`: identity, relu, leaky_relu, sigmoid, tanh, gelu,
             gelu_tanh, silu. Default "relu".
         activation_param: leaky_relu's negative slope (default 0.01); None for every other activation.
         backend: "triton" (the fused kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), "torch" (the
-            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run, else torch; see
-            :func:`resolve_backend`). Default "auto".
+            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run and for the
+            kernels' dtypes, else torch: float64 always runs through PyTorch; see :func:`resolve_backend`).
+            Default "auto".
         memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
             from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
             :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
@@ -236,8 +267,10 @@ def batch_norm_act(
         - output: the same shape, dtype and memory layout as the input
 
     Raises:
-        ValueError, TypeError: on a bad rank, channel count, dtype, momentum, backend or activation, or one value
-            per channel in training, before any kernel runs.
+        ValueError, TypeError: on a bad rank, dtype, momentum, eps (F.batch_norm's checks and words), backend or
+            activation, or one value per channel in training, before any kernel runs.
+        bnbench.ShapeError: a running statistic or parameter with the wrong number of channels (a ValueError and,
+            as in PyTorch, a RuntimeError).
 
     Example::
 
@@ -249,7 +282,7 @@ def batch_norm_act(
         >>> y.sum().backward()
     """
     act, param = parse_activation(activation, activation_param)
-    _check_args(input, running_mean, running_var, weight, bias, training, momentum)
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if memory_saving and (reason := memory_saving_unsupported(act, param)) is not None:
         raise ValueError(f"memory_saving=True is not supported for activation {act.value!r}: {reason}")
     use_triton = resolve_backend(backend, input) == "triton"
@@ -265,7 +298,7 @@ def batch_norm_act(
             running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
             running_var.copy_(running_var * (1 - factor) + batch_var * factor)
         return y
-    momentum = float(momentum) if isinstance(momentum, (int, float)) else 0.0  # unused without running stats
+    momentum = float(momentum) if _is_number(momentum) else 0.0  # unused without running stats
     return _dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param, use_triton,
                      memory_saving)  # fmt: skip
 

@@ -20,6 +20,7 @@ import copy
 import io
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from bnbench.testing import rel_err, tolerance
 
 try:
     _frozen = torch.backends.flags_frozen()
-    from torch.testing._internal.common_modules import module_db
+    from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 except ImportError as error:  # torch's test helpers need expecttest (in the project's test extra)
     if os.environ.get("CI"):
         raise
@@ -53,9 +54,6 @@ PATHS = [
     pytest.param("torch", torch.float32, id="torch-float32"),
     pytest.param("torch", torch.float64, id="torch-float64"),
 ]
-#: fp32 input gradients and second derivatives subtract two per-channel means from dz: an error about 10x that of
-#: the forward (as in tests/test_layer.py), still far below any real defect (a dropped term is O(1))
-GRAD_FACTOR = 10
 
 
 def _samples(cls, device, dtype, *, requires_grad=False, training=True):
@@ -152,7 +150,7 @@ def test_forward_and_gradients_match_nn(cls, index, layout, backend, dtype, trai
         grad = torch.randn_like(y_ref)
         y.backward(grad.to(dtype))
         y_ref.backward(grad)
-        assert rel_err(x.grad, x64.grad) < GRAD_FACTOR * tol
+        assert rel_err(x.grad, x64.grad) < tol
         for p, p_ref in zip(_params(fused), _params(ref), strict=True):
             assert rel_err(p.grad, p_ref.grad) < tol
         for name in ("running_mean", "running_var"):
@@ -212,3 +210,55 @@ def test_factory_kwargs(cls, index, dtype, device):
             described
         )
         assert [n for n, _ in fused.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
+@pytest.mark.parametrize("cls", FUSED)
+def test_errors_like_nn(cls, backend, dtype, training, launches, device):
+    """Every error input of the ModuleInfo entry, as PyTorch's generic test runs it (a module in training mode):
+    the same exception type and message, before any kernel; then the same construction in the mode under test
+    behaves as nn.BatchNorm does there (the same error, word for word, or the same output)."""
+    info = INFOS[cls]
+    error_inputs = info.module_error_inputs_func(info, device=device, dtype=dtype, requires_grad=False, training=True)
+    assert error_inputs, "the ModuleInfo entry has no error inputs"
+    for error_input in error_inputs:
+        sample = error_input.module_error_input
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        fw_args, fw_kwargs = sample.forward_input.args, sample.forward_input.kwargs
+        fused_kwargs = {**kwargs, "activation": "identity", "backend": backend}
+        if error_input.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
+            with pytest.raises(error_input.error_type, match=error_input.error_regex):
+                FUSED[cls](*args, **fused_kwargs)
+            continue
+        module, before = FUSED[cls](*args, **fused_kwargs), _launched(launches)
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            module(*fw_args, **fw_kwargs)
+        assert _launched(launches) == before, "a kernel ran before the error"
+        module.train(training)
+        plain = cls(*args, **kwargs).train(training)
+        try:
+            expected = plain(*fw_args, **fw_kwargs)
+        except Exception as nn_error:
+            with pytest.raises(type(nn_error), match=f"^{re.escape(str(nn_error))}$"):
+                module(*fw_args, **fw_kwargs)
+        else:
+            assert rel_err(module(*fw_args, **fw_kwargs), expected) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("cls", "index"), _sample_params())
+def test_float64_samples(cls, index, training, launches, device):
+    """The ModuleInfo dtype the kernels lack: backend="auto" runs it through PyTorch (same values as nn), and
+    backend="triton" refuses it with an error naming the dtype, before any kernel."""
+    sample = _sample(cls, index, device, torch.float64)
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    (x,) = sample.forward_input.args
+    auto = FUSED[cls](*args, **kwargs, activation="identity", device=device, dtype=torch.float64).train(training)
+    plain = cls(*args, **kwargs, device=device, dtype=torch.float64).train(training)
+    assert rel_err(auto(x), plain(x)) < tolerance(torch.float64)
+    triton = FUSED[cls](*args, **kwargs, activation="identity", backend="triton", device=device,
+                        dtype=torch.float64).train(training)  # fmt: skip
+    with pytest.raises(TypeError, match=r"torch\.float64"):
+        triton(x)
+    assert _launched(launches) == 0
