@@ -15,8 +15,15 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from bnbench import _ops
+from bnbench._derivatives import (
+    RUNNING_STATS_TANGENT_ERROR,
+    backward_through_torch,
+    bn_act_jvp,
+    refuse_second_derivative,
+)
 from bnbench.activations import Activation, apply_activation, parse_activation
 from bnbench.errors import ShapeError
 from bnbench.interpreter import interpreter_active
@@ -130,15 +137,43 @@ class _BatchNormActFunction(torch.autograd.Function):
             y, weight, bias, rstd = ctx.saved_tensors
             dx, dweight, dbias = _ops.bwd_from_output(grad_out, y, rstd, weight, bias, training, eps, activation,
                                                       act_param)  # fmt: skip
-        else:
-            x, weight, bias, mean, rstd = ctx.saved_tensors
-            dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
+            grads = (dx, dweight if weight is not None else None, dbias if bias is not None else None)
+            # under create_graph=True: the same values, and a clear error if they are differentiated
+            return *refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE), *([None] * 8)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients PyTorch can differentiate again, from x
+            grads = backward_through_torch(
+                grad_out, x, weight, bias, mean, rstd, ctx.needs_input_grad[:3], training=training, eps=eps,
+                activation=Activation(activation), act_param=act_param,
+            )  # fmt: skip
+            return *grads, *([None] * 8)
+        dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
         return (
             dx,
             dweight if weight is not None else None,
             dbias if bias is not None else None,
             *([None] * 8),
         )
+
+
+class _BatchNormActJvpFunction(_BatchNormActFunction):
+    """The same, with forward-mode AD: used when an input is a dual tensor (a class of its own, because Dynamo
+    cannot trace a Function that defines jvp). Also keeps x, weight, bias and the running statistics for the
+    tangent (memory saving or not)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, *config):
+        ctx.save_for_forward(x, weight, bias, running_mean, running_var)
+        return _BatchNormActFunction.forward(ctx, x, weight, bias, running_mean, running_var, *config)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        # tangents arrive materialised (zeros where none); the running statistics have none (batch_norm_act)
+        training, eps, activation, act_param, _ = ctx.config
+        return bn_act_jvp(
+            *ctx.saved_tensors, (tx, tw, tb), training=training, eps=eps, activation=Activation(activation),
+            act_param=act_param,
+        )  # fmt: skip
 
 
 class _MemorySavingReferenceFunction(torch.autograd.Function):
@@ -151,15 +186,38 @@ class _MemorySavingReferenceFunction(torch.autograd.Function):
             rstd = torch.rsqrt(running_var.float() + eps)
         y = apply_activation(z, activation, act_param)
         ctx.save_for_backward(y, weight, bias, rstd)
-        ctx.config = (training, activation, act_param)
+        ctx.config = (training, eps, activation, act_param)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         y, weight, bias, rstd = ctx.saved_tensors
-        training, activation, act_param = ctx.config
-        dx, dweight, dbias = bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param)
-        return dx, dweight, dbias, *([None] * 7)
+        training, _, activation, act_param = ctx.config
+        grads = bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param)
+        return *refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE), *([None] * 7)
+
+
+class _MemorySavingReferenceJvpFunction(_MemorySavingReferenceFunction):
+    """The same, with forward-mode AD (see :class:`_BatchNormActJvpFunction`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, *config):
+        ctx.save_for_forward(x, weight, bias, running_mean, running_var)
+        return _MemorySavingReferenceFunction.forward(ctx, x, weight, bias, running_mean, running_var, *config)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        training, eps, activation, act_param = ctx.config
+        return bn_act_jvp(
+            *ctx.saved_tensors, (tx, tw, tb), training=training, eps=eps, activation=activation, act_param=act_param
+        )
+
+
+_NO_SECOND_DERIVATIVE = (
+    "memory_saving=True saved the output, not the input, so this layer has no second derivative (the batch "
+    "statistics' dependence on x cannot be rebuilt from y): create_graph=True gave first-order gradients only. "
+    "Use memory_saving=False for double backward (a gradient penalty, gradgradcheck)."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +269,14 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD tracks any of these (a dual tensor at the current level). False while
+    torch.compile traces (it does not support forward-mode AD)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -260,17 +326,22 @@ def batch_norm_act(
         memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
             from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
             :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
-            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. Default False.
+            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. No second derivative: under
+            ``create_graph=True`` differentiating its gradients raises. Default False.
 
     Shape:
         - input: (N, C), (N, C, L) or (N, C, H, W)
         - output: the same shape, dtype and memory layout as the input
+
+    Derivatives: second derivatives are exact (under ``create_graph=True`` the Triton path's backward runs as
+    differentiable PyTorch ops from the saved input); forward-mode AD (``torch.autograd.forward_ad``) has a jvp.
 
     Raises:
         ValueError, TypeError: on a bad rank, dtype, momentum, eps (F.batch_norm's checks and words), backend or
             activation, or one value per channel in training, before any kernel runs.
         bnbench.ShapeError: a running statistic or parameter with the wrong number of channels (a ValueError and,
             as in PyTorch, a RuntimeError).
+        RuntimeError: running statistics with a forward-mode tangent (as F.batch_norm).
 
     Example::
 
@@ -286,6 +357,11 @@ def batch_norm_act(
     if memory_saving and (reason := memory_saving_unsupported(act, param)) is not None:
         raise ValueError(f"memory_saving=True is not supported for activation {act.value!r}: {reason}")
     use_triton = resolve_backend(backend, input) == "triton"
+    if _has_tangent(running_mean, running_var):  # forward-mode AD: F.batch_norm's rule, on every path
+        if _has_tangent(input, weight, bias):
+            raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
+        # a tangent on the running statistics alone leaves the output without one (their values still update)
+        running_mean, running_var = (forward_ad.unpack_dual(t).primal for t in (running_mean, running_var))
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.
@@ -307,14 +383,17 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
               memory_saving):  # fmt: skip
     """Run one backend with a float momentum."""
     training = bool(training)
+    forward_mode = _has_tangent(input, weight, bias)
     if use_triton:
-        y = _BatchNormActFunction.apply(
+        function = _BatchNormActJvpFunction if forward_mode else _BatchNormActFunction
+        y = function.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act.value, param,
             memory_saving,
         )  # fmt: skip
         return y
     if memory_saving:
-        return _MemorySavingReferenceFunction.apply(
+        function = _MemorySavingReferenceJvpFunction if forward_mode else _MemorySavingReferenceFunction
+        return function.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act, param
         )
     return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param)

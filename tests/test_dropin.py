@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 
 import bnbench
+from bnbench.activations import apply_activation, parse_activation
 from bnbench.modules import NN_BATCHNORM_HAS_BIAS
 from bnbench.testing import rel_err, tolerance
 
@@ -284,3 +286,146 @@ def test_convert_reports_float64_honestly(launches, device):
     assert "float64" in report.skipped["1"] and 'backend="auto"' in report.skipped["1"]
     assert rel_err(refused(x), model(x)) < tolerance(torch.float64)  # left as it was: still runs
     assert sum(launches.values()) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Second derivatives (create_graph=True): exact through the Triton path; memory-saving mode refuses clearly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gradient_penalty(layer_or_fn, x, weight, extra):
+    """A gradient-penalty loss whose input gradient also has a path that does not go through the layer:
+    f = sum(act(BN(x)) * extra) + sum(x**3) / 3, loss = ||df/dx||^2 + sum(df/dweight)."""
+    f = (layer_or_fn(x) * extra).sum() + (x**3).sum() / 3
+    gx, gw = torch.autograd.grad(f, (x, weight), create_graph=True)
+    return (gx**2).sum() + gw.sum()
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_second_derivatives_through_the_triton_path_are_exact(activation, training, launches, device):
+    fused = bnbench.BatchNormAct2d(3, eps=1e-3, activation=activation, device=device).train(training)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.normal_()
+        fused.running_var.uniform_(0.5, 2.0)
+    plain = nn.BatchNorm2d(3, eps=1e-3, device=device, dtype=torch.float64).train(training)
+    plain.load_state_dict(fused.state_dict())
+    act, param = parse_activation(activation)
+    x = (torch.randn(2, 3, 3, 2, device=device) * 2 + 1).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    extra = torch.randn(2, 3, 3, 2, device=device, dtype=torch.float64)
+    _gradient_penalty(fused, x, fused.weight, extra.float()).backward()
+    _gradient_penalty(lambda t: apply_activation(plain(t), act, param), x64, plain.weight, extra).backward()
+    assert fused.weight.grad is not None
+    # identity: no second derivative depends on the bias, and nn leaves its grad None too
+    assert (fused.bias.grad is None) == (plain.bias.grad is None)
+    assert rel_err(x.grad, x64.grad) < tolerance(torch.float32)
+    assert rel_err(fused.weight.grad, plain.weight.grad) < tolerance(torch.float32)
+    if plain.bias.grad is not None:
+        assert rel_err(fused.bias.grad, plain.bias.grad) < tolerance(torch.float32)
+    assert launches["fwd_train" if training else "fwd_eval"] == 1
+
+
+def test_plain_backward_still_runs_the_kernels(launches, device):
+    fused = bnbench.BatchNormAct1d(3, device=device)
+    fused(torch.randn(4, 3, device=device, requires_grad=True)).sum().backward()
+    assert launches["bwd"] == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("training", [True, False])
+def test_memory_saving_refuses_second_derivatives(backend, training, launches, device):
+    fused = bnbench.BatchNormAct1d(3, activation="leaky_relu", backend=backend, memory_saving=True,
+                                   device=device).train(training)  # fmt: skip
+    x = torch.randn(6, 3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"memory_saving=True.*second derivative"):
+        _gradient_penalty(fused, x, fused.weight, torch.randn(6, 3, device=device)).backward()
+    # first-order gradients under create_graph=True are still the right values
+    y = fused(x)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(bnbench.BatchNormAct1d(3, activation="leaky_relu", backend=backend,
+                                      device=device).train(training)(x).sum(), x)  # fmt: skip
+    assert rel_err(gx, expected) < tolerance(torch.float32)
+    assert launches["bwd_from_output"] == (2 if backend == "triton" else 0)
+
+
+def test_gradgradcheck_on_the_torch_backend(device):
+    x = torch.randn(3, 2, 2, device=device, dtype=torch.float64, requires_grad=True)  # tiny: gradgradcheck is O(n^2)
+    w = (torch.rand(2, device=device, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, device=device, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return bnbench.batch_norm_act(x, None, None, w, b, training=True, activation="silu", backend="torch")
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+    def saving(x, w, b):
+        return bnbench.batch_norm_act(x, None, None, w, b, training=True, activation="identity", backend="torch",
+                                      memory_saving=True)  # fmt: skip
+
+    assert torch.autograd.gradcheck(saving, (x, w, b))
+    with pytest.raises(RuntimeError, match=r"memory_saving=True.*second derivative"):
+        torch.autograd.gradgradcheck(saving, (x, w, b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward-mode AD: a jvp on the Triton path (and memory-saving mode), PyTorch's error for tangents on the running
+# statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_saving", [False, True])
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "gelu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_matches_nn(activation, training, memory_saving, launches, device):
+    if memory_saving and activation == "gelu":
+        pytest.skip("gelu is not invertible: memory_saving=True refuses it (tested in test_memory_saving.py)")
+    act, param = parse_activation(activation)
+    x = torch.randn(4, 3, 2, device=device) * 2 + 1
+    w, b = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    with fwAD.dual_level():
+        y = bnbench.batch_norm_act(fwAD.make_dual(x, tx), rm.clone(), rv.clone(), fwAD.make_dual(w, tw),
+                                   fwAD.make_dual(b, tb), training, 0.1, 1e-3, activation, backend="triton",
+                                   memory_saving=memory_saving)  # fmt: skip
+        tangent = fwAD.unpack_dual(y).tangent
+    _, expected = torch.func.jvp(
+        lambda x, w, b: apply_activation(
+            nn.functional.batch_norm(x, rm.double(), rv.double(), w, b, training, 0.1, 1e-3), act, param
+        ),
+        (x.double(), w.double(), b.double()),
+        (tx.double(), tw.double(), tb.double()),
+    )
+    assert tangent is not None and tangent.dtype == x.dtype
+    assert rel_err(tangent, expected) < tolerance(torch.float32)
+    assert launches["fwd_train" if training else "fwd_eval"] == 1
+
+
+def test_forward_mode_ad_through_the_module(launches, device):
+    fused = bnbench.BatchNormAct2d(3, activation="relu", device=device)
+    plain = nn.BatchNorm2d(3, device=device, dtype=torch.float64)
+    x, tx = torch.randn(2, 3, 2, 2, device=device), torch.randn(2, 3, 2, 2, device=device)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, tx))).tangent
+        expected = fwAD.unpack_dual(torch.relu(plain(fwAD.make_dual(x.double(), tx.double())))).tangent
+    assert rel_err(tangent, expected) < tolerance(torch.float32)
+    assert rel_err(fused.running_var, plain.running_var) < tolerance(torch.float32)
+    assert launches["fwd_train"] == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_running_statistics_with_a_tangent_raise_like_pytorch(backend, device):
+    x, rm, rv, w = torch.randn(3, 2, 5), torch.randn(2), torch.rand(2) + 1, torch.randn(2)
+    x, rm, rv, w = (t.to(device) for t in (x, rm, rv, w))
+    with fwAD.dual_level():
+        dual_rm = fwAD.make_dual(rm, torch.ones_like(rm))
+        with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+            nn.functional.batch_norm(fwAD.make_dual(x, torch.ones_like(x)), dual_rm, rv, w, training=False)
+        with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+            bnbench.batch_norm_act(fwAD.make_dual(x, torch.ones_like(x)), dual_rm, rv, w, training=False,
+                                   activation="identity", backend=backend)  # fmt: skip
+        # a tangent on the running statistics alone: no error and no output tangent, as F.batch_norm
+        y = bnbench.batch_norm_act(x, dual_rm, rv, w, training=False, activation="identity", backend=backend)
+        assert fwAD.unpack_dual(y).tangent is None

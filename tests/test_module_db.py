@@ -25,6 +25,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 
 import bnbench
 from bnbench.testing import rel_err, tolerance
@@ -244,6 +245,68 @@ def test_errors_like_nn(cls, backend, dtype, training, launches, device):
                 module(*fw_args, **fw_kwargs)
         else:
             assert rel_err(module(*fw_args, **fw_kwargs), expected) < tolerance(dtype)
+
+
+def _differentiate_twice(module, x, grad, weights):
+    """First derivatives of y = module(x) for ``grad`` with create_graph=True, then the gradient of
+    sum(first * weights) w.r.t. x and the parameters (zeros where independent)."""
+    inputs = [x, *_params(module)]
+    first = torch.autograd.grad(module(x), inputs, grad, create_graph=True, materialize_grads=True)
+    total = sum((g * w).sum() for g, w in zip(first, weights, strict=True))
+    return first, torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
+@pytest.mark.parametrize(("cls", "index"), _sample_params())
+def test_second_derivatives_match_nn(cls, index, backend, dtype, training, launches, device):
+    """create_graph=True then a second backward, against nn.BatchNorm's own double backward in float64."""
+    fused, ref = _build(cls, _sample(cls, index, device, dtype), backend, dtype, device)
+    fused.train(training)
+    ref.train(training)
+    (x,) = _sample(cls, index, device, dtype, training).forward_input.args
+    if x.numel() == 0:
+        pytest.skip(
+            "empty batch: nn.BatchNorm's own first derivatives of an empty batch are constants (no graph), so there "
+            "is no second derivative to compare (test_forward_and_gradients_match_nn compares the first)"
+        )
+    x64 = x.detach().double().requires_grad_()
+    grad = torch.randn_like(x64)
+    weights = [torch.randn_like(t) for t in (x64, *_params(ref))]
+    first, second = _differentiate_twice(fused, x, grad.to(dtype), [w.to(dtype) for w in weights])
+    first_ref, second_ref = _differentiate_twice(ref, x64, grad, weights)
+    names = ["x", *(n for n, _ in ref.named_parameters())]
+    for order, got, expected in (("first", first, first_ref), ("second", second, second_ref)):
+        for name, g, e in zip(names, got, expected, strict=True):
+            assert g is not None and rel_err(g, e) < tolerance(dtype), f"{order} derivative, {name}"
+    _check_path(backend, launches)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
+@pytest.mark.parametrize(("cls", "index"), _sample_params())
+def test_forward_mode_ad_matches_nn(cls, index, backend, dtype, training, launches, device):
+    """Dual input and parameters (forward-mode AD): the output tangent, and the running statistics, as nn's."""
+    fused, ref = _build(cls, _sample(cls, index, device, dtype), backend, dtype, device)
+    fused.train(training)
+    ref.train(training)
+    (x,) = _sample(cls, index, device, dtype, training).forward_input.args
+    x = x.detach()
+    tangents = {"x": torch.randn_like(x, dtype=torch.float64)}
+    tangents |= {n: torch.randn_like(p, dtype=torch.float64) for n, p in ref.named_parameters()}
+    results = []
+    with fwAD.dual_level():
+        for module, inp, as_dtype in ((fused, x, dtype), (ref, x.double(), torch.float64)):
+            params = {n: fwAD.make_dual(p.detach(), tangents[n].to(as_dtype)) for n, p in module.named_parameters()}
+            dual = fwAD.make_dual(inp, tangents["x"].to(as_dtype))
+            results.append(fwAD.unpack_dual(torch.func.functional_call(module, params, (dual,))))
+    (y, tangent), (y_ref, tangent_ref) = results
+    assert rel_err(y, y_ref) < tolerance(dtype)
+    assert tangent is not None and rel_err(tangent, tangent_ref) < tolerance(dtype)
+    for name in ("running_mean", "running_var"):
+        if getattr(ref, name) is not None:
+            assert rel_err(getattr(fused, name), getattr(ref, name)) < tolerance(dtype), name
+    _check_path(backend, launches)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
