@@ -24,6 +24,7 @@ from bnbench._derivatives import (
     bn_act_jvp,
     refuse_second_derivative,
 )
+from bnbench._precision import check_memory_saving_precision, memory_saving_error_bound, memory_saving_max_ratio
 from bnbench.activations import Activation, apply_activation, parse_activation
 from bnbench.errors import ShapeError
 from bnbench.interpreter import interpreter_active
@@ -34,6 +35,8 @@ __all__ = [
     "MEMORY_SAVING_MIN_ABS_WEIGHT",
     "TRITON_DTYPES",
     "batch_norm_act",
+    "memory_saving_error_bound",
+    "memory_saving_max_ratio",
     "memory_saving_unsupported",
     "resolve_backend",
 ]
@@ -325,9 +328,11 @@ def batch_norm_act(
             Default "auto".
         memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
             from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
-            :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
-            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. No second derivative: under
-            ``create_graph=True`` differentiating its gradients raises. Default False.
+            :func:`memory_saving_unsupported`); the output must then not be modified in place. The gradients carry
+            a relative error up to :func:`memory_saving_error_bound` (u + u_fp32) * (1 + |bias|/|weight|), and
+            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate: a call past the dtype's
+            tolerance warns (see :mod:`bnbench._precision`). No second derivative: under ``create_graph=True``
+            differentiating its gradients raises. Default False.
 
     Shape:
         - input: (N, C), (N, C, L) or (N, C, H, W)
@@ -362,6 +367,12 @@ def batch_norm_act(
             raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
         # a tangent on the running statistics alone leaves the output without one (their values still update)
         running_mean, running_var = (forward_ad.unpack_dual(t).primal for t in (running_mean, running_var))
+    if (
+        memory_saving
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    ):
+        check_memory_saving_precision(input, weight, bias)
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.

@@ -429,3 +429,61 @@ def test_running_statistics_with_a_tangent_raise_like_pytorch(backend, device):
         # a tangent on the running statistics alone: no error and no output tangent, as F.batch_norm
         y = bnbench.batch_norm_act(x, dual_rm, rv, w, training=False, activation="identity", backend=backend)
         assert fwAD.unpack_dual(y).tangent is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory-saving precision: x_hat rebuilt from the saved output carries a relative error up to
+# (u_dtype + u_fp32) * (1 + |bias| / |weight|); past the dtype's tolerance the layer warns, naming the numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _memory_saving_step(dtype, weight, bias, backend, device):
+    fused = bnbench.BatchNormAct2d(3, activation="leaky_relu", activation_param=0.1, backend=backend,
+                                   memory_saving=True, device=device, dtype=dtype)  # fmt: skip
+    plain = nn.BatchNorm2d(3, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        fused.weight.copy_(torch.tensor(weight))
+        fused.bias.copy_(torch.tensor(bias))
+    plain.load_state_dict(fused.state_dict())
+    x = (torch.randn(4, 3, 4, 4, device=device) * 2 + 1).to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    grad = torch.randn(4, 3, 4, 4, device=device, dtype=torch.float64)
+    fused(x).backward(grad.to(dtype))
+    nn.functional.leaky_relu(plain(x64), 0.1).backward(grad)
+    return {"dx": rel_err(x.grad, x64.grad), "dweight": rel_err(fused.weight.grad, plain.weight.grad),
+            "dbias": rel_err(fused.bias.grad, plain.bias.grad)}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_memory_saving_warns_where_the_bound_passes_the_tolerance(dtype, backend, launches, device):
+    # w = 0.01, b = 5: |b|/|w| = 500 (the review's case: dweight 46% off in float16, 310% in bfloat16)
+    with pytest.warns(
+        UserWarning, match=r"memory_saving=True.*\|bias\|/\|weight\| = (499\.\d|500) in channel 0"
+    ) as record:
+        errors = _memory_saving_step(dtype, [0.01, 1.0, 1.0], [5.0, 0.0, 0.0], backend, device)
+    bound = bnbench.functional.memory_saving_error_bound(dtype, 500.0)
+    assert f"{bound:.2g}" in str(record[0].message)
+    assert bound > tolerance(dtype) and max(errors.values()) > tolerance(dtype)  # the warning was needed
+    assert launches["bwd_from_output"] == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_memory_saving_within_the_bound_is_silent_and_accurate(dtype, launches, device, recwarn):
+    ratio = 0.5 * bnbench.functional.memory_saving_max_ratio(dtype)  # half the ratio the dtype allows
+    errors = _memory_saving_step(dtype, [1.0, -0.5, 2.0], [ratio, 0.5 * ratio, -ratio], "triton", device)
+    assert not [w for w in recwarn if "memory_saving" in str(w.message)]
+    assert max(errors.values()) < tolerance(dtype), errors
+    assert launches["bwd_from_output"] == 1
+
+
+def test_memory_saving_bound_numbers():
+    """The ratio |b|/|w| each dtype allows: (u + u_fp32) * (1 + r) <= tolerance."""
+    f = bnbench.functional
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        r = f.memory_saving_max_ratio(dtype)
+        assert f.memory_saving_error_bound(dtype, r) == pytest.approx(tolerance(dtype))
+    assert f.memory_saving_max_ratio(torch.float16) == pytest.approx(9.2, abs=0.1)
+    assert f.memory_saving_max_ratio(torch.bfloat16) == pytest.approx(4.1, abs=0.1)
+    # float32: tolerance(float32) / (2 * 2**-24) - 1
+    assert f.memory_saving_max_ratio(torch.float32) == pytest.approx(tolerance(torch.float32) * 2**23 - 1)
