@@ -277,6 +277,8 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
     torch.compile traces (it does not support forward-mode AD)."""
     if torch.compiler.is_compiling():
         return False
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual_level entered: skip the per-tensor look-ups (~us)
+        return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
