@@ -368,7 +368,9 @@ def batch_norm_act(
         if _has_tangent(input, weight, bias):
             raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
         # a tangent on the running statistics alone leaves the output without one (their values still update)
-        running_mean, running_var = (forward_ad.unpack_dual(t).primal for t in (running_mean, running_var))
+        running_mean, running_var = (
+            None if t is None else forward_ad.unpack_dual(t).primal for t in (running_mean, running_var)
+        )
     if (
         memory_saving
         and torch.is_grad_enabled()

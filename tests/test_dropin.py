@@ -430,6 +430,11 @@ def test_running_statistics_with_a_tangent_raise_like_pytorch(backend, device):
         # a tangent on the running statistics alone: no error and no output tangent, as F.batch_norm
         y = bnbench.batch_norm_act(x, dual_rm, rv, w, training=False, activation="identity", backend=backend)
         assert fwAD.unpack_dual(y).tangent is None
+        # in training the running statistics still update in place (the dual's primal is rm itself)
+        expected = (1 - 0.1) * rm + 0.1 * x.mean((0, 2))
+        y = bnbench.batch_norm_act(x, dual_rm, rv, w, training=True, activation="identity", backend=backend)
+        assert fwAD.unpack_dual(y).tangent is None
+    assert rel_err(rm, expected) < tolerance(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
