@@ -227,7 +227,9 @@ def test_errors_like_nn(cls, backend, dtype, training, launches, device):
         sample = error_input.module_error_input
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
         fw_args, fw_kwargs = sample.forward_input.args, sample.forward_input.kwargs
-        fused_kwargs = {**kwargs, "activation": "identity", "backend": backend}
+        # placed with the input (factory kwargs): PyTorch's generic test builds on the default device and dtype
+        factory = {"device": device, "dtype": dtype}
+        fused_kwargs = {**kwargs, **factory, "activation": "identity", "backend": backend}
         if error_input.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
             with pytest.raises(error_input.error_type, match=error_input.error_regex):
                 FUSED[cls](*args, **fused_kwargs)
@@ -237,7 +239,7 @@ def test_errors_like_nn(cls, backend, dtype, training, launches, device):
             module(*fw_args, **fw_kwargs)
         assert _launched(launches) == before, "a kernel ran before the error"
         module.train(training)
-        plain = cls(*args, **kwargs).train(training)
+        plain = cls(*args, **kwargs, **factory).train(training)
         try:
             expected = plain(*fw_args, **fw_kwargs)
         except Exception as nn_error:
