@@ -8,6 +8,7 @@ import importlib.metadata
 from bnbench.activations import Activation
 from bnbench.convert import ConversionReport, convert_bn_act
 from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
+from bnbench.errors import ShapeError
 from bnbench.functional import batch_norm_act
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
@@ -19,6 +20,7 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "ConversionReport",
+    "ShapeError",
     "SyncBatchNormAct",
     "__version__",
     "batch_norm_act",

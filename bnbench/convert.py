@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnbench.activations import Activation, describe
-from bnbench.functional import BACKENDS, memory_saving_unsupported
+from bnbench.functional import BACKENDS, TRITON_DTYPES, memory_saving_unsupported
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
 __all__ = ["ConversionReport", "convert_bn_act"]
@@ -173,6 +173,11 @@ def _call_activation(node: fx.Node, source: fx.Node) -> tuple[Activation, float]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _param_dtype(bn: nn.Module) -> torch.dtype | None:
+    """The dtype of a BatchNorm's parameters or running statistics (None when it has neither)."""
+    return next((t.dtype for t in (bn.weight, bn.running_mean) if t is not None), None)
+
+
 def _is_unfused_bn(module: nn.Module) -> bool:
     """Any BatchNorm (1d/2d/3d, sync, lazy) that is not already a fused layer."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
@@ -221,6 +226,12 @@ class _Converter:
             return "the same BatchNorm module is registered more than once (shared parameters)"
         if _has_hooks(bn):
             return "the BatchNorm module has hooks, which the fused layer would not run"
+        dtype = _param_dtype(bn)
+        if self.backend == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
+            return (
+                f'its parameters are {dtype}, which backend="triton" cannot run (the kernels take float32, float16 '
+                f'and bfloat16); backend="auto" converts it and runs {dtype} through PyTorch'
+            )
         return None
 
     def _fused(self, bn: nn.Module, act: Activation, param: float, name: str) -> nn.Module | None:

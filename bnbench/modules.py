@@ -8,13 +8,15 @@ with ``fullgraph=True`` and is capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from bnbench.activations import Activation, parse_activation
 from bnbench.functional import BACKENDS, batch_norm_act, memory_saving_unsupported
 
-__all__ = ["BatchNormAct1d", "BatchNormAct2d", "count_batch"]
+__all__ = ["NN_BATCHNORM_HAS_BIAS", "BatchNormAct1d", "BatchNormAct2d", "count_batch"]
 
 
 def count_batch(module: nn.modules.batchnorm._BatchNorm) -> float | Tensor:
@@ -30,24 +32,61 @@ def count_batch(module: nn.modules.batchnorm._BatchNorm) -> float | Tensor:
     return factor
 
 
-class _BatchNormActMixin:
-    """The shared body of BatchNormAct1d/2d; mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
+#: whether the installed torch's nn.BatchNorm takes ``bias=`` (keyword-only, since torch 2.13): the layers follow it
+NN_BATCHNORM_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        activation: str | Activation = "relu",
-        activation_param: float | None = None,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-        memory_saving: bool = False,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+
+class _BatchNormActMixin:
+    """The shared body of BatchNormAct1d/2d; mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
+
+    The constructor takes nn.BatchNorm's arguments in nn.BatchNorm's order (``bias=`` only where the installed
+    torch has it), then the fused layer's own, keyword-only.
+    """
+
+    if NN_BATCHNORM_HAS_BIAS:
+
+        def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float | None = 0.1,
+            affine: bool = True,
+            track_running_stats: bool = True,
+            device=None,
+            dtype=None,
+            *,
+            bias: bool = True,
+            activation: str | Activation = "relu",
+            activation_param: float | None = None,
+            backend: str = "auto",
+            memory_saving: bool = False,
+        ) -> None:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            )
+            self._init_fused(activation, activation_param, backend, memory_saving)
+
+    else:  # torch < 2.13: no bias= (passing it is a TypeError, as for nn.BatchNorm)
+
+        def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float | None = 0.1,
+            affine: bool = True,
+            track_running_stats: bool = True,
+            device=None,
+            dtype=None,
+            *,
+            activation: str | Activation = "relu",
+            activation_param: float | None = None,
+            backend: str = "auto",
+            memory_saving: bool = False,
+        ) -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            self._init_fused(activation, activation_param, backend, memory_saving)
+
+    def _init_fused(self, activation, activation_param, backend, memory_saving) -> None:
         self.activation, self.activation_param = parse_activation(activation, activation_param)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")

@@ -17,6 +17,7 @@ from ._backward import (
     _bn_act_bwd_reduce_kernel,
 )
 from ._driver import recording_target  # CPU tensors are fine while launches are only recorded
+from ._errors import ShapeError
 from ._forward import (
     _bn_act_fwd_apply_kernel,
     _bn_act_fwd_combine_kernel,
@@ -78,7 +79,7 @@ def _check_channel_tensor(t: torch.Tensor | None, name: str, x: torch.Tensor) ->
         return
     C = x.shape[1]
     if t.dim() != 1 or t.shape[0] != C:
-        raise ValueError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
+        raise ShapeError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
     if t.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
     if t.device != x.device:
