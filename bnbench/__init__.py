@@ -3,16 +3,20 @@
 Importing bnbench probes no device and compiles nothing; Triton is imported when a Triton path first runs.
 """
 
+import importlib.metadata
+
 from bnbench.activations import Activation
 from bnbench.convert import ConversionReport, convert_bn_act
 from bnbench.convert_gemm import convert_linear_bn_act
 from bnbench.distributed import SyncBatchNormAct, convert_sync_bn_act
+from bnbench.errors import ShapeError
 from bnbench.functional import batch_norm_act
 from bnbench.linear_bn import conv1x1_batch_norm_act, linear_batch_norm_act
 from bnbench.linear_bn_modules import Conv1x1BatchNormAct2d, LinearBatchNormAct
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
-__version__ = "0.1.0"
+#: the version of the installed distribution: pyproject.toml is the one place it is written
+__version__ = importlib.metadata.version("bnbench")
 
 __all__ = [
     "Activation",
@@ -21,6 +25,7 @@ __all__ = [
     "Conv1x1BatchNormAct2d",
     "ConversionReport",
     "LinearBatchNormAct",
+    "ShapeError",
     "SyncBatchNormAct",
     "__version__",
     "batch_norm_act",

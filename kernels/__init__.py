@@ -1,9 +1,11 @@
 """Triton kernels for fused BatchNorm + activation, and their host launchers (installed as ``bnbench.kernels``).
 
-Importing this package imports triton; ``import bnbench`` does not import it until a Triton path runs.
+Importing this package imports triton; ``import bnbench`` does not import it until a Triton path runs. Every
+kernel is listed once in :mod:`.registry` (``KERNELS``).
 """
 
 from .launchers import (
+    MEMORY_SAVING_ACTIVATIONS,
     SUPPORTED_DTYPES,
     Geometry,
     KernelConfig,
@@ -12,19 +14,22 @@ from .launchers import (
     bn_act_batch_stats,
     bn_act_bwd,
     bn_act_bwd_dx,
+    bn_act_bwd_from_output,
     bn_act_bwd_sums,
     bn_act_fwd_eval,
     bn_act_fwd_train,
     interpreter_active,
     plan,
 )
-from .memory_saving import MEMORY_SAVING_ACTIVATIONS, bn_act_bwd_from_output
+from .registry import KERNELS, KernelSpec, kernel_spec
 
 __all__ = [
+    "KERNELS",
     "MEMORY_SAVING_ACTIVATIONS",
     "SUPPORTED_DTYPES",
     "Geometry",
     "KernelConfig",
+    "KernelSpec",
     "Strides",
     "bn_act_apply",
     "bn_act_batch_stats",
@@ -35,5 +40,6 @@ __all__ = [
     "bn_act_fwd_eval",
     "bn_act_fwd_train",
     "interpreter_active",
+    "kernel_spec",
     "plan",
 ]

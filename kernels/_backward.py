@@ -1,9 +1,14 @@
-"""Backward kernels: recompute z from x, reduce two per-channel sums, then dx elementwise.
+"""Backward kernels: rebuild x_hat and dz from what the forward saved, reduce two per-channel sums, then dx.
 
-With x_hat = (x - mean) * rstd, z = x_hat * w + b and dz = dy * act'(z):
-  dbias = sum(dz), dweight = sum(dz * x_hat), and in training
+What was saved is a constexpr, ``SAVED_OUTPUT``; ``x_ptr`` holds the saved tensor:
+  - the input x (default): x_hat = (x - mean) * rstd, z = x_hat * w + b;
+  - the output y (memory-saving mode, after in-place activated BatchNorm, Rota Bulo et al. 2018; x can then be
+    freed): z = act^-1(y), x_hat = (z - b) / w. The mean is not needed. Only invertible activations qualify
+    (identity, leaky_relu with a slope > 0); 1 / w is sign(w) / max(|w|, min_abs_weight), so a zero gamma
+    gives finite gradients (x_hat is lost there: see ``bnbench.functional``).
+Then, with dz = dy * act'(z): dbias = sum(dz), dweight = sum(dz * x_hat), and in training
   dx = w * rstd * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M)   (M = N*S);
-  in eval (running statistics are constants) dx = w * rstd * dz.
+in eval (running statistics are constants) dx = w * rstd * dz.
 
 Large inputs (3 launches, 5T of traffic): ``_bn_act_bwd_reduce_kernel`` (grid (P, C blocks), partial sums;
 in eval it also writes dx), ``_bn_act_bwd_combine_kernel`` (fixed-order sum of the P partials: no atomics,
@@ -15,8 +20,10 @@ import triton.language as tl
 
 from ._common import (
     _activation_grad,
+    _activation_inverse,
     _channel_block,
     _load_channel_affine,
+    _load_channel_rstd,
     _load_channel_stats,
     _offsets,
     _tile_rows,
@@ -24,31 +31,59 @@ from ._common import (
 
 
 @triton.jit
-def _grad_tile(
-    x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, act_param,
-    stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-    ACTIVATION: tl.constexpr, SPLIT_S: tl.constexpr,
+def _load_backward_params(
+    mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight,
+    RSTD_FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
 ):  # fmt: skip
-    """(x_hat, dz) of one tile, in fp32; both are 0 where the mask is off."""
+    """fp32 (mean, rstd, w, b, 1 / w) of a channel block; ``var_ptr`` holds rstd, or the variance when
+    RSTD_FROM_VAR. From x, 1 / w is not needed (1); from y (SAVED_OUTPUT), the mean is not needed (0, not
+    loaded) and 1 / w floors |w| at ``min_abs_weight``, keeping its sign."""
+    if SAVED_OUTPUT:
+        mean = tl.zeros(c.shape, tl.float32)
+        rstd = _load_channel_rstd(var_ptr, c, c_mask, eps, RSTD_FROM_VAR)
+    else:
+        mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR)
+    w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+    if SAVED_OUTPUT:
+        guarded = tl.maximum(tl.abs(w), min_abs_weight)
+        inv_w = tl.where(w < 0.0, -1.0 / guarded, 1.0 / guarded)
+    else:
+        inv_w = tl.full(c.shape, 1.0, tl.float32)
+    return mean, rstd, w, b, inv_w
+
+
+@triton.jit
+def _grad_tile(
+    x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
+    stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+    ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, SPLIT_S: tl.constexpr,
+):  # fmt: skip
+    """(x_hat, dz) of one tile, in fp32, from x or (SAVED_OUTPUT) from y; both are 0 where the mask is off."""
     x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
     dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S)
-    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
-    x_hat = tl.where(mask, (x - mean[None, :, None]) * rstd[None, :, None], 0.0)
+    saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)  # 0 off the mask, and so is dz
+    if SAVED_OUTPUT:
+        z = _activation_inverse(saved, ACTIVATION, act_param)
+    else:
+        x_hat = tl.where(mask, (saved - mean[None, :, None]) * rstd[None, :, None], 0.0)
+        z = x_hat * w[None, :, None] + b[None, :, None]
     if ACTIVATION == "identity":
         dz = dy
     else:
-        z = x_hat * w[None, :, None] + b[None, :, None]
         dz = dy * _activation_grad(z, ACTIVATION, act_param)
+    if SAVED_OUTPUT:  # after dz, as the compiled code schedules best (fewer registers)
+        x_hat = tl.where(mask, (z - b[None, :, None]) * inv_w[None, :, None], 0.0)
     return x_hat, dz
 
 
 @triton.jit
 def _reduce_tiles(
-    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W, act_param,
+    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
+    act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-    ACTIVATION: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+    ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz."""
@@ -58,9 +93,9 @@ def _reduce_tiles(
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
-            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, act_param,
+            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SPLIT_S,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
         )  # fmt: skip
         sum_dz += tl.sum(tl.sum(dz, axis=2), axis=0)
         sum_dz_xhat += tl.sum(tl.sum(dz * x_hat, axis=2), axis=0)
@@ -73,20 +108,21 @@ def _reduce_tiles(
 
 @triton.jit
 def _dx_tiles(
-    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
+    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
     n_tiles_s, N, S, W, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-    ACTIVATION: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles."""
     for tile in range(tile_begin, tile_end):
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
-            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, act_param,
+            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SPLIT_S,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
         )  # fmt: skip
         dx = (dz - mean_dz[None, :, None] - x_hat * mean_dz_xhat[None, :, None]) * (w * rstd)[None, :, None]
         dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
@@ -96,30 +132,35 @@ def _dx_tiles(
 @triton.jit
 def _bn_act_bwd_reduce_kernel(
     x_ptr, dy_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, part_dz_ptr, part_dz_xhat_ptr,
-    N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, eps, act_param,
+    N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, eps, act_param, min_abs_weight,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+    BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Partial sums. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes part_dz[P, C], part_dz_xhat[P, C] (and dx in eval).
+    """Partial sums over tiles [p * tiles_per_program, (p + 1) * tiles_per_program). Grid (P, cdiv(C, BLOCK_SIZE_C)).
 
-    ``var_ptr`` holds the saved rstd (training) or the running variance (eval).
+    Writes part_dz[p, c] = sum(dz) and part_dz_xhat[p, c] = sum(dz * x_hat); in eval also dx = w * rstd * dz.
+    x (or y), dy, dx are [N, C, S] through their strides; ``x_ptr`` holds x, or y when SAVED_OUTPUT
+    (``mean_ptr`` is then unused). ``var_ptr`` holds the saved rstd [C] (training) or the running variance
+    (eval); mean, weight, bias are [C].
     """
     pid_p = tl.program_id(0)
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
-    mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, not TRAINING)
-    w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+    mean, rstd, w, b, inv_w = _load_backward_params(
+        mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight,
+        not TRAINING, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
+    )  # fmt: skip
     tile_begin = pid_p * tiles_per_program
     tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
     sum_dz, sum_dz_xhat = _reduce_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
+        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_dz_ptr + row + c, sum_dz, mask=c_mask)
@@ -133,7 +174,8 @@ def _bn_act_bwd_combine_kernel(
 ):  # fmt: skip
     """Sum P partials per channel in a fixed order. Grid (cdiv(C, BLOCK_SIZE_C),).
 
-    Writes the fp32 sums (for dx) and dweight = sum(dz * x_hat), dbias = sum(dz) in the parameters' dtype.
+    Reads part_dz[P, C], part_dz_xhat[P, C]; writes the fp32 sums sum_dz[C], sum_dz_xhat[C] (for dx) and
+    dweight = sum(dz * x_hat), dbias = sum(dz) in the parameters' dtype.
     """
     c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
     c_mask = c < C
@@ -156,53 +198,65 @@ def _bn_act_bwd_combine_kernel(
 @triton.jit
 def _bn_act_bwd_dx_kernel(
     x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
-    N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, total, act_param,
+    N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, total, act_param, min_abs_weight,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-    ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Training dx, elementwise. Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C))."""
+    """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), elementwise.
+    Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
+
+    sum_dz[C] and sum_dz_xhat[C] are the fp32 sums over ``total`` elements per channel (all ranks together);
+    ``x_ptr`` holds x, or y when SAVED_OUTPUT (``mean_ptr`` is then unused); mean, rstd, weight, bias are [C].
+    """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
-    w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+    mean, rstd, w, b, inv_w = _load_backward_params(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c, c_mask, 0.0, min_abs_weight,
+        False, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
+    )  # fmt: skip
     inv_total = 1.0 / total
     mean_dz = tl.load(sum_dz_ptr + c, mask=c_mask, other=0.0) * inv_total
     mean_dz_xhat = tl.load(sum_dz_xhat_ptr + c, mask=c_mask, other=0.0) * inv_total
     tile_begin = tl.program_id(0) * tiles_per_program
     tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
     _dx_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
+        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
         n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
 
 
 @triton.jit
 def _bn_act_bwd_fused_kernel(
     x_ptr, dy_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, dweight_ptr, dbias_ptr,
-    N, C, S, W, n_tiles, n_tiles_s, total, eps, act_param,
+    N, C, S, W, n_tiles, n_tiles_s, total, eps, act_param, min_abs_weight,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+    BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),)."""
+    """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),).
+
+    The two sums over all tiles, dweight[C] = sum(dz * x_hat) and dbias[C] = sum(dz), then dx [N, C, S] (the
+    training or eval formula); the other pointers as in ``_bn_act_bwd_reduce_kernel``.
+    """
     c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
-    mean, rstd = _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, not TRAINING)
-    w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
+    mean, rstd, w, b, inv_w = _load_backward_params(
+        mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight,
+        not TRAINING, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
+    )  # fmt: skip
     sum_dz, sum_dz_xhat = _reduce_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
+        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
     )  # fmt: skip
     if HAS_WEIGHT:
         tl.store(dweight_ptr + c, sum_dz_xhat.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -211,9 +265,9 @@ def _bn_act_bwd_fused_kernel(
     if TRAINING:
         inv_total = 1.0 / total
         _dx_tiles(
-            x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, sum_dz * inv_total, sum_dz_xhat * inv_total, c, c_mask,
-            0, n_tiles, n_tiles_s, N, S, W, act_param,
+            x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total, sum_dz_xhat * inv_total, c,
+            c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
             stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-            ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
         )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Triton helpers shared by the forward and backward kernels: tile addressing and the activation dispatcher.
+"""Triton helpers shared by the forward and backward kernels: tile addressing, the activation dispatcher, its
+gradient and (for the invertible activations) its inverse.
 
 Every kernel sees its tensors as ``[N, C, S]`` through strides (``S`` = H*W, 1 for 2-D input). A *tile* is a
 ``[BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S]`` block; the reduction axes (N and S) are walked tile by tile,
@@ -120,6 +121,17 @@ def _activation_grad(z, ACTIVATION: tl.constexpr, act_param):
 
 
 @triton.jit
+def _activation_inverse(y, ACTIVATION: tl.constexpr, act_param):
+    """z = act^-1(y) in fp32, for the invertible activations only: identity, and leaky_relu with a slope > 0
+    (the host checks the slope)."""
+    if ACTIVATION == "identity":
+        return y
+    else:
+        tl.static_assert(ACTIVATION == "leaky_relu", "only identity and leaky_relu are invertible")
+        return tl.where(y > 0.0, y, y / act_param)
+
+
+@triton.jit
 def _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """fp32 weight and bias of a channel block (1 and 0 where the layer has none)."""
     if HAS_WEIGHT:
@@ -134,12 +146,17 @@ def _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT: tl.constex
 
 
 @triton.jit
+def _load_channel_rstd(var_ptr, c, c_mask, eps, RSTD_FROM_VAR: tl.constexpr):
+    """fp32 rstd of a channel block; ``var_ptr`` holds rstd, or the variance when RSTD_FROM_VAR."""
+    if RSTD_FROM_VAR:
+        var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+        return 1.0 / tl.sqrt_rn(var + eps)
+    else:
+        return tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+
+
+@triton.jit
 def _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR: tl.constexpr):
     """fp32 mean and rstd of a channel block; ``var_ptr`` holds rstd, or the variance when RSTD_FROM_VAR."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    if RSTD_FROM_VAR:
-        var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
-    else:
-        rstd = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
-    return mean, rstd
+    return mean, _load_channel_rstd(var_ptr, c, c_mask, eps, RSTD_FROM_VAR)

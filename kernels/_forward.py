@@ -116,7 +116,11 @@ def _bn_act_fwd_stats_kernel(
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Partial statistics. Grid (P, cdiv(C, BLOCK_SIZE_C)); writes count[P], part_mean[P, C], part_m2[P, C]."""
+    """Partial statistics of x [N, C, S]. Grid (P, cdiv(C, BLOCK_SIZE_C)).
+
+    Program (p, c-block) merges tiles [p * tiles_per_program, (p + 1) * tiles_per_program) and writes
+    count[p] (elements per channel), part_mean[p, c] and part_m2[p, c] = sum (x - part_mean[p, c])^2.
+    """
     pid_p = tl.program_id(0)
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
@@ -142,9 +146,10 @@ def _bn_act_fwd_combine_kernel(
 ):  # fmt: skip
     """Merge P partials per channel in a fixed order. Grid (cdiv(C, BLOCK_SIZE_C),).
 
-    mean = K + sum_p n_p (mean_p - K) / n with K = mean_0 (shifted, so no cancellation), then
-    M2 = sum_p M2_p + n_p (mean_p - mean)^2. FINALIZE: write mean and rstd and update the running statistics;
-    otherwise write mean and M2 into ``mean_ptr`` and ``rstd_ptr`` (local statistics to merge across ranks).
+    Reads count[P], part_mean[P, C], part_m2[P, C]; n = ``total``. mean = K + sum_p n_p (mean_p - K) / n with
+    K = mean_0 (shifted, so no cancellation), then M2 = sum_p M2_p + n_p (mean_p - mean)^2. FINALIZE: write
+    mean[C] and rstd[C] = 1 / sqrt(M2 / n + eps) and update running_mean/running_var[C] in place; otherwise
+    write mean and M2 into ``mean_ptr`` and ``rstd_ptr`` (local statistics to merge across ranks).
     """
     c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
     c_mask = c < C
@@ -189,9 +194,11 @@ def _bn_act_fwd_apply_kernel(
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """y = act((x - mean) * rstd * w + b), elementwise. Grid (cdiv(n_tiles, tiles_per_program), C blocks).
+    """y = act((x - mean) * rstd * w + b), elementwise over x, y [N, C, S] (each through its strides).
+    Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
 
-    ``var_ptr`` holds rstd (training, from the combine step) or the running variance (eval, RSTD_FROM_VAR).
+    mean, weight, bias are [C]; ``var_ptr`` holds rstd [C] (training, from the combine step) or the running
+    variance [C] (eval, RSTD_FROM_VAR: rstd = 1 / sqrt(var + eps)).
     """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
@@ -217,8 +224,9 @@ def _bn_act_fwd_fused_kernel(
 ):  # fmt: skip
     """Whole training forward for one channel block in one launch (small inputs, where launches dominate).
 
-    Grid (cdiv(C, BLOCK_SIZE_C),): statistics over all tiles, running-stat update, then the apply pass (whose
-    second read of x mostly hits cache).
+    Grid (cdiv(C, BLOCK_SIZE_C),). Over x [N, C, S]: the statistics over all tiles (as the stats and combine
+    kernels compute them), writes mean[C], rstd[C], updates running_mean/running_var[C], then
+    y = act((x - mean) * rstd * w + b) (whose second read of x mostly hits cache).
     """
     c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C

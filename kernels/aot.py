@@ -2,9 +2,10 @@
 
 The Triton interpreter checks indexing and math but not what only the compiler sees (types, constexpr use,
 register pressure). ``compile_kernel`` compiles one kernel through Triton's real pipeline down to a cubin for
-``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Used by the tests and by
-``bnbench profile``. Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT
-functions).
+``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Which kernels exist, and a
+valid value for each of their constexprs, come from :mod:`.registry`. Used by tests/test_kernels_compile.py and
+tests/test_gemm_compile.py (the matmul kernels).
+Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT functions).
 """
 
 from __future__ import annotations
@@ -18,21 +19,13 @@ import tempfile
 
 import torch
 
-from . import _backward, _forward, _gemm, _memory_saving
+from .registry import KERNELS as _REGISTRY
+from .registry import kernel_spec
 
 __all__ = ["KERNELS", "CompiledKernel", "compile_kernel"]
 
-#: every kernel, by name
-KERNELS = {
-    name: getattr(module, name)
-    for module in (_forward, _backward, _memory_saving)
-    for name in dir(module)
-    if name.startswith("_bn_act_") and name.endswith("_kernel")
-}
-#: the matmul + BatchNorm-statistics kernels (kernels/_gemm.py)
-KERNELS.update(
-    {name: getattr(_gemm, name) for name in dir(_gemm) if name.startswith("_gemm_") and name.endswith("_kernel")}
-)
+#: every kernel's JIT function, by name (from :mod:`.registry`)
+KERNELS = {spec.name: spec.fn for spec in _REGISTRY}
 
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
@@ -51,42 +44,6 @@ class CompiledKernel:
     shared_bytes: int
     ptx_lines: int
     mma_instructions: int = 0  # tensor-core instructions (mma / wgmma) in the PTX
-
-
-def _default_constexprs(kernel) -> dict:
-    defaults = {
-        # the memory-saving kernels accept only invertible activations
-        "ACTIVATION": "leaky_relu" if kernel.__name__.startswith("_bn_act_ms_") else "relu",
-        "HAS_WEIGHT": True,
-        "HAS_BIAS": True,
-        "HAS_RUNNING": True,
-        "TRAINING": True,
-        "RSTD_FROM_VAR": False,
-        "FINALIZE": True,
-        "SPLIT_S": False,
-        "INDEX_64": True,
-        "BLOCK_SIZE_N": 1,
-        "BLOCK_SIZE_C": 16,
-        "BLOCK_SIZE_S": 128,
-        "BLOCK_SIZE_P": 16,
-    }
-    if kernel.__name__.startswith("_gemm_"):  # a matmul: BLOCK_SIZE_N is its column tile
-        defaults.update(_GEMM_DEFAULTS)
-    return {p.name: defaults[p.name] for p in kernel.params if p.is_constexpr}
-
-
-#: the matmul kernels' defaults: the tiles ``default_gemm_config`` picks for large bf16 inputs on Hopper
-_GEMM_DEFAULTS = {
-    "STATS": True,
-    "SPLIT_ROWS": False,
-    "INPUT_PRECISION": "ieee",
-    "UPCAST": False,
-    "BLOCK_SIZE_M": 128,
-    "BLOCK_SIZE_N": 128,
-    "BLOCK_SIZE_K": 64,
-    "GROUP_SIZE_M": 8,
-    "BLOCK_SIZE_R": 16,
-}
 
 
 def _ptxas_candidates() -> list[str]:
@@ -129,11 +86,14 @@ def compile_kernel(
     dtype: torch.dtype = torch.float32,
     num_warps: int = 4,
     ones: tuple[str, ...] = (),
+    variant: str | None = None,
     num_stages: int | None = None,
     divisible_by_16: tuple[str, ...] = (),
     **constexprs,
 ) -> CompiledKernel:
-    """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (defaults for the rest).
+    """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (the registry's defaults for the rest;
+    constexprs this kernel does not take are ignored, so one set can serve every kernel). ``variant`` names one
+    of the registry's variants of this kernel (e.g. "from_output"), applied over the defaults.
 
     Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
     ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
@@ -149,16 +109,20 @@ def compile_kernel(
 
     if interpreter_active():
         raise RuntimeError("compile_kernel needs real JIT kernels: run it where TRITON_INTERPRET is unset")
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; kernels: {', '.join(sorted(KERNELS))}")
+    spec = kernel_spec(name)
     if dtype not in _TRITON_DTYPES:
         raise TypeError(f"dtype {dtype} is not supported by the kernels")
-    kernel = KERNELS[name]
-    known = {p.name for k in KERNELS.values() for p in k.params if p.is_constexpr}
+    kernel = spec.fn
+    known = {key for s in _REGISTRY for key in s.defaults}
     unknown = sorted(set(constexprs) - known)
     if unknown:
         raise ValueError(f"unknown constexpr(s) {unknown}; the kernels take {sorted(known)}")
-    defaults = _default_constexprs(kernel)
+    takes = {p.name for p in kernel.params if p.is_constexpr}
+    if takes != set(spec.defaults):
+        raise ValueError(f"the registry's defaults for {name} {sorted(spec.defaults)} do not match {sorted(takes)}")
+    if variant is not None and variant not in spec.variants:
+        raise ValueError(f"{name} has no variant {variant!r}; variants: {sorted(spec.variants)}")
+    defaults = {**spec.defaults, **(spec.variants[variant] if variant else {})}
     values = {**defaults, **{k: v for k, v in constexprs.items() if k in defaults}}  # others: not this kernel's
     signature = {}
     args = set(kernel.arg_names)

@@ -16,6 +16,8 @@ from ._backward import (
     _bn_act_bwd_fused_kernel,
     _bn_act_bwd_reduce_kernel,
 )
+from ._driver import recording_target  # CPU tensors are fine while launches are only recorded
+from ._errors import ShapeError
 from ._forward import (
     _bn_act_fwd_apply_kernel,
     _bn_act_fwd_combine_kernel,
@@ -25,10 +27,13 @@ from ._forward import (
 from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, geometry_of, next_pow2
 
 __all__ = [
+    "MEMORY_SAVING_ACTIVATIONS",
+    "SUPPORTED_DTYPES",
     "bn_act_apply",
     "bn_act_batch_stats",
     "bn_act_bwd",
     "bn_act_bwd_dx",
+    "bn_act_bwd_from_output",
     "bn_act_bwd_sums",
     "bn_act_fwd_eval",
     "bn_act_fwd_train",
@@ -62,7 +67,7 @@ def _check_input(x: torch.Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; the Triton kernels support float32, float16 and bfloat16")
     if x.dim() not in (2, 3, 4):
         raise ValueError(f"{name} must be 2-D, 3-D or 4-D (N, C, ...), got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not interpreter_active():
+    if x.device.type != "cuda" and not interpreter_active() and recording_target() is None:
         raise ValueError(
             f"{name} is on {x.device}; the Triton kernels run on CUDA tensors, or on CPU tensors only when "
             "TRITON_INTERPRET=1 was set before triton was imported"
@@ -74,7 +79,7 @@ def _check_channel_tensor(t: torch.Tensor | None, name: str, x: torch.Tensor) ->
         return
     C = x.shape[1]
     if t.dim() != 1 or t.shape[0] != C:
-        raise ValueError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
+        raise ShapeError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
     if t.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
     if t.device != x.device:
@@ -287,34 +292,63 @@ def bn_act_apply(
     )  # fmt: skip
 
 
-def _bwd_setup(dy, x, weight, bias, activation, config):
-    _check_input(x)
+#: activations whose input the backward can rebuild from the output (leaky_relu needs a positive slope)
+MEMORY_SAVING_ACTIVATIONS = ("identity", "leaky_relu")
+
+
+def _check_invertible(act: str, act_param: float, min_abs_weight: float) -> None:
+    if act not in MEMORY_SAVING_ACTIVATIONS or (act == "leaky_relu" and not act_param > 0.0):
+        raise ValueError(
+            f"the backward from the output needs an invertible activation: identity, or leaky_relu with a positive "
+            f"slope; got {act} (act_param={act_param})"
+        )
+    if not min_abs_weight > 0.0:
+        raise ValueError(f"min_abs_weight must be positive, got {min_abs_weight}")
+
+
+def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, min_abs_weight, config):
+    """Checks, dx allocation and plan of a backward from ``saved`` (x, or y when ``saved_output``).
+
+    Returns (dx, geom, strides, cfg, flags): the strides of (saved, dy, dx) as kernel arguments, and the
+    constexprs every data kernel of the backward takes besides the tiles.
+    """
+    name = "output" if saved_output else "input"
+    _check_input(saved, name)
     _check_input(dy, "grad_output")
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(f"grad_output {tuple(dy.shape)} {dy.dtype} does not match input {tuple(x.shape)} {x.dtype}")
-    _check_channel_tensors(x, weight=weight, bias=bias)
+    if dy.shape != saved.shape or dy.dtype != saved.dtype:
+        raise ValueError(
+            f"grad_output {tuple(dy.shape)} {dy.dtype} does not match {name} {tuple(saved.shape)} {saved.dtype}"
+        )
+    _check_channel_tensors(saved, weight=weight, bias=bias)
     act = _activation_name(activation)
-    dx = _alloc_like(x)
-    geom, (xs, dys, dxs) = geometry_of(x, dy, dx)
-    cfg = config or default_config(geom, xs, x.element_size(), x.device)
-    return act, dx, geom, (*xs.args(), *dys.args(), *dxs.args()), cfg
+    if saved_output:
+        _check_invertible(act, act_param, min_abs_weight)
+    dx = _alloc_like(saved)
+    geom, (saved_strides, dys, dxs) = geometry_of(saved, dy, dx)
+    cfg = config or default_config(geom, saved_strides, saved.element_size(), saved.device)
+    flags = {
+        "ACTIVATION": act,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "SAVED_OUTPUT": saved_output,
+    }
+    return dx, geom, (*saved_strides.args(), *dys.args(), *dxs.args()), cfg, flags
 
 
-def _bwd_sums(x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dweight, dbias, *, training, eps,
-              act, act_param):  # fmt: skip
-    """Reduce + combine: fp32 (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval)."""
+def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias, *,
+              training, eps, act_param, min_abs_weight):  # fmt: skip
+    """Reduce + combine: fp32 (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval).
+    ``mean`` is any fp32 channel tensor when the output was saved (the kernels do not read it)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     C = geom.C
     P, tiles_per_program = cfg.partials(geom)
-    part_dz = torch.empty((P, C), device=x.device, dtype=torch.float32)
-    part_dz_xhat = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_dz = torch.empty((P, C), device=saved.device, dtype=torch.float32)
+    part_dz_xhat = torch.empty((P, C), device=saved.device, dtype=torch.float32)
     _bn_act_bwd_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
-        x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
-        part_dz, part_dz_xhat,
+        saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean,
+        bias if bias is not None else mean, part_dz, part_dz_xhat,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *strides,
-        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
-        **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *strides, TRAINING=training, **flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias)
 
@@ -335,25 +369,23 @@ def combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias):
     return sum_dz, sum_dz_xhat
 
 
-def _bwd_dx(x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *, act,
-            act_param):  # fmt: skip
+def _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *,
+            act_param, min_abs_weight):  # fmt: skip
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = _grid_tiles(n_tiles)
     _bn_act_bwd_dx_kernel[(programs, cdiv(geom.C, cfg.block_size_c))](
-        x, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        saved, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         sum_dz, sum_dz_xhat,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
-        *strides,
-        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *strides, **flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return dx
 
 
 def bn_act_bwd(
     dy: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
+    saved: torch.Tensor,
+    mean: torch.Tensor | None,
     rstd_or_var: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -362,38 +394,81 @@ def bn_act_bwd(
     eps: float,
     activation: str,
     act_param: float = 0.0,
+    saved_output: bool = False,
+    min_abs_weight: float = 1e-5,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward of act(BN(x)): returns (dx, dweight, dbias); dweight/dbias are None without weight/bias.
+    """Backward of y = act(BN(x)): returns (dx, dweight, dbias); dweight/dbias are None without weight/bias.
 
-    Training: ``mean``/``rstd_or_var`` are the fp32 batch mean and rstd saved by the forward. Eval: they are the
-    running mean and running variance (constants, so dx has no statistics terms).
+    ``saved`` is what the forward kept: the input x, or with ``saved_output`` the output y (memory-saving mode:
+    x_hat is rebuilt as (act^-1(y) - b) / w with |w| floored at ``min_abs_weight``; identity and leaky_relu with
+    a positive slope only; ``mean`` is not needed and must be None). Training: ``mean``/``rstd_or_var`` are the
+    fp32 batch mean and rstd saved by the forward. Eval: they are the running mean and running variance
+    (constants, so dx has no statistics terms).
     """
-    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
+    dx, geom, strides, cfg, flags = _bwd_setup(
+        dy, saved, weight, bias, activation=activation, act_param=act_param, saved_output=saved_output,
+        min_abs_weight=min_abs_weight, config=config,
+    )  # fmt: skip
+    if saved_output and mean is not None:
+        raise ValueError("the backward from the output does not use the mean: pass mean=None with saved_output=True")
+    if not saved_output and mean is None:
+        raise ValueError("the backward from the input needs the mean (None is only for saved_output=True)")
+    _check_channel_tensors(saved, mean=mean, rstd_or_var=rstd_or_var)
+    mean = rstd_or_var if mean is None else mean  # a placeholder pointer: SAVED_OUTPUT kernels never read it
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
-    if x.numel() == 0:
+    if saved.numel() == 0:
         return dx, *(None if g is None else g.zero_() for g in (dweight, dbias))
+    scalars = {"act_param": act_param, "min_abs_weight": min_abs_weight}
     if cfg.num_partials > 1:
         sums = _bwd_sums(
-            x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, dweight, dbias,
-            training=training, eps=eps, act=act, act_param=act_param,
+            saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias,
+            training=training, eps=eps, **scalars,
         )  # fmt: skip
         if training:
-            _bwd_dx(
-                x, dy, dx, geom, strides, cfg, mean, rstd_or_var, weight, bias, *sums, geom.rows,
-                act=act, act_param=act_param,
-            )  # fmt: skip
+            _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, *sums, geom.rows,
+                    **scalars)  # fmt: skip
         return dx, dweight, dbias
     _bn_act_bwd_fused_kernel[(cdiv(geom.C, cfg.block_size_c),)](
-        x, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
+        saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
         dweight if dweight is not None else mean, dbias if dbias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),
-        *strides,
-        ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRAINING=training,
-        **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *strides, TRAINING=training, **flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return dx, dweight, dbias
+
+
+def bn_act_bwd_from_output(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    rstd_or_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    training: bool,
+    eps: float,
+    activation: str,
+    act_param: float = 0.0,
+    min_abs_weight: float = 1e-5,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Memory-saving backward: :func:`bn_act_bwd` from the saved output y (``saved_output=True``, no mean).
+
+    Training: ``rstd_or_var`` is the fp32 batch rstd saved by the forward. Eval: the running variance.
+    """
+    return bn_act_bwd(
+        dy, y, None, rstd_or_var, weight, bias, training=training, eps=eps, activation=activation,
+        act_param=act_param, saved_output=True, min_abs_weight=min_abs_weight, config=config,
+    )  # fmt: skip
+
+
+def _input_bwd_setup(dy, x, weight, bias, activation, act_param, config):
+    """The distributed entries below always backpropagate from the input x."""
+    return _bwd_setup(
+        dy, x, weight, bias, activation=activation, act_param=act_param, saved_output=False, min_abs_weight=1.0,
+        config=config,
+    )  # fmt: skip
 
 
 def bn_act_bwd_sums(
@@ -412,13 +487,13 @@ def bn_act_bwd_sums(
 
     They are dbias and dweight of the local batch; :func:`bn_act_bwd_dx` takes their global values.
     """
-    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
+    dx, geom, strides, cfg, flags = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config)
     if x.numel() == 0:
         zeros = torch.zeros(geom.C, device=x.device, dtype=torch.float32)
         return zeros, zeros.clone()
     return _bwd_sums(
-        x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, None, None,
-        training=True, eps=0.0, act=act, act_param=act_param,
+        x, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, None, None,
+        training=True, eps=0.0, act_param=act_param, min_abs_weight=1.0,
     )  # fmt: skip
 
 
@@ -441,13 +516,13 @@ def bn_act_bwd_dx(
 
     ``total`` is the number of elements per channel the statistics were taken over (all ranks together).
     """
-    act, dx, geom, strides, cfg = _bwd_setup(dy, x, weight, bias, activation, config)
+    dx, geom, strides, cfg, flags = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config)
     _check_channel_tensors(x, mean=mean, rstd=rstd, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
     if x.numel() == 0:
         return dx
     return _bwd_dx(
-        x, dy, dx, geom, strides, cfg, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total,
-        act=act, act_param=act_param,
+        x, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total,
+        act_param=act_param, min_abs_weight=1.0,
     )  # fmt: skip
 
 

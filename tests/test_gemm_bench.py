@@ -100,6 +100,47 @@ def test_cli_runs_an_op_and_rejects_axes_it_does_not_have(tmp_path, capsys):
     assert "--width: not an axis of --op linear_bn_act" in capsys.readouterr().err
 
 
+def test_cli_one_matmul_op_per_call_as_the_gpu_script_runs_it(capsys):
+    args = ["bench", "--op", "conv1x1_bn_act", "--preset", "resnet50", "--batch", "256", "--pass", "fwd_bwd"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "45 point(s)" in out  # 15 shapes x 1 batch x 1 pass x 3 providers
+    assert "conv1x1_bn_act fwd_bwd bf16" in out and "linear_bn_act" not in out
+    assert main(["bench", "--op", "linear_bn_act", "--preset", "mlp", "--providers", "triton", "--dry-run"]) == 0
+    assert "16 point(s)" in capsys.readouterr().out  # 4 shapes x 2 dtypes x 2 passes
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--op", "linear_bn_act", "--preset", "baseline"], "--preset baseline is the BatchNorm + activation"),
+        (["--op", "conv1x1_bn_act", "--world-size", "2", "--out", "x"], "--world-size is for --op bn_act only"),
+        (["--op", "linear_bn_act", "--from-model", "mlp"], "--from-model is for --op bn_act only"),
+        (["--op", "linear_bn_act", "--providers", "compile-max-autotune"], "unknown provider(s)"),
+        (["--preset", "mlp"], "--preset mlp is a preset of --op linear_bn_act"),
+    ],
+)
+def test_cli_refuses_what_a_matmul_op_does_not_have(argv, says, capsys):
+    assert main(["bench", *argv, "--dry-run"]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_resume_checks_the_op(tmp_path, capsys):
+    from bnbench.bench.record import resume_mismatch
+
+    out = tmp_path / "lin"
+    args = ["bench", "--op", "linear_bn_act", "--pass", "fwd", "--providers", "eager", "--cpu-budget-s", "0.01"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    other = ["--op", "conv1x1_bn_act", *args[3:]]
+    assert main(["bench", *other, "--out", str(out), "--resume"]) == 2
+    assert "--op linear_bn_act then, conv1x1_bn_act now" in capsys.readouterr().err
+    # a run recorded before --op existed was a BatchNorm + activation run
+    assert resume_mismatch({"options": {"preset": "quick"}}, {"op": "bn_act", "preset": "quick"}) is None
+    assert "--op (not given) then" not in resume_mismatch({"options": {}}, {"op": "linear_bn_act"})
+
+
 def test_epilogue_cost_tool_shapes_and_refusal_without_a_gpu(capsys):
     from bnbench.bench import gemm_epilogue
 

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnbench
 from bnbench.activations import apply_activation, parse_activation
@@ -117,6 +118,42 @@ def test_eval_with_running_stats_backpropagates(launches, device):
     assert launches["fwd_eval"] == 1 and launches["bwd"] == 1
 
 
+class _ConstantFills(TorchDispatchMode):
+    """Records the aten ops that create or fill a tensor with a constant: how autograd materialises the zero
+    gradient of an output that nothing differentiated (one fill kernel each on CUDA)."""
+
+    FILLS = frozenset(("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like", "new_full",
+                       "ones", "ones_like", "new_ones"))  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.FILLS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("training", "memory_saving"),
+    [(True, False), (True, True), (False, False)],  # batch statistics from x, from y; running statistics
+)
+def test_backward_materialises_no_zero_gradients(training, memory_saving, launches, device):
+    """The autograd Function returns y only, so the batch mean and rstd it keeps get no zero gradients: a backward
+    runs bnbench's backward kernels and no fill."""
+    fused = bnbench.BatchNormAct2d(3, activation="leaky_relu", memory_saving=memory_saving, device=device)
+    fused.train(training)
+    x = torch.randn(4, 3, 2, 3, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    y = fused(x)
+    with _ConstantFills() as fills:
+        y.backward(grad)
+    assert fills.seen == []
+    assert launches["bwd_from_output" if memory_saving else "bwd"] == 1  # the Triton backward ran
+    assert x.grad is not None and fused.weight.grad is not None and fused.bias.grad is not None
+
+
 def test_state_dict_round_trip_with_nn_batchnorm2d(device):
     plain = nn.BatchNorm2d(5, device=device)
     with torch.no_grad():
@@ -158,6 +195,18 @@ def test_drop_in_module_behaviour():
 def test_wrong_rank_raises_like_pytorch(cls, shape, match):
     with pytest.raises(ValueError, match=match):
         cls(3)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("activation, param", [("relu", None), ("gelu", None), ("leaky_relu", None),
+                                               ("leaky_relu", 0.2)])  # fmt: skip
+def test_parse_activation_accepts_its_own_output(activation, param):
+    """Callers pass the (activation, parameter) pair a layer stores straight back: 0.0 means "no parameter" for
+    an activation without one, so no caller needs ``param if act is LEAKY_RELU else None``."""
+    parsed = parse_activation(activation, param)
+    assert parse_activation(*parsed) == parsed
+    assert parse_activation(parsed[0].value, parsed[1]) == parsed
+    with pytest.raises(ValueError, match="takes no activation_param"):
+        parse_activation(activation if param is None and activation != "leaky_relu" else "tanh", 0.5)
 
 
 def test_errors_name_the_values(device):

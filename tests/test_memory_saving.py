@@ -3,7 +3,8 @@
 Values and gradients against nn.BatchNorm + activation in float64; the kernels' split and fused paths against the
 x-based backward kernels; the activations it refuses and why; the in-place misuse it must catch; a zero gamma; and
 the memory held for backward on a stack of Linear -> BN -> activation blocks, counted on CPU with saved-tensor
-hooks and measured on a GPU with torch.cuda memory statistics, against eager BN + activation.
+hooks and measured on a GPU with torch.cuda memory statistics, against eager BN + activation. The sm_90 compile
+check of the from-output kernel variants is in tests/test_kernels_compile.py (the registry's "from_output").
 """
 
 from __future__ import annotations
@@ -132,6 +133,23 @@ def test_unsound_activations_are_refused(activation, param, why):
     with pytest.raises(ValueError, match=why):
         bnbench.batch_norm_act(x, None, None, training=True, activation=activation, activation_param=param,
                                memory_saving=True)  # fmt: skip
+
+
+def test_the_launcher_refuses_what_the_backward_from_the_output_cannot_use():
+    """Before any kernel runs: a non-invertible activation, a floor for |w| that is not positive, a mean (the
+    from-output kernels never read it), and no mean for the backward from the input."""
+    y, dy, rstd = torch.randn(4, 3), torch.randn(4, 3), torch.rand(3) + 0.5
+    common = {"training": True, "eps": 1e-5}
+    with pytest.raises(ValueError, match="invertible"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="relu", **common)
+    with pytest.raises(ValueError, match="invertible"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="leaky_relu", act_param=0.0, **common)
+    with pytest.raises(ValueError, match="min_abs_weight"):
+        kernels.bn_act_bwd_from_output(dy, y, rstd, None, None, activation="identity", min_abs_weight=0.0, **common)
+    with pytest.raises(ValueError, match="mean=None"):
+        kernels.bn_act_bwd(dy, y, torch.zeros(3), rstd, None, None, activation="identity", saved_output=True, **common)
+    with pytest.raises(ValueError, match="needs the mean"):
+        kernels.bn_act_bwd(dy, y, None, rstd, None, None, activation="identity", **common)
 
 
 def test_relu_is_refused_because_its_gradient_needs_the_lost_input(seed):
@@ -266,42 +284,3 @@ def test_cumulative_momentum_matches_nn_batchnorm(backend, seed):
     torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-6, atol=1e-7)
     assert layer.num_batches_tracked.item() == 3
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Real compilation (the interpreter cannot see types, constexpr misuse or register pressure)
-# ---------------------------------------------------------------------------------------------------------------
-
-_AOT_SCRIPT = r"""
-import json, sys, torch
-from bnbench.kernels import aot
-names = [n for n in aot.KERNELS if n.startswith("_bn_act_ms_")]
-ONES = ("S", "W", "n_tiles_s", "tiles_per_program", "stride_y_s", "stride_dy_s", "stride_dx_s")
-out = []
-for name in sorted(names):
-    for act in ("identity", "leaky_relu"):
-        kernel = aot.KERNELS[name]
-        r = aot.compile_kernel(name, dtype=torch.float32, ACTIVATION=act, INDEX_64=True, num_warps=4)
-        out.append({"name": name, "registers": r.registers, "spill_stores": r.spill_stores})
-        ones = tuple(a for a in ONES if a in kernel.arg_names)
-        r = aot.compile_kernel(name, dtype=torch.bfloat16, ones=ones, ACTIVATION=act, INDEX_64=False,
-                               BLOCK_SIZE_N=16, BLOCK_SIZE_C=128, BLOCK_SIZE_S=1, num_warps=8)
-        out.append({"name": name, "registers": r.registers, "spill_stores": r.spill_stores})
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.slow  # about a minute of Triton compilation
-def test_memory_saving_kernels_compile_for_sm90(run_python):
-    """Both activations, int64 indexing with runtime integers, and int32 indexing with the unit specialisations
-    (S, W, strides, tiles per program equal to 1) of an (N, C) rows tile; no register spills on these tiles."""
-    import json
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
-    result = run_python("-c", _AOT_SCRIPT, drop=("TRITON_INTERPRET",), env={"TRITON_DEFAULT_FP_FUSION": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    compiled = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 3 * 2 * 2
-    for r in compiled:
-        if r["registers"] is not None:  # ptxas accepted the PTX
-            assert r["spill_stores"] == 0, r

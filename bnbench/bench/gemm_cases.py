@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from bnbench.activations import parse_activation
-from bnbench.bench.cases import DTYPES
+from bnbench.schema import DTYPES
 
 __all__ = [
     "GEMM_OPS",

@@ -37,27 +37,28 @@ from bnbench.bench.gemm_cases import (
     MatmulCase,
     select_gemm_cases,
 )
-from bnbench.bench.providers import Provider, _interpreter_active
+from bnbench.bench.providers import Provider
 from bnbench.bench.workload import (
     EPS,
     KINK_BAND,
     MOMENTUM,
     STATS_TOLERANCE,
-    TOLERANCE,
     PassRun,
     batch_statistics,
     max_rel_err,
-    torch_dtype,
 )
+from bnbench.interpreter import interpreter_active
+from bnbench.schema import torch_dtype
+from bnbench.testing import tolerance
 
 __all__ = [
+    "DEFAULT_GEMM_PROVIDERS",
     "EPS",
     "GEMM_OPS",
     "GEMM_PRESETS",
     "GEMM_PROVIDERS",
     "MOMENTUM",
     "STATS_TOLERANCE",
-    "TOLERANCE",
     "MatmulCase",
     "MatmulInputs",
     "batch_statistics",
@@ -68,6 +69,7 @@ __all__ = [
     "max_rel_err",
     "outputs",
     "reference_outputs",
+    "select_cases_from_args",
     "select_gemm_cases",
     "stats_tolerance",
 ]
@@ -77,7 +79,7 @@ def stats_tolerance(case: MatmulCase) -> float:
     """The batch statistics are those of Z, which the module chain (eager, compile) rounds to the dtype before
     BatchNorm sees it: in fp16/bf16 they carry that rounding (about 1e-3 relative in bf16), so they are checked
     at the dtype's tolerance; in fp32 at fp32's (the fused op takes them from the fp32 accumulator)."""
-    return TOLERANCE[case.dtype] if case.dtype != "fp32" else STATS_TOLERANCE
+    return tolerance(case.dtype) if case.dtype != "fp32" else STATS_TOLERANCE
 
 
 def bytes_min_of(case: MatmulCase) -> int:
@@ -243,7 +245,7 @@ def _triton_skip(case: MatmulCase, device: torch.device) -> str | None:
         return "triton is not installed"
     if device.type == "cuda":
         return None
-    if not _interpreter_active():
+    if not interpreter_active():
         return (
             "no CUDA device in use: the Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1)"
         )
@@ -280,6 +282,10 @@ GEMM_PROVIDERS: dict[str, Provider] = {
 }
 
 
+#: the providers a matmul op's run measures when --providers is not given
+DEFAULT_GEMM_PROVIDERS = ("eager", "compile", "triton")
+
+
 def get_gemm_providers(names: str | list[str]) -> list[Provider]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
@@ -289,20 +295,26 @@ def get_gemm_providers(names: str | list[str]) -> list[Provider]:
     return [GEMM_PROVIDERS[n] for n in dict.fromkeys(names)]
 
 
-def cases_and_providers_from_args(args) -> tuple[list[MatmulCase], list[Provider]]:
-    """``bnbench bench --op linear_bn_act|conv1x1_bn_act``: the cases (--preset, filtered by --batch, --dtype,
-    --activation, --pass) and providers (--providers). --width, --spatial and --layout are axes of the
-    BatchNorm op only: the matmul shapes come from the presets."""
+def select_cases_from_args(args) -> list[MatmulCase]:
+    """``bnbench bench --op linear_bn_act|conv1x1_bn_act``: the cases of --preset (default quick), filtered by
+    --batch, --dtype, --activation and --pass. --width, --spatial and --layout are axes of the BatchNorm op only
+    (the matmul shapes come from the presets), and the 'baseline' preset is the BatchNorm baseline table of
+    docs/measuring.md: all are refused, saying so."""
     from bnbench.bench import cases as c
 
     given = [f"--{name}" for name in ("width", "spatial", "layout") if getattr(args, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: not an axis of --op {args.op} (its shapes come from --preset)")
+    if args.preset == "baseline":
+        raise ValueError(
+            f"--preset baseline is the BatchNorm + activation baseline table (--op bn_act); --op {args.op} has the "
+            f"presets {', '.join(GEMM_PRESETS)} (standard: ResNet-50's 1x1 convolutions at batch 256 and the MLP)"
+        )
 
     def parsed(value, parse):
         return None if value is None else parse(value)
 
-    cases = select_gemm_cases(
+    return select_gemm_cases(
         args.op,
         args.preset,
         batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
@@ -310,4 +322,3 @@ def cases_and_providers_from_args(args) -> tuple[list[MatmulCase], list[Provider
         activations=parsed(args.activation, c.parse_activations),
         passes=parsed(args.passes, c.parse_passes),
     )
-    return cases, get_gemm_providers(args.providers)

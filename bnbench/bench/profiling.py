@@ -23,7 +23,7 @@ from bnbench.bench.providers import Provider
 from bnbench.bench.workload import build_pass, make_inputs
 
 __all__ = [
-    "TRITON_KERNEL_TENSOR_PASSES",
+    "TRITON_KERNEL_TENSOR_PASSES",  # noqa: F822 (a lazy module attribute: see __getattr__)
     "KernelStat",
     "ProviderProfile",
     "case_flags",
@@ -36,17 +36,21 @@ __all__ = [
     "triton_launch_configs",
 ]
 
-#: full-tensor passes each of bnbench's Triton kernels makes when it streams (reads + writes of x, y, dy, dx);
-#: the combine kernels touch only per-channel partials. The fused kernels read x (and dy) twice; the second read
-#: hits cache on the small inputs they are chosen for, so their achieved rate can exceed the copy bandwidth.
-TRITON_KERNEL_TENSOR_PASSES = {
-    "_bn_act_fwd_stats_kernel": 1,
-    "_bn_act_fwd_apply_kernel": 2,
-    "_bn_act_fwd_fused_kernel": 3,
-    "_bn_act_bwd_reduce_kernel": 2,
-    "_bn_act_bwd_dx_kernel": 3,
-    "_bn_act_bwd_fused_kernel": 5,
-}
+
+def _kernel_tensor_passes() -> dict[str, int]:
+    """Full-tensor passes each of bnbench's Triton kernels makes when it streams (reads + writes of x, y, dy, dx),
+    from the kernel registry; the combine kernels touch only per-channel partials and are not listed."""
+    from bnbench.kernels import KERNELS
+
+    return {spec.name: spec.tensor_passes for spec in KERNELS if spec.tensor_passes is not None}
+
+
+def __getattr__(name: str):
+    # TRITON_KERNEL_TENSOR_PASSES reads the kernel registry, which imports triton: computed on first use, so that
+    # importing the profiler does not import triton (and fix the interpreter switch) before a Triton path runs.
+    if name == "TRITON_KERNEL_TENSOR_PASSES":
+        return _kernel_tensor_passes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,7 @@ def _gpu_kernels(prof, iters: int, case: Case) -> tuple[list[KernelStat], float]
     from torch.autograd import DeviceType
 
     T = case.numel * ELEMENT_SIZE[case.dtype]
+    tensor_passes = _kernel_tensor_passes()
     totals: dict[str, list[float]] = {}
     for evt in prof.events():
         if evt.device_type == DeviceType.CUDA:
@@ -99,7 +104,7 @@ def _gpu_kernels(prof, iters: int, case: Case) -> tuple[list[KernelStat], float]
             entry[1] += _device_time_us(evt)
     stats = []
     for name, (count, total_us) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
-        passes = next((p for k, p in TRITON_KERNEL_TENSOR_PASSES.items() if k in name), None)
+        passes = next((p for k, p in tensor_passes.items() if k in name), None)
         nbytes = passes * T if passes is not None else None
         per_launch_us = total_us / count
         rate = nbytes / (per_launch_us * 1e-6) / 1e9 if nbytes and per_launch_us > 0 else None
@@ -120,17 +125,15 @@ def _cpu_ops(prof, iters: int, top: int = 15) -> list[KernelStat]:
 def triton_launch_configs() -> list[dict[str, Any]]:
     """Every compiled variant of bnbench's Triton kernels in this process: block sizes (constexprs), warps,
     stages, shared memory, registers and spills, as far as this Triton version exposes them."""
-    from bnbench.kernels import _backward, _forward
+    from bnbench.kernels import KERNELS
 
     out = []
-    for module in (_forward, _backward):
-        for name in sorted(n for n in dir(module) if n.startswith("_bn_act_") and n.endswith("_kernel")):
-            fn = getattr(module, name)
-            arg_names = list(getattr(fn, "arg_names", []))
-            for entry in getattr(fn, "device_caches", {}).values():
-                cache = entry[0] if isinstance(entry, tuple) else entry
-                for compiled in cache.values():
-                    out.append(_describe_compiled(name, compiled, arg_names))
+    for spec in KERNELS:
+        arg_names = list(getattr(spec.fn, "arg_names", []))
+        for entry in getattr(spec.fn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for compiled in cache.values():
+                out.append(_describe_compiled(spec.name, compiled, arg_names))
     return out
 
 

@@ -121,26 +121,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_distributed(args) -> int:
-    """``--world-size K``: one data-parallel run through the torchrun entry point of the synchronized layer."""
-    from bnbench import distributed_cli
+    """``--world-size K``: one data-parallel run (:mod:`bnbench.train.distributed`) of the one model given."""
+    from bnbench.train.distributed import DDPRun, run_ddp
 
     if args.out is None:
         raise ValueError("--world-size needs --out: the folder rank 0 writes results.csv to")
-    argv = ["train", "--world-size", str(args.world_size), "--out", str(args.out)]
-    singles = {"models": "--model", "depths": "--depth", "activations": "--activation", "lrs": "--lr"}
-    for name, flag in singles.items():
+    options = {}
+    singles = {"models": "model", "depths": "depth", "activations": "activation", "lrs": "lr"}
+    for name, field in singles.items():
         values = getattr(args, name)
         if values is None:
             continue
         if len(values) != 1:
             raise ValueError(f"--world-size trains one model: give one value of --{name}, got {values}")
-        argv += [flag, str(values[0])]
-    for name, flag in (("dataset", "--dataset"), ("data_dir", "--data-dir"), ("width", "--width"),
-                       ("batch_size", "--batch"), ("steps", "--steps")):  # fmt: skip
-        value = getattr(args, name)
-        if value is not None:
-            argv += [flag, str(value)]
-    return distributed_cli.main(argv)
+        options[field] = values[0]
+    for name in ("dataset", "data_dir", "width", "batch_size", "steps"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return run_ddp(DDPRun(world_size=args.world_size, out=Path(args.out), **options))
 
 
 def _overrides(args) -> dict:

@@ -5,7 +5,7 @@ state_dict keys as ``nn.SyncBatchNorm``), not ``nn.SyncBatchNorm`` itself: Distr
 ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers only work with GPU modules"), which would rule
 out data-parallel training with gloo on CPU. The synchronisation runs on ``torch.distributed`` (NCCL on GPUs, gloo
 on CPU): one all_gather of per-rank statistics in forward, one all_reduce of per-channel gradient sums in backward
-(see :mod:`bnbench.distributed_functional`).
+(see :mod:`bnbench.distributed.functional`).
 Outside an initialised process group, with a world size of 1, or in eval mode it runs exactly as
 ``BatchNormAct1d/2d`` (through :func:`bnbench.batch_norm_act`), with no collective.
 
@@ -20,9 +20,9 @@ import copy
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnbench.activations import Activation, parse_activation
+from bnbench.activations import Activation, describe, parse_activation
 from bnbench.convert import ConversionReport, convert_bn_act
-from bnbench.distributed_functional import sync_batch_norm_act
+from bnbench.distributed.functional import sync_batch_norm_act
 from bnbench.functional import BACKENDS, batch_norm_act, resolve_backend
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d, count_batch
 
@@ -30,13 +30,42 @@ __all__ = ["SyncBatchNormAct", "convert_sync_bn_act"]
 
 
 class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
-    """``nn.SyncBatchNorm(num_features, ...)`` then ``activation``, fused; inputs (N, C), (N, C, L), (N, C, H, W)
-    (NCHW or channels_last) and (N, C, D, H, W). ``process_group=None`` synchronises over the whole world.
+    r"""``nn.SyncBatchNorm`` followed by an activation, fused, with the statistics over every rank's batch.
 
-    ``backend``: "auto" runs the Triton kernels on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), plain
-    torch ops otherwise, with the same two collectives; "triton" never falls back. Running statistics come from
-    the global batch (unbiased variance with the global count); ``momentum=None`` is the cumulative average over
-    ``num_batches_tracked``. dweight/dbias are the local sums, as in ``nn.SyncBatchNorm`` (DDP averages them).
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta\right)
+
+    where, in training, the mean and biased variance per channel are taken over the batches of all ranks of
+    ``process_group`` together (one all_gather of per-rank statistics in forward, one all_reduce of two per-channel
+    sums in backward); eval uses the running statistics and synchronises nothing. Running statistics come from the
+    global batch (unbiased variance with the global count). dweight/dbias are the local sums, as in
+    ``nn.SyncBatchNorm`` (DistributedDataParallel averages them). Unequal and empty per-rank batches are fine.
+    Outside an initialised process group, or with a world size of 1, it runs exactly as ``BatchNormAct1d/2d``.
+
+    Args:
+        num_features: C, the number of channels of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the running statistics' update factor; ``None`` for the cumulative average over
+            ``num_batches_tracked``. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: True.
+        track_running_stats: keep running statistics. Default: True.
+        process_group: the group to synchronise over; ``None`` for the whole world. Default: None.
+        activation: ``identity``, ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``gelu_tanh`` or
+            ``silu``. Default: ``relu``.
+        activation_param: the negative slope of ``leaky_relu`` (default 0.01); the other activations take none.
+        backend: ``auto`` (the Triton kernels for CUDA tensors and under ``TRITON_INTERPRET=1``, plain torch ops
+            otherwise, with the same two collectives), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
+
+    Shape:
+        - Input: :math:`(N, C)`, :math:`(N, C, L)`, :math:`(N, C, H, W)` (NCHW or channels_last) or
+          :math:`(N, C, D, H, W)`; N may differ between ranks, and be 0
+        - Output: the input's shape
+
+    Example::
+
+        >>> # on every rank of an initialised process group (e.g. under torchrun)
+        >>> layer = bnbench.SyncBatchNormAct(64, activation="silu").cuda()
+        >>> y = layer(torch.randn(16, 64, 14, 14, device="cuda"))  # statistics over 16 x world_size samples
     """
 
     def __init__(
@@ -77,14 +106,13 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        param = self.activation_param if self.activation is Activation.LEAKY_RELU else None
         group = self._group() if self.training else None  # eval (even with batch statistics) never synchronises
         if group is None:
             self._check_input_dim(input)
             x = input.view(input.shape[0], input.shape[1], -1) if input.dim() == 5 else input
             y = batch_norm_act(
                 x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                self.activation, param, self.backend,
+                self.activation, self.activation_param, self.backend,
             )  # fmt: skip
             return y.view(input.shape) if input.dim() == 5 else y
         # Input checks that can differ between ranks travel in the forward collective (no rank raises alone), so the
@@ -152,6 +180,8 @@ def convert_sync_bn_act(
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Return ``model`` with every BatchNorm layer as a :class:`SyncBatchNormAct` over ``process_group``.
 
+    The fused counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``:
+
     - ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` directly followed by a supported activation (in an
       ``nn.Sequential`` or, through ``torch.fx``, in a forward: the rules of :func:`bnbench.convert_bn_act`) become
       one SyncBatchNormAct with that activation (the activation's slot becomes ``nn.Identity``);
@@ -164,6 +194,22 @@ def convert_sync_bn_act(
     unchanged (those of ``nn.SyncBatchNorm.convert_sync_batchnorm(model)``). ``inplace=False`` converts a deep copy.
     ``backend`` applies to layers made from plain BatchNorms. With ``return_report=True`` the result is
     ``(model, ConversionReport)``; ``report.converted`` maps every BatchNorm's name to its fused activation.
+
+    Args:
+        model: the model to convert.
+        process_group: the group the new layers synchronise over; ``None`` for the whole world. Default: None.
+        inplace: edit ``model`` itself; False (default) converts a deep copy.
+        backend: the backend of layers made from plain BatchNorms (``auto``, ``triton``, ``torch``).
+        return_report: also return the :class:`bnbench.ConversionReport`. Default: False.
+
+    Returns:
+        the converted model, or ``(model, ConversionReport)`` with ``return_report=True``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        >>> model = bnbench.convert_sync_bn_act(model).cuda()
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -203,9 +249,9 @@ def convert_sync_bn_act(
             act, param, layer_backend = Activation.IDENTITY, 0.0, backend
         new = SyncBatchNormAct(
             m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group, activation=act,
-            activation_param=param if act is Activation.LEAKY_RELU else None, backend=layer_backend, device="meta",
+            activation_param=param, backend=layer_backend, device="meta",
         )  # fmt: skip
-        report.converted[names[id(m)]] = f"{act.value}({param:g})" if act is Activation.LEAKY_RELU else act.value
+        report.converted[names[id(m)]] = describe(act, param)
         return _share(new, m)
 
     model = _replace(model, to_sync)

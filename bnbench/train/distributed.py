@@ -1,27 +1,28 @@
 """Data-parallel training (DistributedDataParallel) with synchronised fused BatchNorm, on every rank of a group.
 
-:func:`train_ddp` returns this rank's long rows (the training schema) and touches no file: :mod:`bnbench.distributed_cli`
-runs it under torchrun and writes the rows.
+:func:`train_ddp` returns this rank's long rows (the training schema) and touches no file. :func:`run_ddp` is
+``bnbench train --world-size K`` under torchrun: it builds the one model the options describe, trains it on every
+rank (:mod:`bnbench.distributed.launch` sets up the process group) and rank 0 writes every rank's rows to
+``results.csv`` and the environment to ``env.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from bnbench.device import synchronize
 from bnbench.distributed import convert_sync_bn_act
 from bnbench.schema import TRAIN_COLUMNS
 
-__all__ = ["ddp_step", "train_ddp"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["DDPRun", "ddp_step", "run_ddp", "train_ddp"]
 
 
 def ddp_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,12 +80,58 @@ def train_ddp(
         start = slot * batch_size * world + rank * batch_size
         idx = order[start : start + batch_size]
         xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         loss = ddp_step(ddp, optimizer, xb, yb)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         wall += elapsed
         for metric, value in (("train_loss", loss), ("step_ms", elapsed * 1e3)):
             rows.append({**base, "step": step, "wall_s": wall, "metric": metric, "value": value, "rank": rank})
     return pd.DataFrame(rows, columns=[*TRAIN_COLUMNS, "rank"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPRun:
+    """One data-parallel run: the model, the data, the schedule and where rank 0 writes. ``batch_size`` is per
+    rank (the global batch is ``batch_size * world_size``)."""
+
+    world_size: int
+    out: Path
+    model: str = "mlp"
+    depth: int = 3
+    width: int = 64
+    activation: str = "relu"
+    lr: float = 0.1
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    batch_size: int = 32
+    steps: int = 100
+    seed: int = 0
+
+
+def run_ddp(run: DDPRun) -> int:
+    """Train ``run`` on every rank of a torchrun process group; rank 0 writes ``results.csv`` and ``env.json`` to
+    ``run.out``. Returns 0 (every rank)."""
+    from bnbench import _io
+    from bnbench.distributed import launch
+    from bnbench.envinfo import collect
+    from bnbench.train.data import load_dataset
+    from bnbench.train.models import build_model, init_weights
+
+    launch.check_torchrun(run.world_size)
+    data = load_dataset(run.dataset, data_dir=run.data_dir)  # bad options fail here, on every rank alike
+    with launch.process_group(run.world_size, cuda=torch.cuda.is_available()) as device:
+        model = build_model(run.model, in_shape=data.image_shape, n_classes=data.n_classes, depth=run.depth,
+                            width=run.width, activation=run.activation, norm="fused")  # fmt: skip
+        init_weights(model, "pytorch", run.seed)
+        labels = dict(experiment=f"ddp{run.world_size}", dataset=data.name, model=run.model, depth=run.depth,
+                      width=run.width, activation=run.activation, norm="sync_fused")  # fmt: skip
+        rows = train_ddp(model, data.x_train, data.y_train, steps=run.steps, batch_size=run.batch_size, lr=run.lr,
+                         device=device, seed=run.seed, labels=labels)  # fmt: skip
+        results = launch.gather_frames(rows)
+        if launch.is_rank_zero():
+            _io.write_csv(run.out / "results.csv", results)
+            _io.write_json(run.out / "env.json", {**collect(), "world_size": run.world_size, "argv": sys.argv})
+            print(f"wrote {run.out / 'results.csv'}")
+    return 0

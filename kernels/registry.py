@@ -1,0 +1,92 @@
+"""Every Triton kernel of bnbench, listed once.
+
+Read by :mod:`.aot` (compile checks and their constexpr defaults), by the profiler (which kernels are bnbench's,
+and the bytes each streams) and by the every-kernel compile test. A new kernel is added here, nowhere else.
+
+Per kernel:
+  - ``defaults``: a valid value for every constexpr it takes, so that a compile check can build it unasked;
+  - ``variants``: the constexpr overrides a compile check must cover besides the defaults (e.g. the backward
+    from the saved output, which needs an invertible activation);
+  - ``tensor_passes``: full-tensor reads plus writes (of x, y, dy, dx) when it streams, or None for a kernel
+    that touches only per-channel partials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._backward import (
+    _bn_act_bwd_combine_kernel,
+    _bn_act_bwd_dx_kernel,
+    _bn_act_bwd_fused_kernel,
+    _bn_act_bwd_reduce_kernel,
+)
+from ._forward import (
+    _bn_act_fwd_apply_kernel,
+    _bn_act_fwd_combine_kernel,
+    _bn_act_fwd_fused_kernel,
+    _bn_act_fwd_stats_kernel,
+)
+from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel, _gemm_partials_merge_kernel
+
+__all__ = ["KERNELS", "KernelSpec", "kernel_spec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One kernel: its JIT function and what a compile check and the profiler need to know about it."""
+
+    fn: object  # triton.JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+    phase: str  # "forward", "backward", or "matmul" (kernels/_gemm.py: compile-checked by tests/test_gemm_compile.py)
+    tensor_passes: int | None
+    defaults: dict[str, object]
+    variants: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+#: the tile and addressing constexprs every data kernel takes
+_TILES = {"BLOCK_SIZE_N": 1, "BLOCK_SIZE_C": 16, "BLOCK_SIZE_S": 128, "SPLIT_S": False, "INDEX_64": True}
+#: the activation and affine switches of the kernels that normalise
+_AFFINE = {"ACTIVATION": "relu", "HAS_WEIGHT": True, "HAS_BIAS": True}
+#: the backward from the saved output y; it inverts the activation, so it needs an invertible one
+_FROM_OUTPUT = {"from_output": {"SAVED_OUTPUT": True, "ACTIVATION": "leaky_relu"}}
+_BACKWARD = {**_TILES, **_AFFINE, "SAVED_OUTPUT": False}
+_COMBINE = {"BLOCK_SIZE_P": 16, "BLOCK_SIZE_C": 16}
+#: the matmul kernels' tiles: what the GEMM launcher picks for large bf16 inputs on Hopper
+_MATMUL = {
+    "SPLIT_ROWS": False,
+    "INPUT_PRECISION": "ieee",
+    "UPCAST": False,
+    "BLOCK_SIZE_M": 128,
+    "BLOCK_SIZE_N": 128,
+    "BLOCK_SIZE_K": 64,
+    "GROUP_SIZE_M": 8,
+}
+
+# The fused kernels read x (and dy) twice; on the small inputs they are chosen for the second read mostly hits
+# cache. Passes assume training (in eval the backward reduce kernel also writes dx and no dx kernel runs).
+KERNELS: tuple[KernelSpec, ...] = (
+    KernelSpec(_bn_act_fwd_stats_kernel, "forward", 1, dict(_TILES)),
+    KernelSpec(_bn_act_fwd_combine_kernel, "forward", None, {**_COMBINE, "HAS_RUNNING": True, "FINALIZE": True}),
+    KernelSpec(_bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, "RSTD_FROM_VAR": False}),
+    KernelSpec(_bn_act_fwd_fused_kernel, "forward", 3, {**_TILES, **_AFFINE, "HAS_RUNNING": True}),
+    KernelSpec(_bn_act_bwd_reduce_kernel, "backward", 2, {**_BACKWARD, "TRAINING": True}, _FROM_OUTPUT),
+    KernelSpec(_bn_act_bwd_combine_kernel, "backward", None, {**_COMBINE, "HAS_WEIGHT": True, "HAS_BIAS": True}),
+    KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, dict(_BACKWARD), _FROM_OUTPUT),
+    KernelSpec(_bn_act_bwd_fused_kernel, "backward", 5, {**_BACKWARD, "TRAINING": True}, _FROM_OUTPUT),
+    # Linear / 1x1-conv + BatchNorm: the matmul's bytes are counted by bench.bytes_model.matmul_bn_act_bytes
+    KernelSpec(_gemm_bn_stats_kernel, "matmul", None, {**_MATMUL, "STATS": True}),
+    KernelSpec(_gemm_bn_act_eval_kernel, "matmul", None, {**_MATMUL, **_AFFINE}),
+    KernelSpec(_gemm_partials_merge_kernel, "matmul", None, {"BLOCK_SIZE_R": 16, "BLOCK_SIZE_C": 256}),
+)
+
+
+def kernel_spec(name: str) -> KernelSpec:
+    """The registry entry of kernel ``name``; a ValueError listing the kernels when there is none."""
+    for spec in KERNELS:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"unknown kernel {name!r}; kernels: {', '.join(sorted(s.name for s in KERNELS))}")
