@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from bnbench.report.verdicts import verdict_rows
 from bnbench.schema import TRAIN_COLUMNS
 from bnbench.train.experiments import build_configs, run_configs
 from bnbench.train.loop import RunConfig
 from bnbench.train.presets import EXPERIMENTS, PRESETS
-from bnbench.train.verdicts import verdict_rows
 
 #: the smallest settings that still exercise every probe: 2 seeds (a verdict needs a pair), a few steps
 _TINY = {"steps": 12, "eval_every": 6, "width": 8}

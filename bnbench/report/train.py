@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from bnbench.report.style import color_for, new_figure
-from bnbench.train.verdicts import RUN_KEY, per_run, verdict_rows
+from bnbench.report.verdicts import RUN_KEY, per_run, verdict_rows
 
 __all__ = [
     "plot_curve",
