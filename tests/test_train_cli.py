@@ -139,3 +139,28 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(tmp_path, capsys, 
             str(tmp_path), "--device", "cpu", "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     assert "needs the Triton interpreter" in capsys.readouterr().err
+
+
+def test_sigterm_writes_the_finished_runs_and_exits_130(tmp_path):
+    """A terminated sweep (SIGTERM, as a scheduler sends) keeps what finished: results.csv whole, interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bnbench", "train", "--experiment", "bn-paper", "--dataset", "digits", "--lrs",
+            "0.1", "--width", "8", "--seeds", "20", "--steps", "400", "--eval-every", "100", "--out", str(out)]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {"MPLBACKEND": "Agg"})
+        deadline = time.time() + 120
+        while "lr0.1 s1" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # until the second seed began
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    meta = json.loads((out / "results.json").read_text())
+    frame = validate_train(pd.read_csv(out / "results.csv"))
+    assert meta["interrupted"] and 0 < meta["runs_done"] < meta["run_count"] == 40
+    assert frame[["seed", "norm"]].drop_duplicates().shape[0] == meta["runs_done"]
+    assert not (out / LOCK_NAME).exists()

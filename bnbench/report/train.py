@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from bnbench.report import train_plots as tp
 from bnbench.report.style import new_figure
@@ -41,6 +42,24 @@ def _at_plain_best_rate(sub: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         return sub, f"lr {sub['lr'].iloc[0]:g}"
     rate = best_rates(sub)[0].get("none", sorted(set(sub["lr"]))[0])
     return sub[sub["lr"] == rate], f"lr {rate:g}, the plain net's best"
+
+
+def _effects_figure(table: pd.DataFrame) -> Figure | None:
+    """Every effect with its 95% interval: one panel per kind of unit, stacked, each as tall as its rows."""
+    if table.empty:
+        return None
+    finite = table[table["estimate"].map(math.isfinite).astype(bool)]
+    panels = list(dict.fromkeys(finite["unit"].map(tp.effect_panel)))
+    if not panels:
+        return None
+    sizes = [int((finite["unit"].map(tp.effect_panel) == p).sum()) for p in panels]
+    fig = Figure(figsize=(11, 1.0 + 0.28 * sum(sizes) + 0.6 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=[n + 1.5 for n in sizes])[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        tp.plot_effects(ax, finite, panel)
+    fig.suptitle("effect sizes with 95% intervals (paired by seed): green holds, red opposite, orange "
+                 "inconclusive, grey tie")  # fmt: skip
+    return fig
 
 
 def train_figures(df: pd.DataFrame) -> dict:
@@ -110,14 +129,9 @@ def train_figures(df: pd.DataFrame) -> dict:
     if len(fused):
         backend = ", ".join(sorted(set(fused.loc[fused["norm"] == "fused", "backend"]))) if "backend" in fused else "?"
         figures["fused_vs_eager_curves"] = _curves_figure(fused, f"fused vs eager BN (fused backend: {backend})")
-    table = verdict_table(df)
-    units = [u for u in dict.fromkeys(table["unit"]) if u and table.loc[table["unit"] == u, "estimate"].notna().any()]
-    if units:
-        fig, axes = new_figure(len(units), max_cols=2, title="effect sizes with 95% intervals (paired by seed; "
-                               "green holds, red opposite, orange inconclusive, grey tie)")  # fmt: skip
-        for ax, unit in zip(axes, units, strict=True):
-            tp.plot_effects(ax, table, unit)
-        figures["effects"] = fig
+    effects = _effects_figure(verdict_table(df))
+    if effects is not None:
+        figures["effects"] = effects
     return figures
 
 

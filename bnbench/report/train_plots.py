@@ -13,7 +13,7 @@ import pandas as pd
 from bnbench.report.style import color_for
 from bnbench.report.verdicts import per_run
 
-__all__ = ["plot_batch_size", "plot_curve", "plot_effects", "plot_grad_norms", "plot_ics", "plot_lr_sweep",
+__all__ = ["effect_panel", "plot_batch_size", "plot_curve", "plot_effects", "plot_grad_norms", "plot_ics", "plot_lr_sweep",
            "plot_matched_loss", "plot_percentiles", "plot_vs_depth"]  # fmt: skip
 
 _NORM_LABEL = {"none": "no BN", "eager": "BN (PyTorch)", "fused": "BN (bnbench fused)", "noisy": "noisy BN",
@@ -182,10 +182,28 @@ def plot_matched_loss(ax, df: pd.DataFrame, weight_decay: float):
     return ax
 
 
-def plot_effects(ax, table: pd.DataFrame, unit: str):
-    """The effects of the verdict rows measured in ``unit``: estimate and 95% interval per row, the no-effect
-    value as a vertical line; colour by verdict."""
-    rows = table[(table["unit"] == unit) & table["estimate"].map(lambda v: math.isfinite(v))]
+#: effect units -> the panel they share (effects in one panel are in one unit)
+def effect_panel(unit: str) -> str:
+    """The panel of an effect unit: accuracy differences share one, ratios one, log10 decades one."""
+    if unit.startswith("(accuracy"):
+        return "accuracy difference"
+    if unit.startswith("x "):
+        return "ratio (1 = no effect)"
+    if unit.startswith("decades"):
+        return "decades (log10; 0 = no effect)"
+    return unit.strip("()")
+
+
+def _short(row) -> str:
+    parts = [p for p in row.setup.split(", ") if not p.startswith(("init", "SGD", "batch 60", "mlp", "cnn"))]
+    detail = row.unit.split(",", 1)[1].strip(" )") if "," in row.unit else ""
+    return f"{row.claim[:58]} [{', '.join(parts)[:56]}{'; ' + detail[:26] if detail else ''}]"
+
+
+def plot_effects(ax, table: pd.DataFrame, panel: str):
+    """The effects of the verdict rows in one :func:`effect_panel`: estimate and 95% interval per row, the
+    no-effect value as a vertical line; colour by verdict."""
+    rows = table[table["unit"].map(effect_panel).eq(panel) & table["estimate"].map(math.isfinite).astype(bool)]
     colors = {"holds": "#2ca02c", "opposite": "#d62728", "tie": "#7f7f7f", "inconclusive": "#ff7f0e"}
     for y, row in enumerate(rows.itertuples()):
         lo = row.low if math.isfinite(row.low) else row.estimate
@@ -194,10 +212,10 @@ def plot_effects(ax, table: pd.DataFrame, unit: str):
                     color=colors.get(row.verdict, "black"))  # fmt: skip
     null = float(rows["null"].iloc[0]) if len(rows) else 0.0
     ax.axvline(null, color="black", linewidth=0.8)
-    if null == 1.0 and len(rows) and (rows[["low", "estimate"]].min(axis=None) > 0):
+    if null == 1.0 and len(rows) and rows[["low", "estimate"]].min(axis=None) > 0:
         ax.set_xscale("log")
-    labels = [f"{r.claim[:48]} | {r.setup[-44:]}" for r in rows.itertuples()]
-    ax.set_yticks(range(len(rows)), labels, fontsize=6)
-    ax.set_xlabel(unit, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_yticks(range(len(rows)), [_short(r) for r in rows.itertuples()], fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_title(panel, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
     return ax

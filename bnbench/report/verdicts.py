@@ -116,7 +116,7 @@ def _setup(g: dict, extra: str = "") -> str:
 
 def _arms(runs: pd.DataFrame, rates: dict[str, float]) -> pd.DataFrame:
     """Values by seed (rows) and norm (columns), each norm at its rate in ``rates``."""
-    keep = runs[runs.apply(lambda r: r["norm"] in rates and r["lr"] == rates[r["norm"]], axis=1)] if len(runs) else runs
+    keep = runs[runs["lr"] == runs["norm"].map(rates)]
     return keep.pivot_table(index="seed", columns="norm", values="value", aggfunc="mean", dropna=False)
 
 
@@ -276,18 +276,21 @@ def _depth(df: pd.DataFrame) -> list[dict]:
         one = sub[(sub["activation"] == act)]
         deepest = int(one["depth"].max())
         deep = one[one["depth"] == deepest]
-        rate = sorted(set(deep["lr"]))[0]
-        rates = {"none": rate, bn: rate}
-        setup = f"{deep['dataset'].iloc[0]}, mlp {deepest}x{int(deep['width'].iloc[0])} {act}, lr {rate:g}"
-        acc = _arms(per_run(deep, "test_acc", "tail"), rates)
+        g = {"dataset": deep["dataset"].iloc[0], "model": "mlp", "depth": deepest, "width": int(deep["width"].iloc[0]),
+             "activation": act, "batch_size": int(deep["batch_size"].iloc[0])}  # fmt: skip
+        acc_runs = per_run(deep, "test_acc", "tail")
         reached = per_run(one, "reached_target")
-        ok = reached[reached["lr"] == rate].groupby(["norm", "depth"])["value"].min()
-        trainable = {n: max([d for (m, d), v in ok.items() if m == n and v >= 1], default=0) for n in ("none", bn)}
-        if {"none", bn} <= set(acc.columns):
+        for mode, rates in _modes(deep, bn):
+            acc = _arms(acc_runs, rates)
+            ok = reached[reached["lr"] == reached["norm"].map(rates)]
+            ok = ok.groupby(["norm", "depth"])["value"].min()
+            trainable = {n: max([d for (m, d), v in ok.items() if m == n and v >= 1], default=0) for n in ("none", bn)}
+            if not {"none", bn} <= set(acc.columns):
+                continue
             diff = paired(acc[bn], acc["none"])
             lost = _at_chance(acc, "none", bn)
             rows.append(claim_row(
-                f"BN lets deep {act} networks train", "paper, seed article", "depth", setup, diff,
+                f"BN lets deep {act} networks train", "paper, seed article", "depth", _setup(g, mode), diff,
                 unit="(accuracy, BN - no BN)", verdict="inconclusive" if len(lost) == 2 else decide(diff),
                 paper="BN makes deep networks with saturating activations trainable",
                 measured=f"final test accuracy at depth {deepest}: BN {_spread(acc[bn])}; no BN {_spread(acc['none'])}; "
@@ -295,9 +298,10 @@ def _depth(df: pd.DataFrame) -> list[dict]:
                 f"{trainable[bn] or 'none'}, no BN {trainable['none'] or 'none'}",
                 note="both arms at chance: train longer" if len(lost) == 2 else "",
             ))  # fmt: skip
-        ratio = _arms(_log_grad_ratio(deep, deepest), rates)
+        first = sorted(set(deep["lr"]))[0]  # the gradient at step 0 does not depend on the rate
+        ratio = _arms(_log_grad_ratio(deep, deepest), {"none": first, bn: first})
         if {"none", bn} <= set(ratio.columns):
-            rows += _gradient_rows(act, setup, ratio, bn, deepest)
+            rows += _gradient_rows(act, _setup(g, "step 0"), ratio, bn, deepest)
     return rows
 
 

@@ -6,6 +6,8 @@ The only module of ``bnbench.train`` that touches the disk (through :mod:`bnbenc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -246,6 +248,24 @@ def run(args) -> int:
         return _run_and_write(args, configs, specs, data, env, out, device, interpreter, experiments)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a job scheduler, ``kill``) stops the sweep like Ctrl-C: the finished runs are written."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_and_write(args, configs, specs, data, env, out, device, interpreter, experiments) -> int:
     """Run every configuration, write the finished runs, then judge them (a failing judgement keeps the runs)."""
     from tqdm.auto import tqdm
@@ -258,7 +278,8 @@ def _run_and_write(args, configs, specs, data, env, out, device, interpreter, ex
     print(f"bnbench train: {len(configs)} runs ({', '.join(experiments)}; preset {args.preset}, seeds "
           f"{'/'.join(map(str, seeds))}, {device}{', Triton interpreter for fused runs' if interpreter else ''}) "
           f"-> {out}", file=sys.stderr)  # fmt: skip
-    with tqdm(total=sum(c.steps for c in configs), unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+    with _terminate_as_interrupt(), tqdm(total=sum(c.steps for c in configs), unit="step", disable=args.no_progress,
+                                         file=sys.stderr) as bar:  # fmt: skip
         result = run_configs(
             configs, data.__getitem__, progress=bar.update,
             on_run=lambda c: bar.set_description(f"{c.experiment} {c.model} d{c.depth} {c.activation} {c.norm} "

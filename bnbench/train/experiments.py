@@ -24,7 +24,8 @@ __all__ = ["VAL_FRACTION", "ExperimentResult", "build_configs", "load_data", "ru
 #: the share of each training set held out for validation (choosing learning rates)
 VAL_FRACTION = 0.1
 _SCALARS = ("width", "steps", "eval_every", "optimizer", "momentum", "init", "init_std", "noise", "epochs",
-            "probes", "ics_every", "probe_every", "channels_last", "train_mode_eval", "target_acc")  # fmt: skip
+            "probes", "ics_every", "probe_every", "channels_last", "train_mode_eval", "target_acc",
+            "train_eval_samples")  # fmt: skip
 
 
 @dataclass
@@ -49,13 +50,15 @@ def build_configs(
     backend: str = "auto",
 ) -> tuple[list[RunConfig], dict]:
     """The runs of one experiment (every sweep combination x seeds 0..seeds-1, interleaved as the module says)
-    and the merged settings. ``seeds`` None means the preset's number.
+    and the merged settings. ``seeds`` None means the preset's number (or the experiment's own, where it sets
+    one).
 
     ``overrides`` holds user settings (sweep axes as sequences, scalars as values; None means "preset's").
     Invalid settings raise ValueError here, before anything runs.
     """
     spec = experiment_spec(experiment, preset, interpreter=interpreter)
-    seeds = PRESETS[preset]["seeds"] if seeds is None else seeds
+    preset_seeds = spec.pop("seeds", PRESETS[preset]["seeds"])  # an experiment may run fewer (the interpreter's)
+    seeds = preset_seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     per_model = {m: spec.pop(m) for m in ("mlp", "cnn") if isinstance(spec.get(m), dict)}

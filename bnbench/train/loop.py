@@ -1,13 +1,14 @@
 """One training run: a model, a data set and a configuration in, a long DataFrame of measurements out.
 
-Step s means "after s optimizer updates". Evaluations happen at :func:`evaluation_steps`: 0, the powers of two
+Step s means "after s optimizer updates". Evaluations happen at :func:`evaluation_steps`: 0, the powers of four
 below ``eval_every`` (log-spaced early evaluations, so a fast arm's crossing of the target is resolved), every
-``eval_every`` steps and the last step. At each one the run records ``test_acc``, ``test_loss``, ``train_loss``
-(mean mini-batch loss since the previous evaluation, dropout and noise included), ``train_acc`` and
-``train_eval_loss`` (a fixed training subset in eval mode: the loss a regularisation comparison matches) and, with
-a validation split, ``val_acc`` and ``val_loss``.
+``eval_every`` steps and the last step. At each one the run records ``test_acc`` and ``train_loss`` (mean
+mini-batch loss since the previous evaluation, dropout and noise included); with a validation split,
+``val_acc`` at the last :data:`VAL_EVALUATIONS` evaluations (what chooses a learning rate).
 At probe steps (multiples of ``probe_every``, 0 meaning every evaluation, and the last step; a probe step counts
-only when it is also an evaluation step) it adds the gradient norm of every layer's weight on that step's
+only when it is also an evaluation step; with the ``train_eval`` probe, every evaluation) it adds ``test_loss``,
+``train_acc`` and ``train_eval_loss`` (a fixed training subset in eval mode: the loss a regularisation comparison matches) and,
+as the probes ask, the gradient norm of every layer's weight on that step's
 mini-batch, the 15/50/85th percentiles of one last-hidden-layer unit's activation input over the test set (the
 paper's Figure 1), the fraction of saturated units per layer and, with ``train_mode_eval``, ``test_acc_batch``:
 test accuracy with batch statistics over test mini-batches of the training batch size. Every ``ics_every`` steps
@@ -42,7 +43,9 @@ __all__ = ["ARM_COLUMNS", "OPTIMIZERS", "PROBES", "RUN_COLUMNS", "RunConfig", "b
            "train_run"]  # fmt: skip
 
 OPTIMIZERS = ("sgd", "adam")
-PROBES = ("grads", "percentiles", "saturation", "ics", "smoothness")
+PROBES = ("grads", "percentiles", "saturation", "ics", "smoothness", "train_eval")
+#: validation accuracy is recorded at the last this many evaluations (the final-accuracy window of the report)
+VAL_EVALUATIONS = 3
 #: settings beyond TRAIN_COLUMNS that tell two runs of one experiment apart (every run row carries them)
 ARM_COLUMNS = ("init", "optimizer", "momentum", "weight_decay", "dropout", "noise")
 #: TRAIN_COLUMNS plus ``backend`` (which implementation ran the BN layers: none, torch, triton,
@@ -149,9 +152,9 @@ class RunConfig:
 
 
 def evaluation_steps(steps: int, eval_every: int, log_early: bool = True) -> list[int]:
-    """0, the powers of two below ``eval_every`` (when ``log_early``), the multiples of ``eval_every``, and
+    """0, the powers of four below ``eval_every`` (when ``log_early``), the multiples of ``eval_every``, and
     ``steps``: sorted, distinct, none past ``steps``."""
-    early = [2**k for k in range(int(math.log2(eval_every)) + 1) if 2**k < eval_every] if log_early else []
+    early = [4**k for k in range(int(math.log(eval_every, 4)) + 1) if 4**k < eval_every] if log_early else []
     return sorted({0, steps, *early, *range(eval_every, steps + 1, eval_every)} - {s for s in early if s > steps})
 
 
@@ -253,7 +256,8 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
     fixed = {k: getattr(cfg, k) for k in RUN_COLUMNS if hasattr(cfg, k)}
     rows: list[tuple] = []
     clock = {"train_s": 0.0}
-    eval_at = set(evaluation_steps(cfg.steps, cfg.eval_every))
+    eval_list = evaluation_steps(cfg.steps, cfg.eval_every)
+    eval_at, val_at = set(eval_list), set(eval_list[-VAL_EVALUATIONS:])
 
     def emit(step: int, metric: str, value: float) -> None:
         rows.append((step, clock["train_s"], metric, float(value)))
@@ -262,15 +266,14 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
         model.eval()
         test_loss, test_acc = _evaluate(model, x_test, y_test)
         emit(step, "test_acc", test_acc)
-        emit(step, "test_loss", test_loss)
         emit(step, "train_loss", mean_loss)
-        sub_loss, sub_acc = _evaluate(model, x_sub, y_sub)
-        emit(step, "train_acc", sub_acc)
-        emit(step, "train_eval_loss", sub_loss)
-        if has_val:
-            val_loss, val_acc = _evaluate(model, x_val, y_val)
-            emit(step, "val_acc", val_acc)
-            emit(step, "val_loss", val_loss)
+        if probe or "train_eval" in cfg.probes:
+            emit(step, "test_loss", test_loss)
+            sub_loss, sub_acc = _evaluate(model, x_sub, y_sub)
+            emit(step, "train_acc", sub_acc)
+            emit(step, "train_eval_loss", sub_loss)
+        if has_val and (step in val_at or not math.isfinite(mean_loss)):  # a diverged run ends here
+            emit(step, "val_acc", _evaluate(model, x_val, y_val)[1])
         if probe and cfg.train_mode_eval and batch_norm:
             emit(step, "test_acc_batch", _batch_stats_accuracy(model, x_test, y_test, cfg.batch_size))
         if probe and {"percentiles", "saturation"} & set(cfg.probes):

@@ -34,7 +34,7 @@ COMMON = {
     "datasets": ("mnist5k",), "models": ("mlp",), "optimizer": "sgd", "momentum": 0.9, "lrs": (0.1,),
     "init": "auto", "init_std": 0.1, "batch_sizes": (60,), "width": 100, "depths": (3,),
     "activations": ("sigmoid",), "norms": ("none", "eager"), "dropouts": (0.0,), "weight_decays": (0.0,),
-    "noise": 0.0, "probes": (), "ics_every": 0, "probe_every": 0, "channels_last": False,
+    "noise": 0.0, "probes": (), "ics_every": 0, "probe_every": 500, "channels_last": False,
     "train_mode_eval": False, "epochs": None,
 }  # fmt: skip
 
@@ -45,14 +45,14 @@ PRESETS: dict[str, dict] = {
     "quick": {
         "seeds": 5,
         # the paper's network, fair: Glorot init, momentum SGD, each arm at the plain net's best and its own best rate
-        "bn-paper": {"lrs": _SIGMOID_LRS, "steps": 1500, "eval_every": 100, "probe_every": 100,
+        "bn-paper": {"lrs": _SIGMOID_LRS, "steps": 1500, "eval_every": 100, "probe_every": 250,
                      "probes": ("percentiles",)},
         # the paper's set-up as written (binary 28x28 MNIST, small Gaussian init, plain SGD)
         "paper-literal": {"datasets": ("mnist5k-binary",), "init": "normal", "init_std": 0.01, "momentum": 0.0,
-                          "lrs": (0.5,), "steps": 1500, "eval_every": 100, "probe_every": 100,
+                          "lrs": (0.5,), "steps": 1500, "eval_every": 100, "probe_every": 250,
                           "probes": ("percentiles",)},
         "depth": {"datasets": ("digits",), "depths": (2, 6, 20), "activations": ("sigmoid", "tanh", "relu"),
-                  "width": 64, "steps": 600, "eval_every": 100, "probe_every": 600, "probes": ("grads",)},
+                  "width": 64, "steps": 500, "eval_every": 100, "probe_every": 500, "probes": ("grads",)},
         "lr": {"datasets": ("digits",), "lrs": _RELU_LRS_QUICK, "activations": ("relu",), "steps": 500,
                "eval_every": 100},
         # a condition that saturates the plain sigmoid network: large initial weights
@@ -61,14 +61,15 @@ PRESETS: dict[str, dict] = {
                        "probes": ("saturation",)},
         "ics": {"steps": 500, "eval_every": 100, "probes": ("ics",), "ics_every": 50},
         "regularization": {"datasets": ("digits",), "activations": ("relu",), "dropouts": (0.0, 0.5),
-                           "weight_decays": (0.0, 5e-4), "steps": 1200, "eval_every": 100},
+                           "weight_decays": (0.0, 5e-4), "steps": 800, "eval_every": 100,
+                           "probes": ("train_eval",)},
         "batch-size": {"datasets": ("digits",), "activations": ("relu",), "batch_sizes": (4, 16, 60),
                        "norms": ("none", "eager", "layernorm", "groupnorm"), "lrs": (0.02,), "epochs": 4,
                        "train_mode_eval": True},
         "santurkar": {"datasets": ("digits",), "activations": ("relu",), "norms": ("none", "eager", "noisy"),
                       "noise": 1.0, "steps": 500, "eval_every": 100, "probes": ("smoothness",), "ics_every": 50},
         "cnn": {"datasets": ("digits", "mnist5k"), "models": ("cnn",), "activations": ("relu",), "depths": (3,),
-                "width": 16, "lrs": (0.1,), "steps": 300, "eval_every": 50},
+                "width": 8, "lrs": (0.1,), "steps": 300, "eval_every": 50},
         "fused-vs-eager": {"datasets": ("digits",), "models": ("mlp", "cnn"), "norms": ("eager", "fused"),
                            "activations": ("relu",), "depths": (3,), "width": 64, "steps": 600, "eval_every": 50},
     },
@@ -89,7 +90,7 @@ PRESETS: dict[str, dict] = {
                        "probes": ("saturation",)},
         "ics": {"lrs": (0.1, 1.0), "steps": 2000, "eval_every": 100, "probes": ("ics",), "ics_every": 50},
         "regularization": {"activations": ("relu",), "dropouts": (0.0, 0.5), "weight_decays": (0.0, 5e-4),
-                           "lrs": (0.03, 0.1), "steps": 5000, "eval_every": 250},
+                           "lrs": (0.03, 0.1), "steps": 5000, "eval_every": 250, "probes": ("train_eval",)},
         "batch-size": {"activations": ("relu",), "batch_sizes": (2, 4, 8, 16, 60, 250),
                        "norms": ("none", "eager", "layernorm", "groupnorm"), "lrs": (0.02,), "epochs": 10,
                        "train_mode_eval": True},
@@ -104,10 +105,12 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 #: fused-vs-eager on a CPU runs the Triton kernels in the interpreter (numpy simulation of every program):
-#: a tiny model and a few steps, whatever the preset. These runs check agreement; they are never timed.
+#: a tiny model, a few steps, 2 seeds and a small training subset for the train-set evaluations, whatever the
+#: preset. These runs check agreement at every evaluation; they are never timed.
 INTERPRETER_FUSED = {"datasets": ("digits",), "models": ("mlp", "cnn"), "norms": ("eager", "fused"),
                      "activations": ("relu",), "depths": (2,), "width": 16, "batch_sizes": (32,), "steps": 40,
-                     "eval_every": 10, "probes": (), "cnn": {"width": 4, "batch_size": 16, "steps": 20}}  # fmt: skip
+                     "eval_every": 10, "probes": (), "seeds": 2, "train_eval_samples": 200,
+                     "cnn": {"width": 4, "batch_size": 16, "steps": 12, "eval_every": 6}}  # fmt: skip
 
 
 def experiment_spec(experiment: str, preset: str, *, interpreter: bool = False) -> dict:
