@@ -122,7 +122,7 @@ def train_figures(df: pd.DataFrame) -> dict:
         figures["regularization"] = fig
     batch = df[df["experiment"] == "batch-size"]
     if len(batch):
-        fig, axes = new_figure(1, title="batch size at equal epochs: BN, LayerNorm, GroupNorm, none")
+        fig, axes = new_figure(1, title="batch size (equal epochs)")
         tp.plot_batch_size(axes[0], batch)
         figures["batch_size"] = fig
     fused = df[df["experiment"] == "fused-vs-eager"]
@@ -166,17 +166,28 @@ def _settings(df: pd.DataFrame, meta: dict) -> list[str]:
             length = f"{spec['epochs']:g} epochs ({steps} steps)"
         else:
             length = f"{spec.get('steps')} steps"
-        init = spec.get("init") + (f" (std {spec.get('init_std')})" if spec.get("init") == "normal" else "")
+        init = spec.get("init") + {
+            "normal": f" (N(0, {spec.get('init_std')}^2))",
+            "auto": " (He for relu, Glorot for sigmoid/tanh)",
+        }.get(spec.get("init"), "")
         extra = f", noise {spec.get('noise')}" if spec.get("noise") else ""
+        target = spec.get("target_acc")
+        target = ", ".join(f"{k} {v:g}" for k, v in target.items()) if isinstance(target, dict) else f"{target:g}"
+        every = spec.get("eval_every")
+        schedule = (f"evaluations at 0, the powers of 4 below {every}, then every {every} steps" if every else
+                    "about 10 evaluations per run, plus early ones at powers of 4")  # fmt: skip
+        probes = ["test loss, train-set accuracy and loss", *(spec.get("probes") or ())]
+        probes += ["test accuracy with batch statistics"] if spec.get("train_mode_eval") else []
         lines.append(
             f"- **{experiment}**: data {_list(spec.get('datasets', []))}; model {_list(spec.get('models', []))}, "
             f"depth {_list(spec.get('depths', []))}, width {spec.get('width')}, activation "
             f"{_list(spec.get('activations', []))}; norms {_list(spec.get('norms', []))}{extra}; batch "
-            f"{_list(spec.get('batch_sizes', []))}; {length}, evaluations at 0, 1, 2, 4, ... then every "
-            f"{spec.get('eval_every')} steps; optimizer {opt}, learning rate {_list(spec.get('lrs', []))} (constant: "
-            f"no schedule), weight decay {_list(spec.get('weight_decays', []))}, dropout "
-            f"{_list(spec.get('dropouts', []))}; init {init}; target {spec.get('target_acc')}; seeds "
-            f"{sub['seed'].nunique()}; backends: {backends}"
+            f"{_list(spec.get('batch_sizes', []))}; {length}; {schedule}; optimizer {opt}, learning rate "
+            f"{_list(spec.get('lrs', []))} (constant: no schedule), weight decay {_list(spec.get('weight_decays', []))}"
+            f", dropout {_list(spec.get('dropouts', []))}; init {init}; every {spec.get('probe_every')} steps and at "
+            f"the end: {', '.join(probes)}"
+            + (f" (ics/smoothness every {spec['ics_every']} steps)" if spec.get("ics_every") else "")
+            + f"; target test accuracy {target}; seeds {sub['seed'].nunique()}; backends: {backends}"
         )
     return lines
 

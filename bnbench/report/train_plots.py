@@ -156,6 +156,9 @@ def plot_batch_size(ax, df: pd.DataFrame):
         ax.plot(mean.index, mean.to_numpy(), "--", marker="x", color=color_for(norm),
                 label=f"{_label(norm)}, batch statistics")  # fmt: skip
     ax.set_xscale("log")
+    sizes = sorted(set(runs["batch_size"]))
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("batch size (equal epochs)")
     ax.set_ylabel("final test accuracy")
     _legend(ax, "x-small")
