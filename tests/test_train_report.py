@@ -61,3 +61,14 @@ def test_summary_of_the_synthetic_frame_the_report_page_uses():
     text = summary_markdown(frame)
     assert "BN reaches a higher test accuracy" in text
     assert all(math.isfinite(v) or math.isnan(v) for v in table["estimate"])
+
+
+def test_the_report_does_not_import_the_experiments():
+    """Dependencies run one way: bnbench.train's CLI uses the report, the report never imports bnbench.train."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bnbench.report.train, bnbench.report.verdicts; "
+            "print([m for m in sys.modules if m.startswith('bnbench.train')])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
