@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from bnbench import _io
 from bnbench.cli import main
 from bnbench.schema import validate_train
-from bnbench.train.outdir import LOCK_NAME
 
 _TINY = ["--experiment", "bn-paper", "--dataset", "digits", "--lrs", "0.1", "--steps", "12", "--eval-every", "6",
          "--width", "8", "--seeds", "2", "--no-progress"]  # fmt: skip
@@ -125,12 +125,12 @@ def test_out_holding_another_commands_files_is_refused(tmp_path, capsys):
 def test_one_writer_per_folder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live writer (this process)
-    assert main(["train", *_TINY, "--out", str(out)]) == 2
-    assert "another bnbench train is writing there" in capsys.readouterr().err
-    (out / LOCK_NAME).write_text("999999999\n")  # a writer that is gone: its lock is taken over
+    with _io.folder_lock(out, "another writer"):  # held (flock on its own open file: refused even in-process)
+        assert main(["train", *_TINY, "--out", str(out)]) == 2
+    assert "another bnbench command (pid" in capsys.readouterr().err
+    (out / _io.LOCK_NAME).write_text("pid 999999999\n")  # a lock file nobody holds: the folder is free
     assert main(["train", *_TINY, "--out", str(out)]) == 0
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / _io.LOCK_NAME).exists()
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(tmp_path, capsys, monkeypatch):
@@ -163,4 +163,4 @@ def test_sigterm_writes_the_finished_runs_and_exits_130(tmp_path):
     frame = validate_train(pd.read_csv(out / "results.csv"))
     assert meta["interrupted"] and 0 < meta["runs_done"] < meta["run_count"] == 40
     assert frame[["seed", "norm"]].drop_duplicates().shape[0] == meta["runs_done"]
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / _io.LOCK_NAME).exists()

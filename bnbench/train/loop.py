@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.device import synchronize
 from bnbench.functional import resolve_backend
 from bnbench.schema import TRAIN_COLUMNS
 from bnbench.train.data import Dataset
@@ -176,11 +177,6 @@ def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _evaluate(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> tuple[float, float]:
     loss, correct = 0.0, 0
@@ -316,7 +312,7 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
         loss_sum += loss.detach()
         loss_count += 1
         if step in eval_at:
-            _sync(device)  # the loss is read only here, so training steps stay asynchronous on a GPU
+            synchronize(device)  # the loss is read only here, so training steps stay asynchronous on a GPU
             clock["train_s"] += time.perf_counter() - mark
             mean_loss = loss_sum.item() / loss_count
             loss_sum.zero_()
@@ -334,7 +330,7 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
                 break
             mark = time.perf_counter()
         if probe_step and not diverged:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             loss_of = seeded_loss(xb, yb, loss_seed)
             if "smoothness" in cfg.probes:
@@ -349,7 +345,7 @@ def train_run(cfg: RunConfig, data: Dataset, progress: Callable[[int], None] | N
                     emit(step, f"ics_l2/layer{i + 1}", l2)
                     emit(step, f"ics_rel/layer{i + 1}", rel)
                     emit(step, f"ics_cos/layer{i + 1}", cos)
-            _sync(device)
+            synchronize(device)
             mark += time.perf_counter() - t0  # the measurement (and this step's update) stays off the clock
         else:
             opt.step()

@@ -1,6 +1,6 @@
 """The output folder of ``bnbench train``: one writer at a time, and no file of an earlier run left behind.
 
-:func:`claim` takes a lock file in the folder (created exclusively; a lock whose process is gone is taken over),
+:func:`claim` holds the folder's lock (:func:`bnbench._io.folder_lock`, the one every bnbench command takes),
 refuses a folder that holds another command's files, and refuses a folder that holds an earlier training run
 unless ``overwrite``, in which case that run's files (the ones its results.json lists, or the names a training
 run writes) are removed first, so no figure of another experiment survives beside the new results.
@@ -14,45 +14,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "TRAIN_KIND", "claim"]
+from bnbench import _io
 
-LOCK_NAME = ".bnbench-train.lock"
+__all__ = ["TRAIN_KIND", "claim"]
+
 #: results.json's "kind" for a training run
 TRAIN_KIND = "train"
 _TRAIN_FILES = ("results.csv", "results.json", "summary.md")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _take_lock(folder: Path) -> Path:
-    lock = folder / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = -1
-            if pid > 0 and not _alive(pid):
-                lock.unlink(missing_ok=True)  # its writer is gone: take the folder over
-                continue
-            raise ValueError(
-                f"--out {folder}: another bnbench train is writing there (lock {lock}, pid {pid}); wait for it, "
-                "choose another --out, or delete the lock file if no such process runs"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return lock
-    raise ValueError(f"--out {folder}: could not take the lock {lock}")
 
 
 def _earlier_train_files(folder: Path, present: list[Path]) -> list[Path] | None:
@@ -75,10 +43,8 @@ def claim(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Pat
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder}: is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(folder)
-    try:
-        present = sorted(p for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith("."))
+    with _io.folder_lock(folder, "bnbench train"):
+        present = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
         if present:
             earlier = _earlier_train_files(folder, present)
             names = ", ".join(p.name for p in present[:5]) + (", ..." if len(present) > 5 else "")
@@ -91,5 +57,3 @@ def claim(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Pat
             for path in earlier:
                 path.unlink()
         yield folder
-    finally:
-        lock.unlink(missing_ok=True)
