@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="output folder (default reports/train/<experiment>-<device>-<timestamp>/); refused while another "
+        help="output folder (default results/train/<experiment>-<device>-<timestamp>/, git-ignored); refused while another "
         "run writes there, and when it holds files of an earlier run unless --overwrite",
     )
     parser.add_argument(
@@ -239,7 +239,7 @@ def run(args) -> int:
                              f"images of {c.dataset}")  # fmt: skip
     env = envinfo.collect()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = args.out or Path("reports/train") / f"{args.experiment}-{envinfo.device_slug(env)}-{stamp}"
+    out = args.out or _io.RESULTS_ROOT / "train" / f"{args.experiment}-{envinfo.device_slug(env)}-{stamp}"
     from bnbench.train.outdir import claim
 
     with claim(out, overwrite=args.overwrite):
