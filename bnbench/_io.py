@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "LOCK_NAME",
+    "RESULTS_ROOT",
     "FolderBusy",
     "atomic_path",
     "describe_entries",
@@ -36,6 +37,8 @@ __all__ = [
 
 #: the lock file a writing command holds in its output folder (removed when it finishes)
 LOCK_NAME = ".bnbench.lock"
+#: where commands write when --out is not given (git-ignored); committed results live under reports/, added deliberately
+RESULTS_ROOT = Path("results")
 
 
 @contextlib.contextmanager

@@ -59,8 +59,6 @@ input, 130 interrupted (the finished points are kept; --resume continues)."""
 
 #: a point is finished (skipped by --resume) once it has one of these statuses; error and oom are retried
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
-#: where runs go without --out (git-ignored); committed results live under reports/
-RESULTS_ROOT = Path("results")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -453,7 +451,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     started = _dt.datetime.now(_dt.timezone.utc)
     info = envinfo.collect()
-    out = args.out or RESULTS_ROOT / "bench" / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
+    out = args.out or _io.RESULTS_ROOT / "bench" / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
     _check_out(out, args.resume)
     if args.dry_run:
         previous, _ = _load_previous(out) if args.resume else (None, {})

@@ -87,7 +87,7 @@ def run(args) -> int:
 
     from bnbench import _io, envinfo
     from bnbench.bench import profiling
-    from bnbench.bench.cli import RESULTS_ROOT, write_profile_outputs
+    from bnbench.bench.cli import write_profile_outputs
     from bnbench.bench.providers import get_providers
 
     case = select_case(args)
@@ -98,7 +98,7 @@ def run(args) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # as bnbench bench does on CPU: no OpenMP stalls on a shared machine
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    out = args.out or RESULTS_ROOT / "profile" / f"{envinfo.device_slug()}-{stamp:%Y%m%d-%H%M%S}"
+    out = args.out or _io.RESULTS_ROOT / "profile" / f"{envinfo.device_slug()}-{stamp:%Y%m%d-%H%M%S}"
     _io.folder_entries(out)  # a file named by --out is refused before anything is profiled
 
     profiles = []

@@ -45,15 +45,15 @@ def configure(parser) -> None:
     parser.add_argument("--title", default=None, help="page title (default: from the folder names)")
 
 
-#: where commands write when --out is not given (git-ignored); committed results live under reports/
-RESULTS_ROOT = Path("results")
 #: the files a report folder holds besides its figures; a folder holding results.csv is a run, never a report
 _REPORT_MARKER = "index.html"
 _FIGURE_SUFFIXES = (".png", ".svg")
 
 
 def _default_out(kind: str) -> Path:
-    return RESULTS_ROOT / kind / f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    from bnbench import _io
+
+    return _io.RESULTS_ROOT / kind / f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_out(out: Path) -> None:

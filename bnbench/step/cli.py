@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=1, help="CPU runs: PyTorch threads (recorded in results.json)")
     run.add_argument("--seed", type=int, default=0, help="seed of the weights and data (the same for every provider)")
     run.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: reports/step/<device>-<UTC time>/)"
+        "--out", type=Path, default=None, help="output folder (default: results/step/<device>-<UTC time>/, git-ignored)"
     )
     run.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -163,9 +163,11 @@ def run(args) -> int:
         return 0
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    from bnbench import _io
+
     started = _dt.datetime.now(_dt.timezone.utc)
     info = envinfo.collect()
-    out = args.out or Path("reports/step") / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
+    out = args.out or _io.RESULTS_ROOT / "step" / f"{envinfo.device_slug(info)}-{started:%Y%m%d-%H%M%S}"
     if (out / "results.csv").exists():
         raise ValueError(f"{out} already holds results.csv: choose another --out")
     provenance = provenance_from_env(info, out.name)
@@ -183,7 +185,10 @@ def run(args) -> int:
     rows: list[dict] = []
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(points), desc="step", unit="pt", file=sys.stderr, disable=args.no_progress) as bar:
+    with (
+        _io.folder_lock(out, "bnbench step"),  # one writer per folder, as for every bnbench command
+        tqdm(total=len(points), desc="step", unit="pt", file=sys.stderr, disable=args.no_progress) as bar,
+    ):
 
         def on_point(provider, row, samples) -> None:  # every finished point is on disk (Ctrl-C keeps them)
             rows.append(row)
@@ -195,8 +200,8 @@ def run(args) -> int:
         for case in cases:
             bar.set_postfix_str(case.label(), refresh=True)
             measure_case(case, providers, device, settings, provenance, on_point=on_point)
-    frame = results_frame(rows)
-    summary = write_outputs(out, frame, sidecar, report=True)
+        frame = results_frame(rows)
+        summary = write_outputs(out, frame, sidecar, report=True)
     print(summary)
     counts = frame["status"].value_counts().to_dict()
     print(f"bnbench step: wrote {out} ({', '.join(f'{n} {s}' for s, n in counts.items())})", file=sys.stderr)
