@@ -108,6 +108,14 @@ def test_cli_one_matmul_op_per_call_as_the_gpu_script_runs_it(capsys):
     assert "conv1x1_bn_act fwd_bwd bf16" in out and "linear_bn_act" not in out
     assert main(["bench", "--op", "linear_bn_act", "--preset", "mlp", "--providers", "triton", "--dry-run"]) == 0
     assert "16 point(s)" in capsys.readouterr().out  # 4 shapes x 2 dtypes x 2 passes
+    # both matmul ops in one run (the quick preset: 2 Linear and 4 conv cases), and a preset one of them lacks
+    assert main(["bench", "--op", "linear_bn_act,conv1x1_bn_act", "--dry-run"]) == 0
+    assert "18 point(s)" in capsys.readouterr().out
+    assert main(["bench", "--op", "linear_bn_act,conv1x1_bn_act", "--preset", "mlp", "--dry-run"]) == 0
+    assert "48 point(s)" in capsys.readouterr().out
+    for bad in ("bn_act,linear_bn_act", "gemm"):
+        with pytest.raises(SystemExit):
+            main(["bench", "--op", bad, "--dry-run"])
 
 
 @pytest.mark.parametrize(

@@ -43,14 +43,14 @@ recorded as skipped, saying why.
 With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
 docs/measuring.md).
 
---op linear_bn_act / conv1x1_bn_act measure Linear / 1x1 Conv2d + BatchNorm + activation instead (the fused op
-with the statistics in the matmul's epilogue against the eager module chain and torch.compile; training fwd and
-fwd_bwd; bytes_min is the fused op's traffic, 3T of the matmul output forward plus its operands). Their presets:
-'quick' (the default; tiny shapes the interpreter checks on CPU), 'mlp' (an MLP's Linear layers, fp32 and bf16;
-linear_bn_act), 'resnet50' (ResNet-50's 15 distinct 1x1 convolutions, bf16, batch 64/128/256; conv1x1_bn_act) and
-'standard' (resnet50 at batch 256 plus mlp); --batch, --dtype, --activation and --pass filter them. 'baseline'
-(the BatchNorm baseline table), --width, --spatial, --layout, --from-model and --world-size are BatchNorm-only
-and refused with these ops. The method (providers, passes, timers, bytes model) is in docs/measuring.md.
+--op linear_bn_act / conv1x1_bn_act (or both, comma-separated) measure Linear / 1x1 Conv2d + BatchNorm +
+activation instead (the fused op with the statistics in the matmul's epilogue against the eager module chain and
+torch.compile; training fwd and fwd_bwd; bytes_min is the fused op's traffic, 3T of the matmul output forward plus
+its operands). Their presets: 'quick' (the default; tiny shapes the interpreter checks on CPU), 'mlp' (an MLP's
+Linear layers, fp32 and bf16; linear_bn_act), 'resnet50' (ResNet-50's 15 distinct 1x1 convolutions, bf16, batch
+64/128/256; conv1x1_bn_act) and 'standard' (resnet50 at batch 256 plus mlp); --batch, --dtype, --activation and
+--pass filter them. 'baseline' (the BatchNorm baseline table), --width, --spatial, --layout, --from-model and
+--world-size are BatchNorm-only and refused with these ops. The method (providers, passes, timers, bytes model) is in docs/measuring.md.
 Results go to --out, by default results/bench/<device>-<UTC time>/ (results/ is git-ignored; commit a run under
 reports/ deliberately). --out must be new, empty, or (with --resume) an earlier run with the same options.
 results.json records whether the run completed and how many of its planned points are recorded.
@@ -61,14 +61,30 @@ input, 130 interrupted (the finished points are kept; --resume continues)."""
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
 
 
+#: --op's values: the BatchNorm + activation op, and the matmul + BatchNorm ops (bnbench.bench.gemm_cases.GEMM_OPS)
+OPS = ("bn_act", "linear_bn_act", "conv1x1_bn_act")
+
+
+def _ops(text: str) -> str:
+    """--op: one op, or a comma list of the matmul ops (one run measures one family); normalised to its text."""
+    ops = list(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+    unknown = [o for o in ops if o not in OPS]
+    if not ops or unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {unknown or [text]}; valid: {', '.join(OPS)}")
+    if len(ops) > 1 and "bn_act" in ops:
+        raise argparse.ArgumentTypeError("bn_act is measured on its own: a comma list takes the matmul ops only")
+    return ",".join(ops)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     cases = parser.add_argument_group("cases (comma lists; with --preset they filter it)")
     cases.add_argument(
         "--op",
-        choices=("bn_act", "linear_bn_act", "conv1x1_bn_act"),
+        type=_ops,
         default="bn_act",
-        help="bn_act: BatchNorm + activation; linear_bn_act / conv1x1_bn_act: Linear / 1x1 conv + BatchNorm + "
-        "activation (presets quick, mlp, resnet50, standard; see above)",
+        metavar="OP",
+        help="bn_act: BatchNorm + activation; linear_bn_act, conv1x1_bn_act (or both, comma-separated): Linear / "
+        "1x1 conv + BatchNorm + activation (presets quick, mlp, resnet50, standard; see above)",
     )
     cases.add_argument(
         "--preset",

@@ -296,10 +296,11 @@ def get_gemm_providers(names: str | list[str]) -> list[Provider]:
 
 
 def select_cases_from_args(args) -> list[MatmulCase]:
-    """``bnbench bench --op linear_bn_act|conv1x1_bn_act``: the cases of --preset (default quick), filtered by
-    --batch, --dtype, --activation and --pass. --width, --spatial and --layout are axes of the BatchNorm op only
-    (the matmul shapes come from the presets), and the 'baseline' preset is the BatchNorm baseline table of
-    docs/measuring.md: all are refused, saying so."""
+    """``bnbench bench --op linear_bn_act|conv1x1_bn_act`` (or both, comma-separated): the cases of --preset
+    (default quick), filtered by --batch, --dtype, --activation and --pass. --width, --spatial and --layout are
+    axes of the BatchNorm op only (the matmul shapes come from the presets), and the 'baseline' preset is the
+    BatchNorm baseline table of docs/measuring.md: all are refused, saying so. With both ops a preset that has
+    cases of one only (resnet50, mlp) gives those."""
     from bnbench.bench import cases as c
 
     given = [f"--{name}" for name in ("width", "spatial", "layout") if getattr(args, name, None) is not None]
@@ -314,11 +315,22 @@ def select_cases_from_args(args) -> list[MatmulCase]:
     def parsed(value, parse):
         return None if value is None else parse(value)
 
-    return select_gemm_cases(
-        args.op,
-        args.preset,
+    axes = dict(
         batch=parsed(args.batch, lambda v: c.parse_ints(v, "--batch")),
         dtypes=parsed(args.dtype, c.parse_dtypes),
         activations=parsed(args.activation, c.parse_activations),
         passes=parsed(args.passes, c.parse_passes),
     )
+    ops = args.op.split(",")
+    if len(ops) == 1:
+        return select_gemm_cases(ops[0], args.preset, **axes)
+    cases: list[MatmulCase] = []
+    for op in ops:
+        try:
+            cases += select_gemm_cases(op, args.preset, **axes)
+        except ValueError as err:
+            if "case left" not in str(err):
+                raise
+    if not cases:
+        raise ValueError(f"no {' or '.join(ops)} case left in preset {args.preset or 'quick'!r} after filtering")
+    return cases
