@@ -3,7 +3,8 @@
 The Triton interpreter checks indexing and math but not what only the compiler sees (types, constexpr use,
 register pressure). ``compile_kernel`` compiles one kernel through Triton's real pipeline down to a cubin for
 ``sm_<arch>``, and ``ptxas -v`` (shipped with Triton) reports registers and spills. Which kernels exist, and a
-valid value for each of their constexprs, come from :mod:`.registry`. Used by tests/test_kernels_compile.py.
+valid value for each of their constexprs, come from :mod:`.registry`. Used by tests/test_kernels_compile.py and
+tests/test_gemm_compile.py (the matmul kernels).
 Must run in a process where TRITON_INTERPRET is unset (the kernels are then real JIT functions).
 """
 
@@ -28,7 +29,7 @@ KERNELS = {spec.name: spec.fn for spec in _REGISTRY}
 
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
-_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "z_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -42,6 +43,7 @@ class CompiledKernel:
     spill_loads: int | None
     shared_bytes: int
     ptx_lines: int
+    mma_instructions: int = 0  # tensor-core instructions (mma / wgmma) in the PTX
 
 
 def _ptxas_candidates() -> list[str]:
@@ -85,6 +87,8 @@ def compile_kernel(
     num_warps: int = 4,
     ones: tuple[str, ...] = (),
     variant: str | None = None,
+    num_stages: int | None = None,
+    divisible_by_16: tuple[str, ...] = (),
     **constexprs,
 ) -> CompiledKernel:
     """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (the registry's defaults for the rest;
@@ -93,7 +97,9 @@ def compile_kernel(
 
     Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
     ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
-    unit strides, one tile per program), a path the interpreter never takes.
+    unit strides, one tile per program), a path the interpreter never takes. Arguments named in
+    ``divisible_by_16`` (pointers, sizes, strides) get the divisibility Triton gives such values at a launch,
+    which decides vector width and whether loads are pipelined (cp.async); ``num_stages`` sets the pipeline depth.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -124,6 +130,9 @@ def compile_kernel(
     if unknown:
         raise ValueError(f"{name} has no argument(s) {unknown}")
     values.update({arg: 1 for arg in ones})
+    unknown = sorted(set(divisible_by_16) - args)
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}")
     for param in kernel.params:
         if param.is_constexpr or param.name in ones:
             signature[param.name] = "constexpr"
@@ -134,8 +143,11 @@ def compile_kernel(
         else:
             signature[param.name] = "i64"
     constants = {(kernel.arg_names.index(k),): v for k, v in values.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    # what a launch sees for 16-byte aligned pointers and integers divisible by 16 (Triton specialises them so)
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = _ptxas_report(ptx, arch)
     return CompiledKernel(
@@ -147,4 +159,5 @@ def compile_kernel(
         spill_loads=spill_loads,
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         ptx_lines=ptx.count("\n"),
+        mma_instructions=len(re.findall(r"^\s*(?:wgmma\.mma_async|mma)\.", ptx, flags=re.MULTILINE)),
     )

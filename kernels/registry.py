@@ -27,6 +27,7 @@ from ._forward import (
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
+from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel, _gemm_partials_merge_kernel
 
 __all__ = ["KERNELS", "KernelSpec", "kernel_spec"]
 
@@ -36,7 +37,7 @@ class KernelSpec:
     """One kernel: its JIT function and what a compile check and the profiler need to know about it."""
 
     fn: object  # triton.JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
-    phase: str  # "forward" or "backward"
+    phase: str  # "forward", "backward", or "matmul" (kernels/_gemm.py: compile-checked by tests/test_gemm_compile.py)
     tensor_passes: int | None
     defaults: dict[str, object]
     variants: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
@@ -54,6 +55,16 @@ _AFFINE = {"ACTIVATION": "relu", "HAS_WEIGHT": True, "HAS_BIAS": True}
 _FROM_OUTPUT = {"from_output": {"SAVED_OUTPUT": True, "ACTIVATION": "leaky_relu"}}
 _BACKWARD = {**_TILES, **_AFFINE, "SAVED_OUTPUT": False}
 _COMBINE = {"BLOCK_SIZE_P": 16, "BLOCK_SIZE_C": 16}
+#: the matmul kernels' tiles: what the GEMM launcher picks for large bf16 inputs on Hopper
+_MATMUL = {
+    "SPLIT_ROWS": False,
+    "INPUT_PRECISION": "ieee",
+    "UPCAST": False,
+    "BLOCK_SIZE_M": 128,
+    "BLOCK_SIZE_N": 128,
+    "BLOCK_SIZE_K": 64,
+    "GROUP_SIZE_M": 8,
+}
 
 # The fused kernels read x (and dy) twice; on the small inputs they are chosen for the second read mostly hits
 # cache. Passes assume training (in eval the backward reduce kernel also writes dx and no dx kernel runs).
@@ -66,6 +77,10 @@ KERNELS: tuple[KernelSpec, ...] = (
     KernelSpec(_bn_act_bwd_combine_kernel, "backward", None, {**_COMBINE, "HAS_WEIGHT": True, "HAS_BIAS": True}),
     KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, dict(_BACKWARD), _FROM_OUTPUT),
     KernelSpec(_bn_act_bwd_fused_kernel, "backward", 5, {**_BACKWARD, "TRAINING": True}, _FROM_OUTPUT),
+    # Linear / 1x1-conv + BatchNorm: the matmul's bytes are counted by bench.bytes_model.matmul_bn_act_bytes
+    KernelSpec(_gemm_bn_stats_kernel, "matmul", None, {**_MATMUL, "STATS": True}),
+    KernelSpec(_gemm_bn_act_eval_kernel, "matmul", None, {**_MATMUL, **_AFFINE}),
+    KernelSpec(_gemm_partials_merge_kernel, "matmul", None, {"BLOCK_SIZE_R": 16, "BLOCK_SIZE_C": 256}),
 )
 
 

@@ -3,7 +3,8 @@
 The interpreter cannot see compile-only problems (types, constexpr misuse, the specialisation of integer
 arguments equal to 1) nor register pressure. These tests compile in a subprocess where TRITON_INTERPRET is unset
 and read registers and spills from ptxas. Which kernels, and which constexpr variants of each, come from the
-kernel registry (``bnbench.kernels.KERNELS``).
+kernel registry (``bnbench.kernels.KERNELS``): here its BatchNorm kernels (phase forward or backward); the matmul
+kernels (phase matmul) compile with the launcher's real tiles in tests/test_gemm_compile.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import json
 import pytest
 import triton.language as tl
 
-from bnbench.kernels import KERNELS, _backward, _forward
+from bnbench.kernels import KERNELS, _backward, _forward, _gemm
+
+#: the BatchNorm + activation kernels, which one set of tile constexprs fits
+BN_KERNELS = tuple(spec for spec in KERNELS if spec.phase in ("forward", "backward"))
 
 _SCRIPT = r"""
 import json, sys, torch
@@ -51,11 +55,15 @@ def _constexprs(fn) -> set[str]:
 def test_the_registry_lists_every_kernel_with_a_default_for_each_constexpr():
     defined = {
         name
-        for module in (_forward, _backward)
+        for module, prefix in ((_forward, "_bn_act_"), (_backward, "_bn_act_"), (_gemm, "_gemm_"))
         for name in dir(module)
-        if name.startswith("_bn_act_") and name.endswith("_kernel")
+        if name.startswith(prefix) and name.endswith("_kernel")
     }
     assert sorted(spec.name for spec in KERNELS) == sorted(defined)
+    assert {spec.phase for spec in KERNELS} == {"forward", "backward", "matmul"}
+    matmul = {spec.name for spec in KERNELS if spec.phase == "matmul"}
+    assert matmul == {name for name in defined if name.startswith("_gemm_")}
+    assert all(spec.tensor_passes is None for spec in KERNELS if spec.phase == "matmul")
     for spec in KERNELS:
         assert set(spec.defaults) == _constexprs(spec.fn), spec.name
         for variant in spec.variants.values():
@@ -68,7 +76,7 @@ def test_the_registry_lists_every_kernel_with_a_default_for_each_constexpr():
 
 def test_every_kernel_and_variant_compiles_for_sm90_in_both_index_widths_and_with_unit_specialisation(run_python):
     variants = []
-    for spec in KERNELS:
+    for spec in BN_KERNELS:
         for variant in (None, *spec.variants):
             # int64 indexing, every integer a runtime value; NCHW-style tile
             variants.append(
@@ -88,7 +96,7 @@ def test_every_kernel_and_variant_compiles_for_sm90_in_both_index_widths_and_wit
                     num_warps=8,
                 )
             )
-    assert len(variants) == 2 * (len(KERNELS) + 3)  # the three backward data kernels also compile from y
+    assert len(variants) == 2 * (len(BN_KERNELS) + 3)  # the three backward data kernels also compile from y
     results = _compile(run_python, variants)
     assert [r["name"] for r in results] == [v["name"] for v in variants]
     for r in results:

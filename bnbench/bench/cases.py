@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 from bnbench.activations import parse_activation
 from bnbench.schema import DTYPE_ALIASES, DTYPES, POINT_KEY
@@ -44,6 +45,9 @@ _LAYOUT_ALIASES = {"contiguous": "nchw", "nhwc": "channels_last", "cl": "channel
 class Case:
     """One benchmark case. ``H == W == 1`` with ``spatial_dims == 0`` is BatchNorm1d on (N, C) input."""
 
+    #: the op family (``bnbench bench --op``): BatchNorm + activation here; the matmul ops have their own case
+    #: class (bnbench.bench.gemm_workload.MatmulCase). Not a dataclass field: rows and keys are unchanged.
+    family: ClassVar[str] = "bn_act"
     op: str  # "bn1d" (N, C) or "bn2d" (N, C, H, W)
     pass_: str
     activation: str

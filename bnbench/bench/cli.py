@@ -41,7 +41,16 @@ CPU. Without a GPU the triton providers run in the Triton interpreter (switched 
 cases small enough for it, as a correctness check (timer=interpreter, never in a speed table); larger cases are
 recorded as skipped, saying why.
 With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
-docs/measuring.md). The method (providers, passes, timers, bytes model) is in docs/measuring.md.
+docs/measuring.md).
+
+--op linear_bn_act / conv1x1_bn_act (or both, comma-separated) measure Linear / 1x1 Conv2d + BatchNorm +
+activation instead (the fused op with the statistics in the matmul's epilogue against the eager module chain and
+torch.compile; training fwd and fwd_bwd; bytes_min is the fused op's traffic, 3T of the matmul output forward plus
+its operands). Their presets: 'quick' (the default; tiny shapes the interpreter checks on CPU), 'mlp' (an MLP's
+Linear layers, fp32 and bf16; linear_bn_act), 'resnet50' (ResNet-50's 15 distinct 1x1 convolutions, bf16, batch
+64/128/256; conv1x1_bn_act) and 'standard' (resnet50 at batch 256 plus mlp); --batch, --dtype, --activation and
+--pass filter them. 'baseline' (the BatchNorm baseline table), --width, --spatial, --layout, --from-model and
+--world-size are BatchNorm-only and refused with these ops. The method (providers, passes, timers, bytes model) is in docs/measuring.md.
 Results go to --out, by default results/bench/<device>-<UTC time>/ (results/ is git-ignored; commit a run under
 reports/ deliberately). --out must be new, empty, or (with --resume) an earlier run with the same options.
 results.json records whether the run completed and how many of its planned points are recorded.
@@ -52,13 +61,37 @@ input, 130 interrupted (the finished points are kept; --resume continues)."""
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
 
 
+#: --op's values: the BatchNorm + activation op, and the matmul + BatchNorm ops (bnbench.bench.gemm_cases.GEMM_OPS)
+OPS = ("bn_act", "linear_bn_act", "conv1x1_bn_act")
+
+
+def _ops(text: str) -> str:
+    """--op: one op, or a comma list of the matmul ops (one run measures one family); normalised to its text."""
+    ops = list(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
+    unknown = [o for o in ops if o not in OPS]
+    if not ops or unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {unknown or [text]}; valid: {', '.join(OPS)}")
+    if len(ops) > 1 and "bn_act" in ops:
+        raise argparse.ArgumentTypeError("bn_act is measured on its own: a comma list takes the matmul ops only")
+    return ",".join(ops)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     cases = parser.add_argument_group("cases (comma lists; with --preset they filter it)")
     cases.add_argument(
+        "--op",
+        type=_ops,
+        default="bn_act",
+        metavar="OP",
+        help="bn_act: BatchNorm + activation; linear_bn_act, conv1x1_bn_act (or both, comma-separated): Linear / "
+        "1x1 conv + BatchNorm + activation (presets quick, mlp, resnet50, standard; see above)",
+    )
+    cases.add_argument(
         "--preset",
-        choices=("quick", "baseline", "standard", "resnet50"),
+        choices=("quick", "baseline", "standard", "resnet50", "mlp"),
         default=None,
-        help="a named sweep (default: quick, when no axis option is given)",
+        help="a named sweep (default: quick, when no axis option is given). baseline is --op bn_act's only, "
+        "mlp the matmul ops' only",
     )
     cases.add_argument(
         "--from-model",
@@ -90,7 +123,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma list of eager, compile, compile-max-autotune, triton, triton-compile (the fused layer under "
         "torch.compile); default eager,compile,triton. With --world-size: sync_fused, sync_fused_torch, "
-        "sync_eager (all three by default)",
+        "sync_eager (all three by default). With a matmul --op: eager, compile, triton, triton-compile",
     )
     run.add_argument(
         "--out", type=Path, default=None,
@@ -147,6 +180,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _select(args):
     from bnbench.bench import cases as c
+
+    if args.op != "bn_act":  # the matmul + BatchNorm ops: their cases live in gemm_cases
+        from bnbench.bench.gemm_workload import select_cases_from_args
+
+        return select_cases_from_args(args)
+    if args.preset == "mlp":
+        raise ValueError("--preset mlp is a preset of --op linear_bn_act (for an MLP's BatchNorm calls as "
+                         "bn_act cases: --from-model mlp)")  # fmt: skip
 
     def parsed(value, parse):
         return None if value is None else parse(value)
@@ -313,7 +354,7 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
     running, the points planned), the copy bandwidth record (``bnbench.bench.machine.copy_record``)."""
     import torch
 
-    from bnbench.bench.bytes_model import MIN_TENSOR_PASSES
+    from bnbench.bench.bytes_model import MATMUL_BN_ACT_BWD_PASSES, MATMUL_BN_ACT_FWD_PASSES, MIN_TENSOR_PASSES
     from bnbench.bench.model_cases import run_call_table
     from bnbench.bench.record import options_record
     from bnbench.bench.runner import plan_points
@@ -330,14 +371,20 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
             "providers": [p.name for p in providers], "n_cases": len(cases), "resumed": bool(args.resume),
             "timing": timing,
             "tolerance_max_rel_err": {d: tolerance(d) for d in DTYPES},
-            "bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
+            "op": args.op,
+            **({"bytes_model_min_tensor_passes": MIN_TENSOR_PASSES} if args.op == "bn_act" else {
+                # passes over the matmul's [M, N] output by implementation (bytes_min: the fused op's), and the
+                # fused backward's; the matmul's operands are counted besides (bytes_model.matmul_bn_act_bytes)
+                "bytes_model_matmul_output_passes": {"fwd": MATMUL_BN_ACT_FWD_PASSES,
+                                                     "bwd_fused": MATMUL_BN_ACT_BWD_PASSES},
+            }),
         },
         "copy_bandwidth": copy,
         # the sessions a --resume continues, each with the machine it ran on
         "previous_runs": old_sidecar.get("previous_runs", [])
         + ([{**old_sidecar["run"], "machine": old_sidecar.get("machine")}] if "run" in old_sidecar else []),
         # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
-        "model_bn_calls": run_call_table(args.preset, args.from_model),
+        "model_bn_calls": run_call_table(args.preset, args.from_model) if args.op == "bn_act" else None,
     }  # fmt: skip
 
 
@@ -376,6 +423,12 @@ def _check_run_options(args) -> None:
         raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out: the folder of the run to continue")
+    if args.op != "bn_act":
+        for flag, given in (("--world-size", args.world_size is not None), ("--from-model", args.from_model)):
+            if given:
+                raise ValueError(
+                    f"{flag} is for --op bn_act only: --op {args.op} has no synchronised or per-network sweep"
+                )
     if args.world_size is None:
         return
     if args.out is None:
@@ -399,7 +452,11 @@ def run(args) -> int:
     if device.type == "cpu" and not args.no_interpret:
         switch_triton_interpreter_on()  # before anything imports triton (a model's cases import it)
     cases = _select(args)
-    if args.world_size is None:
+    if args.op != "bn_act":
+        from bnbench.bench.gemm_workload import DEFAULT_GEMM_PROVIDERS, get_gemm_providers
+
+        providers = get_gemm_providers(args.providers or ",".join(DEFAULT_GEMM_PROVIDERS))
+    elif args.world_size is None:
         providers = get_providers(args.providers or ",".join(DEFAULT_PROVIDERS))
     else:
         from bnbench.bench.distributed import DEFAULT_SYNC_PROVIDERS, SyncTiming, get_sync_providers

@@ -16,11 +16,13 @@ __all__ = ["RESUME_OPTIONS", "STATES", "mark", "options_record", "resume_mismatc
 STATES = ("running", "interrupted", "complete")
 #: the options that decide which points a run has and how each is measured: --resume must repeat them
 RESUME_OPTIONS = (
-    "preset", "from_model", "batch", "width", "spatial", "dtype", "activation", "passes", "layout", "providers",
-    "device", "seed", "threads", "cpu_budget_s", "rep_ms", "cuda_graph", "no_interpret",
+    "op", "preset", "from_model", "batch", "width", "spatial", "dtype", "activation", "passes", "layout",
+    "providers", "device", "seed", "threads", "cpu_budget_s", "rep_ms", "cuda_graph", "no_interpret",
 )  # fmt: skip
 #: option names as typed (argparse's dest -> flag)
 _FLAGS = {"passes": "--pass"}
+#: what an option meant in runs recorded before it existed (--op came with the matmul + BatchNorm ops)
+_BEFORE_IT_EXISTED = {"op": "bn_act"}
 
 
 def options_record(args) -> dict[str, Any]:
@@ -49,6 +51,7 @@ def resume_mismatch(previous: dict[str, Any] | None, options: dict[str, Any]) ->
             "its results.json does not record the options it ran with, so this run cannot be checked to measure "
             "the same grid the same way"
         )
+    recorded = {**_BEFORE_IT_EXISTED, **recorded}
     differences = [
         f"{_flag(name)} {_shown(recorded.get(name))} then, {_shown(options.get(name))} now"
         for name in RESUME_OPTIONS

@@ -18,19 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bnbench.bench import workload
 from bnbench.bench.bytes_model import bytes_min, frac_of_copy, gbps
 from bnbench.bench.cases import Case
 from bnbench.bench.providers import Provider
 from bnbench.bench.timing import Timing, interpreter_timing, time_cuda_events, time_cuda_graph, time_wall
-from bnbench.bench.workload import (
-    STATS_TOLERANCE,
-    batch_statistics,
-    build_pass,
-    make_inputs,
-    max_rel_err,
-    outputs,
-    reference_outputs,
-)
 from bnbench.device import synchronize
 from bnbench.schema import BENCH_COLUMNS, DIST_COLUMNS, POINT_KEY
 from bnbench.testing import tolerance
@@ -127,6 +119,22 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _workload(case):
+    """The module that builds, runs and checks the case's op: :mod:`workload` for BatchNorm + activation,
+    :mod:`gemm_workload` for the matmul + BatchNorm ops (``case.family``)."""
+    if case.family == "bn_act":
+        return workload
+    from bnbench.bench import gemm_workload
+
+    return gemm_workload
+
+
+def _bytes_min(case) -> int:
+    if case.family == "bn_act":
+        return bytes_min(case.pass_, case.numel, case.dtype)
+    return _workload(case).bytes_min_of(case)
+
+
 def base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, object]:
     row: dict[str, object] = dict.fromkeys(BENCH_COLUMNS, math.nan)
     row.update(ctx.provenance)
@@ -134,7 +142,7 @@ def base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, objec
     row.update(
         timestamp_utc=_now(), peak_copy_gbps=ctx.copy_gbps, provider=provider.name,
         is_baseline=provider.is_baseline, kernel_config="", timer=None, n_samples=0,
-        bytes_min=bytes_min(case.pass_, case.numel, case.dtype), status="error", message="",
+        bytes_min=_bytes_min(case), status="error", message="",
     )  # fmt: skip
     return row
 
@@ -181,21 +189,23 @@ def _peak_mem_mb(case: Case, run, inp, device: torch.device) -> float:
 def check_outputs(row: dict, case: Case, inp, run, running0: tuple[torch.Tensor, torch.Tensor], reference=None) -> None:
     """Compare what the checked call produced with the float64 reference; fills ``max_rel_err``, ``status``
     (ok or incorrect) and ``message``. ``reference(running_mean0, running_var0, y)`` replaces
-    :func:`~bnbench.bench.workload.reference_outputs` (the distributed benchmark's global-batch reference)."""
-    got = outputs(case, inp, run.last_output())
+    the case's workload module's ``reference_outputs`` (the distributed benchmark's global-batch reference). The
+    outputs are checked at the dtype's tolerance, the batch statistics at the workload's ``stats_tolerance``."""
+    wl = _workload(case)
+    got = wl.outputs(case, inp, run.last_output())
     if reference is None:
-        ref = reference_outputs(case, inp, *running0, run.last_output())
+        ref = wl.reference_outputs(case, inp, *running0, run.last_output())
     else:
         ref = reference(*running0, run.last_output())
-    got_stats, ref_stats = batch_statistics(got, *running0), batch_statistics(ref, *running0)
-    err, worst = max_rel_err(got, ref)
-    stats_err, stats_worst = max_rel_err(got_stats, ref_stats) if ref_stats else (0.0, "")
+    got_stats, ref_stats = wl.batch_statistics(got, *running0), wl.batch_statistics(ref, *running0)
+    err, worst = wl.max_rel_err(got, ref)
+    stats_err, stats_worst = wl.max_rel_err(got_stats, ref_stats) if ref_stats else (0.0, "")
     row["max_rel_err"] = max(err, stats_err)
     failures = [
         f"max_rel_err {e:.3g} in {name} > tolerance {tol:g} ({kind})"
         for e, name, tol, kind in (
             (err, worst, tolerance(case.dtype), case.dtype),
-            (stats_err, stats_worst, STATS_TOLERANCE, "fp32 running statistics"),
+            (stats_err, stats_worst, wl.stats_tolerance(case), "fp32 running statistics"),
         )
         if not e <= tol
     ]
@@ -236,10 +246,11 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
     extra: list[PointResult] = []
     samples: list[float] = []
     inp = run = None
+    wl = _workload(case)
     try:
-        inp = make_inputs(case, device, ctx.seed)
+        inp = wl.make_inputs(case, device, ctx.seed)
         row["kernel_config"] = provider.kernel_config(case, inp.x)
-        run = build_pass(case, provider.make(case), inp)
+        run = wl.build_pass(case, provider.make(case), inp)
         running0 = (inp.running_mean.clone(), inp.running_var.clone())
         synchronize(device)
         start = time.perf_counter()

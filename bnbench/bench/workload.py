@@ -37,6 +37,7 @@ __all__ = [
     "max_rel_err",
     "outputs",
     "reference_outputs",
+    "stats_tolerance",
 ]
 
 MOMENTUM, EPS = 0.1, 1e-5
@@ -204,6 +205,13 @@ def reference_outputs(
 
 #: the running statistics are fp32 whatever the input dtype: they are checked at fp32's tolerance
 STATS_TOLERANCE = tolerance(torch.float32)
+
+
+def stats_tolerance(case: Case) -> float:
+    """The tolerance of a case's batch statistics (the runner asks each workload module)."""
+    return STATS_TOLERANCE
+
+
 _STATS = ("running_mean", "running_var")
 
 
