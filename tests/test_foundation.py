@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -75,8 +76,12 @@ def test_console_script_and_module_entry_point_agree(run_python):
 
 @pytest.mark.slow
 def test_built_wheel_ships_kernels_inside_bnbench(tmp_path):
+    # from a copy of the sources: a stale build/ folder beside them would otherwise ship what pyproject leaves out
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".nox", ".venv", "build", "*.egg-info", "results",
+                                                             "reports", "__pycache__"))  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -89,6 +94,9 @@ def test_built_wheel_ships_kernels_inside_bnbench(tmp_path):
     assert "bnbench/kernels/__init__.py" in names
     assert "bnbench/kernels/launchers.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not be a top-level package"
+    # every subpackage of the source tree ships (an editable install finds an unlisted one; the wheel does not)
+    for init in sorted((REPO / "bnbench").rglob("__init__.py")):
+        assert init.relative_to(REPO).as_posix() in names, f"{init.parent.name} is missing from pyproject's packages"
 
 
 def _imports(path: Path) -> list[str]:
