@@ -29,6 +29,8 @@ KERNELS = {spec.name: spec.fn for spec in _REGISTRY}
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
 _DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+#: integer pointers (the split reductions' arrival counters)
+_INT32_POINTERS = {"counter_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -42,6 +44,8 @@ class CompiledKernel:
     spill_loads: int | None
     shared_bytes: int
     ptx_lines: int
+    #: ``cuobjdump -sass`` of the cubin ("" when no cuobjdump is found): read loop by loop by the property tests
+    sass: str = ""
 
 
 def _ptxas_candidates() -> list[str]:
@@ -52,6 +56,21 @@ def _ptxas_candidates() -> list[str]:
     paths = [os.path.join(bundled, name) for name in ("ptxas-blackwell", "ptxas")]
     paths.append(shutil.which("ptxas") or "")
     return [p for p in paths if p and os.path.exists(p)]
+
+
+def _sass(cubin: bytes) -> str:
+    """The SASS listing of a cubin by the cuobjdump Triton ships ("" where there is none)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=120)
+    return out.stdout if out.returncode == 0 else ""
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, int | None]:
@@ -85,6 +104,8 @@ def compile_kernel(
     num_warps: int = 4,
     ones: tuple[str, ...] = (),
     variant: str | None = None,
+    aligned: bool = True,
+    divisible: tuple[str, ...] = (),
     **constexprs,
 ) -> CompiledKernel:
     """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (the registry's defaults for the rest;
@@ -94,6 +115,10 @@ def compile_kernel(
     Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
     ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
     unit strides, one tile per program), a path the interpreter never takes.
+
+    ``aligned``: every pointer is 16-byte aligned, as Triton specialises a launch whose tensors start on a
+    16-byte boundary (any fresh allocation; not a view with an odd storage offset). ``divisible``: integer
+    arguments known to be multiples of 16 (Triton specialises those too, e.g. a stride C = 1024).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -128,13 +153,28 @@ def compile_kernel(
         if param.is_constexpr or param.name in ones:
             signature[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
-            signature[param.name] = "*" + (_TRITON_DTYPES[dtype] if param.name in _DATA_POINTERS else "fp32")
+            signature[param.name] = "*" + (
+                _TRITON_DTYPES[dtype]
+                if param.name in _DATA_POINTERS
+                else "i32"
+                if param.name in _INT32_POINTERS
+                else "fp32"
+            )
         elif param.name in _FLOAT_SCALARS:
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i64"
+    unknown = sorted(set(divisible) - args)
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}")
     constants = {(kernel.arg_names.index(k),): v for k, v in values.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    hinted = [
+        p.name
+        for p in kernel.params
+        if signature[p.name] != "constexpr" and ((aligned and p.name.endswith("_ptr")) or p.name in divisible)
+    ]
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = _ptxas_report(ptx, arch)
@@ -147,4 +187,5 @@ def compile_kernel(
         spill_loads=spill_loads,
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         ptx_lines=ptx.count("\n"),
+        sass=_sass(compiled.asm["cubin"]),
     )
