@@ -3,9 +3,19 @@
 Default sessions (plain ``nox``): tests, triton36, lint. The others run the CLI: ``nox -s bench``, ``nox -s train``,
 ``nox -s report -- RESULTS_DIR...``; ``nox -s gpu -- OUT_DIR`` runs the GPU check on a machine with CUDA.
 Extra arguments after ``--`` go to the command each session runs.
+
+Set-up cost: torch (0.75 GB installed) and triton (1 GB) are most of every session's virtual environment, and
+installing them took most of a session's first minutes. They are installed once into ``.nox/_shared/`` (one
+folder per pinned requirement, ``pip install --target``) and every session that needs them links that folder
+into its own fresh venv (a ``.pth`` file); everything else (bnbench itself, pytest, pandas...) is installed in
+the session's venv as before, so the tests still run against an installed wheel. A shared folder is rebuilt
+when its pin changes; ``rm -rf .nox`` starts from nothing.
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -19,9 +29,50 @@ CPU_TORCH = "torch==2.13.0"
 TRITON = "triton==3.9.0"
 
 
+SHARED = Path(".nox") / "_shared"
+#: written into a shared folder once its install finished: the requirements it holds
+_STAMP = ".bnbench-requirements"
+
+
+def _venv_paths(session: nox.Session) -> tuple[str, str] | None:
+    """(the venv's purelib folder, its Python's "py311"-style tag); None when installs are skipped."""
+    out = session.run_install(
+        "python", "-c", "import sys, sysconfig; print(sysconfig.get_paths()['purelib']); "
+        "print(f'py{sys.version_info.major}{sys.version_info.minor}')", silent=True,
+    )  # fmt: skip
+    if out is None:  # --no-install on a reused venv: nothing runs, the links made before stay
+        return None
+    purelib, tag = out.strip().splitlines()[-2:]
+    return purelib, tag
+
+
+def _shared(session: nox.Session, tag: str, requirement: str) -> Path:
+    """``requirement`` installed once into ``.nox/_shared/<tag>-<name>/``; reused while its pin is unchanged,
+    installed again whole otherwise (a half-finished install has no stamp)."""
+    name = requirement.replace("==", "-").replace("<", "lt")
+    target = (SHARED / f"{tag}-{name}").resolve()
+    stamp = target / _STAMP
+    if not (stamp.is_file() and stamp.read_text() == requirement + "\n"):
+        shutil.rmtree(target, ignore_errors=True)
+        session.run_install("python", "-m", "pip", "install", "--quiet", "--target", str(target), requirement)
+        stamp.write_text(requirement + "\n")
+    return target
+
+
+def _link_shared(session: nox.Session, *requirements: str) -> None:
+    """Make each requirement's shared folder importable in this session's venv (one .pth file), so pip sees
+    it as installed and does not install it again."""
+    paths = _venv_paths(session)
+    if paths is None:
+        return
+    purelib, tag = paths
+    folders = [_shared(session, tag, r) for r in requirements]
+    Path(purelib, "bnbench-shared.pth").write_text("".join(f"{f}\n" for f in folders))
+
+
 def _install_project(session: nox.Session, extras: str = "") -> None:
-    """The pinned CPU torch and triton first, then the package itself (not editable: tests use the wheel)."""
-    session.install(CPU_TORCH, TRITON)
+    """The pinned CPU torch and triton (shared), then the package itself (not editable: tests use the wheel)."""
+    _link_shared(session, CPU_TORCH, TRITON)
     session.install(f".[{extras}]" if extras else ".")
 
 
@@ -38,15 +89,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def triton36(session: nox.Session) -> None:
-    """The kernel tests and the sm_90 compile check under triton 3.6, the GPU image's version (whose
-    interpreter needs numpy < 2.4): CI's guard that the kernels still build where they are timed."""
-    session.install(CPU_TORCH, "triton==3.6.0", "numpy<2.4")
+    """The kernel tests (PyTorch's module samples among them) and the sm_90 compile check under triton 3.6, the
+    GPU image's version (whose interpreter needs numpy < 2.4): CI's guard that the kernels still build where they
+    are timed."""
+    _link_shared(session, CPU_TORCH)
+    session.install("triton==3.6.0", "numpy<2.4")
     session.install(".[test]")
     session.run(
         "pytest",
         "tests/test_kernels_compile.py",
         "tests/test_kernels.py",
         "tests/test_memory_saving.py",
+        "tests/test_inspect.py",  # the recording driver against Triton 3.6's driver interface
+        "tests/test_module_db.py",
         *session.posargs,
         env={"TRITON_INTERPRET": "1", "BNBENCH_TEST_INSTALLED": "1", "MPLBACKEND": "Agg"},
     )

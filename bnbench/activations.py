@@ -30,6 +30,7 @@ _DEFAULT_PARAM = {Activation.LEAKY_RELU: 0.01}
 
 
 def valid_names() -> list[str]:
+    """The activation names, in declaration order: the one list the CLI, the layer and the docs show."""
     return [a.value for a in Activation]
 
 
@@ -37,7 +38,8 @@ def parse_activation(activation: str | Activation, activation_param: float | Non
     """Validate an activation and its parameter; return the enum member and the parameter as a float.
 
     The parameter is the negative slope of ``leaky_relu`` (default 0.01); every other activation takes none,
-    and 0.0 is returned for it.
+    and 0.0 is returned for it. The function accepts its own output: ``parse_activation(*parse_activation(a, p))``
+    is ``parse_activation(a, p)`` (0.0 is accepted as "no parameter" for activations without one).
     """
     if isinstance(activation, Activation):
         act = activation
@@ -57,9 +59,16 @@ def parse_activation(activation: str | Activation, activation_param: float | Non
         if isinstance(param, bool) or not isinstance(param, (int, float)) or not math.isfinite(param):
             raise ValueError(f"activation_param for {act.value} must be a finite number, got {param!r}")
         return act, float(param)
-    if activation_param is not None:
+    if activation_param is not None and not (
+        isinstance(activation_param, (int, float)) and not isinstance(activation_param, bool) and activation_param == 0
+    ):
         raise ValueError(f"activation {act.value!r} takes no activation_param, got {activation_param!r}")
     return act, 0.0
+
+
+def describe(activation: Activation, activation_param: float = 0.0) -> str:
+    """A short label: the name, with the parameter when the activation takes one (``leaky_relu(0.2)``)."""
+    return f"{activation.value}({activation_param:g})" if activation in _DEFAULT_PARAM else activation.value
 
 
 def apply_activation(z: torch.Tensor, activation: Activation, activation_param: float = 0.0) -> torch.Tensor:

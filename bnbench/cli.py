@@ -20,19 +20,23 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = {
     "bench": "bnbench.bench.cli",
     "profile": "bnbench.bench.profile",
+    "step": "bnbench.step.cli",  # a network's whole training step
+    "inspect": "bnbench.inspect.cli",
     "train": "bnbench.train.cli",
     "report": "bnbench.report.cli",
     "env": "bnbench.envinfo",
 }
 
 
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:  # a real missing dependency inside the module: say so
-            raise
-        return None
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only when it says something: not for None, not for an off switch,
+    and not when the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,31 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnbench {bnbench.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            p = sub.add_parser(name, help="(not available in this version)")
-            p.set_defaults(_module=None, _module_name=module_name)
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(
             name,
             help=module.HELP,
             description=getattr(module, "DESCRIPTION", module.HELP),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.configure(p)
-        p.set_defaults(_module=module, _module_name=module_name)
+        p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args._module is None:
-        print(
-            f"bnbench {args.command}: not available in this version ({args._module_name} is missing)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         return int(args._module.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -80,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bnbench {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the output went to a pager or `head` that closed early: nothing more to say
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

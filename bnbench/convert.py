@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnbench.activations import Activation
-from bnbench.functional import BACKENDS, memory_saving_unsupported
+from bnbench.activations import Activation, describe
+from bnbench.functional import BACKENDS, TRITON_DTYPES, memory_saving_unsupported
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
 __all__ = ["ConversionReport", "convert_bn_act"]
@@ -59,13 +59,37 @@ def convert_bn_act(
     memory_saving: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
-    """Return ``model`` with every provably safe BatchNorm1d/2d + activation pair fused into BatchNormAct1d/2d.
+    r"""Return ``model`` with every provably safe BatchNorm1d/2d + activation pair fused into BatchNormAct1d/2d.
 
-    ``inplace=False`` converts a deep copy (the input model is untouched); ``inplace=True`` edits ``model``
-    itself (a module whose forward is rewritten through fx is still replaced by a new GraphModule in its parent;
-    if that module is ``model`` itself, the returned object is the new one). ``backend`` and ``memory_saving``
-    are passed to the new layers (a pair whose activation does not allow memory saving is skipped, with the
-    reason). With ``return_report=True`` the result is ``(model, ConversionReport)``.
+    A pair is ``bn`` directly followed by a supported activation (module or functional call) whose only input is
+    ``bn``'s output, found in an ``nn.Sequential`` or, through ``torch.fx``, in a ``forward``:
+    ``act(bn(x))`` becomes ``BatchNormAct(x)`` computing the same
+    :math:`\mathrm{act}((x - \mathrm{E}[x]) / \sqrt{\mathrm{Var}[x] + \epsilon} * \gamma + \beta)`, and the
+    activation's slot becomes ``nn.Identity``. The new layers share the original parameter and buffer tensors (an
+    optimizer built before keeps valid references) and keep train/eval mode; state_dict keys are unchanged.
+    Anything not provably safe (a BatchNorm output used twice, hooks, shared modules, an unsupported activation) is
+    left alone and the report says why.
+
+    Args:
+        model: the model to convert.
+        inplace: edit ``model`` itself; False (default) converts a deep copy and leaves the input untouched. A
+            module whose forward is rewritten through fx is replaced by a new GraphModule in its parent (if that
+            module is ``model`` itself, the returned object is the new one).
+        backend: the new layers' backend (``auto``, ``triton`` or ``torch``). Default: ``auto``.
+        memory_saving: build the new layers with ``memory_saving=True``; a pair whose activation does not allow it
+            is skipped, with the reason. Default: False.
+        return_report: also return a :class:`ConversionReport` (``converted``: BatchNorm name -> fused activation;
+            ``skipped``: name -> reason). Default: False.
+
+    Returns:
+        the converted model, or ``(model, ConversionReport)`` with ``return_report=True``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        >>> fused, report = bnbench.convert_bn_act(model, return_report=True)
+        >>> report.converted
+        {'1': 'relu'}
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,13 +168,14 @@ def _call_activation(node: fx.Node, source: fx.Node) -> tuple[Activation, float]
     return None
 
 
-def _describe(act: Activation, param: float) -> str:
-    return f"{act.value}({param:g})" if act is Activation.LEAKY_RELU else act.value
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The two passes
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _param_dtype(bn: nn.Module) -> torch.dtype | None:
+    """The dtype of a BatchNorm's parameters or running statistics (None when it has neither)."""
+    return next((t.dtype for t in (bn.weight, bn.running_mean) if t is not None), None)
 
 
 def _is_unfused_bn(module: nn.Module) -> bool:
@@ -201,6 +226,12 @@ class _Converter:
             return "the same BatchNorm module is registered more than once (shared parameters)"
         if _has_hooks(bn):
             return "the BatchNorm module has hooks, which the fused layer would not run"
+        dtype = _param_dtype(bn)
+        if self.backend == "triton" and dtype is not None and dtype not in TRITON_DTYPES:
+            return (
+                f'its parameters are {dtype}, which backend="triton" cannot run (the kernels take float32, float16 '
+                f'and bfloat16); backend="auto" converts it and runs {dtype} through PyTorch'
+            )
         return None
 
     def _fused(self, bn: nn.Module, act: Activation, param: float, name: str) -> nn.Module | None:
@@ -210,14 +241,14 @@ class _Converter:
             return None
         new = _FUSED[type(bn)](
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, activation=act,
-            activation_param=param if act is Activation.LEAKY_RELU else None, backend=self.backend, device="meta",
+            activation_param=param, backend=self.backend, device="meta",
             memory_saving=self.memory_saving,
         )  # fmt: skip
         new.weight, new.bias = bn.weight, bn.bias
         for buffer in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, buffer, getattr(bn, buffer))
         new.train(bn.training)
-        self.report.converted[name] = _describe(act, param)
+        self.report.converted[name] = describe(act, param)
         return new
 
     # -- traversal ---------------------------------------------------------------------------------------------

@@ -17,7 +17,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect", "device_slug", "format_text", "git_sha", "interpreter_requested", "switch_triton_interpreter_on"]
+from bnbench.interpreter import interpreter_requested, switch_triton_interpreter_on
+
+__all__ = [
+    "collect",
+    "cpu_cache_bytes",
+    "cpu_name",
+    "device_slug",
+    "format_text",
+    "git_sha",
+    "interpreter_requested",
+    "switch_triton_interpreter_on",
+]
 
 
 def _version(dist: str) -> str | None:
@@ -48,19 +59,33 @@ def git_sha(start: str | os.PathLike | None = None) -> str | None:
         return None
 
 
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    name = line.split(":", 1)[1].strip()
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def switch_triton_interpreter_on() -> bool:
-    """Set TRITON_INTERPRET=1 for this process unless triton is already imported (Triton reads the variable
-    when kernels are decorated). For CLI runs on machines without CUDA; True when the interpreter is on."""
-    if interpreter_requested():
-        return True
-    if "triton" in sys.modules:
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    return True
+def cpu_cache_bytes() -> int | None:
+    """The CPU's largest cache (its last level) in bytes, from Linux's sysfs; None where it cannot be read.
+    Timings of working sets smaller than it are cache timings, not memory-bandwidth ones."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)])
+    return max(sizes) if sizes else None
 
 
 def _device() -> dict[str, Any]:
@@ -74,7 +99,7 @@ def _device() -> dict[str, Any]:
             "memory_gib": round(props.total_memory / 2**30, 1),
             "count": torch.cuda.device_count(),
         }
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "cache_bytes": cpu_cache_bytes()}
 
 
 def _backends(device: dict[str, Any], triton_version: str | None) -> dict[str, str]:
@@ -135,7 +160,9 @@ def format_text(info: dict[str, Any]) -> str:
             f"sm_{device['capability'].replace('.', '')}, {device['count']} visible)"
         )
     else:
-        dev = f"CPU {device['name']} ({device['cores']} cores), no CUDA device"
+        cache = device.get("cache_bytes")
+        cache_text = f", {cache / 2**20:.0f} MiB last-level cache" if cache else ""
+        dev = f"CPU {device['name']} ({device['cores']} cores{cache_text}), no CUDA device"
     lines = [
         f"bnbench     {info['bnbench_version']}" + (f" (git {info['git_sha']})" if info["git_sha"] else ""),
         f"python      {info['python_version']}",

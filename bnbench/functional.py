@@ -11,19 +11,42 @@ output y instead of the input x and rebuilds x_hat = (act^-1(y) - b) / w in back
 
 from __future__ import annotations
 
-import os
+import numbers
 import sys
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from bnbench import _ops
+from bnbench._derivatives import (
+    RUNNING_STATS_TANGENT_ERROR,
+    backward_through_torch,
+    bn_act_jvp,
+    refuse_second_derivative,
+)
+from bnbench._precision import check_memory_saving_precision, memory_saving_error_bound, memory_saving_max_ratio
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.errors import ShapeError
+from bnbench.interpreter import interpreter_active, warn_if_large
 from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_reference, bwd_from_output_reference
 
-__all__ = ["BACKENDS", "MEMORY_SAVING_MIN_ABS_WEIGHT", "batch_norm_act", "memory_saving_unsupported", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "MEMORY_SAVING_MIN_ABS_WEIGHT",
+    "TRITON_DTYPES",
+    "batch_norm_act",
+    "memory_saving_error_bound",
+    "memory_saving_max_ratio",
+    "memory_saving_unsupported",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "triton", "torch")
+
+#: input dtypes the Triton kernels take (``bnbench.kernels.SUPPORTED_DTYPES``, kept here so that choosing a backend
+#: imports no triton); backend="auto" runs every other dtype (float64) through PyTorch
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _NOT_INVERTIBLE = {
     Activation.RELU: (
@@ -54,32 +77,37 @@ def memory_saving_unsupported(activation: Activation, activation_param: float) -
     return _NOT_INVERTIBLE.get(activation)
 
 
-def _kernels():
-    """The Triton launchers, imported on first use (importing bnbench must not import triton)."""
-    from bnbench import kernels
-
-    return kernels
-
-
 def _interpreter_active() -> bool:
-    if "bnbench.kernels" in sys.modules:  # already built: ask what the kernels were built for
-        return _kernels().interpreter_active()
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return interpreter_active()
+
+
+def _recording() -> bool:
+    """True while bnbench.kernels records launches for a GPU target instead of running them (bnbench inspect)."""
+    driver = sys.modules.get("bnbench.kernels._driver")
+    return driver is not None and driver.recording_target() is not None
 
 
 def resolve_backend(backend: str, input: Tensor) -> str:
     """The backend that runs for this input: "triton" or "torch".
 
-    "auto" picks triton for CUDA tensors and under the Triton interpreter, torch elsewhere. "triton" on a CPU
-    tensor without the interpreter is an error, never a silent fallback.
+    "auto" picks triton for CUDA tensors and under the Triton interpreter when the kernels take the input's dtype
+    (:data:`TRITON_DTYPES`), torch otherwise (float64 always). "triton" on a CPU tensor without the interpreter,
+    or on a dtype the kernels lack, is an error, never a silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    triton_here = input.device.type == "cuda" or (input.device.type == "cpu" and _interpreter_active())
+    triton_here = input.device.type == "cuda" or (
+        input.device.type == "cpu" and (_interpreter_active() or _recording())
+    )
     if backend == "auto":
-        return "triton" if triton_here else "torch"
+        return "triton" if triton_here and input.dtype in TRITON_DTYPES else "torch"
+    if input.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f'backend="triton" cannot run input of dtype {input.dtype}: the Triton kernels support float32, float16 '
+            f'and bfloat16. backend="auto" runs {input.dtype} through PyTorch.'
+        )
     if not triton_here:
         raise ValueError(
             f'backend="triton" needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported to run '
@@ -121,15 +149,43 @@ class _BatchNormActFunction(torch.autograd.Function):
             y, weight, bias, rstd = ctx.saved_tensors
             dx, dweight, dbias = _ops.bwd_from_output(grad_out, y, rstd, weight, bias, training, eps, activation,
                                                       act_param)  # fmt: skip
-        else:
-            x, weight, bias, mean, rstd = ctx.saved_tensors
-            dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
+            grads = (dx, dweight if weight is not None else None, dbias if bias is not None else None)
+            # under create_graph=True: the same values, and a clear error if they are differentiated
+            return *refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE), *([None] * 8)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients PyTorch can differentiate again, from x
+            grads = backward_through_torch(
+                grad_out, x, weight, bias, mean, rstd, ctx.needs_input_grad[:3], training=training, eps=eps,
+                activation=Activation(activation), act_param=act_param,
+            )  # fmt: skip
+            return *grads, *([None] * 8)
+        dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
         return (
             dx,
             dweight if weight is not None else None,
             dbias if bias is not None else None,
             *([None] * 8),
         )
+
+
+class _BatchNormActJvpFunction(_BatchNormActFunction):
+    """The same, with forward-mode AD: used when an input is a dual tensor (a class of its own, because Dynamo
+    cannot trace a Function that defines jvp). Also keeps x, weight, bias and the running statistics for the
+    tangent (memory saving or not)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, *config):
+        ctx.save_for_forward(x, weight, bias, running_mean, running_var)
+        return _BatchNormActFunction.forward(ctx, x, weight, bias, running_mean, running_var, *config)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        # tangents arrive materialised (zeros where none); the running statistics have none (batch_norm_act)
+        training, eps, activation, act_param, _ = ctx.config
+        return bn_act_jvp(
+            *ctx.saved_tensors, (tx, tw, tb), training=training, eps=eps, activation=Activation(activation),
+            act_param=act_param,
+        )  # fmt: skip
 
 
 class _MemorySavingReferenceFunction(torch.autograd.Function):
@@ -142,15 +198,38 @@ class _MemorySavingReferenceFunction(torch.autograd.Function):
             rstd = torch.rsqrt(running_var.float() + eps)
         y = apply_activation(z, activation, act_param)
         ctx.save_for_backward(y, weight, bias, rstd)
-        ctx.config = (training, activation, act_param)
+        ctx.config = (training, eps, activation, act_param)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         y, weight, bias, rstd = ctx.saved_tensors
-        training, activation, act_param = ctx.config
-        dx, dweight, dbias = bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param)
-        return dx, dweight, dbias, *([None] * 7)
+        training, _, activation, act_param = ctx.config
+        grads = bwd_from_output_reference(grad_out, y, rstd, weight, bias, training, activation, act_param)
+        return *refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE), *([None] * 7)
+
+
+class _MemorySavingReferenceJvpFunction(_MemorySavingReferenceFunction):
+    """The same, with forward-mode AD (see :class:`_BatchNormActJvpFunction`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, *config):
+        ctx.save_for_forward(x, weight, bias, running_mean, running_var)
+        return _MemorySavingReferenceFunction.forward(ctx, x, weight, bias, running_mean, running_var, *config)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        training, eps, activation, act_param = ctx.config
+        return bn_act_jvp(
+            *ctx.saved_tensors, (tx, tw, tb), training=training, eps=eps, activation=activation, act_param=act_param
+        )
+
+
+_NO_SECOND_DERIVATIVE = (
+    "memory_saving=True saved the output, not the input, so this layer has no second derivative (the batch "
+    "statistics' dependence on x cannot be rebuilt from y): create_graph=True gave first-order gradients only. "
+    "Use memory_saving=False for double backward (a gradient penalty, gradgradcheck)."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +245,7 @@ def _check_args(
     bias: Tensor | None,
     training: bool,
     momentum: float | None,
+    eps: float,
 ) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -174,14 +254,18 @@ def _check_args(
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != C:
-            raise ValueError(f"input has {C} channels (shape {tuple(input.shape)}) but {name} has {t.numel()}")
+            raise ShapeError(f"input has {C} channels (shape {tuple(input.shape)}) but {name} has {t.numel()}")
+    if training and input.numel() // max(C, 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a number, got {eps!r}")
+    if training and eps <= 0.0:  # F.batch_norm's checks, in its words
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training:
-        if input.numel() // max(C, 1) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
-            )
         if running_mean is not None and not (
-            (isinstance(momentum, (int, float)) and not isinstance(momentum, bool))
+            _is_number(momentum)
             or (isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point())
         ):
             raise TypeError(
@@ -190,6 +274,21 @@ def _check_args(
             )
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be defined in evaluation mode (training=False)")
+
+
+def _is_number(value) -> bool:
+    """A real number as F.batch_norm takes it: Python's, or a numpy scalar (np.float32(0.1)); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD tracks any of these (a dual tensor at the current level). False while
+    torch.compile traces (it does not support forward-mode AD)."""
+    if torch.compiler.is_compiling():
+        return False
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual_level entered: skip the per-tensor look-ups (~us)
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def batch_norm_act(
@@ -227,28 +326,38 @@ def batch_norm_act(
             updated). Updated in place when training.
         weight, bias: (C,) affine parameters gamma and beta, or None (1 and 0).
         training: normalise with the batch statistics (and update the running ones) rather than the running ones.
-        momentum: the running-average factor: a number, or a 0-dim tensor on the device (the modules pass
-            ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host synchronisation).
-            Default 0.1.
-        eps: added to the variance for numerical stability. Default 1e-5.
+        momentum: the running-average factor: a number (a numpy scalar too), or a 0-dim tensor on the device
+            (the modules pass ``1 / num_batches_tracked`` for ``momentum=None``, so the update needs no host
+            synchronisation). Default 0.1.
+        eps: added to the variance for numerical stability: > 0 in training, >= 0 in eval. Default 1e-5.
         activation: a name or :class:`bnbench.Activation`: identity, relu, leaky_relu, sigmoid, tanh, gelu,
             gelu_tanh, silu. Default "relu".
         activation_param: leaky_relu's negative slope (default 0.01); None for every other activation.
         backend: "triton" (the fused kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), "torch" (the
-            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run, else torch; see
-            :func:`resolve_backend`). Default "auto".
+            PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run and for the
+            kernels' dtypes, else torch: float64 always runs through PyTorch; see :func:`resolve_backend`).
+            Default "auto".
         memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
             from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
-            :func:`memory_saving_unsupported`); the output must then not be modified in place, and gradients of
-            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate. Default False.
+            :func:`memory_saving_unsupported`); the output must then not be modified in place. The gradients carry
+            a relative error up to :func:`memory_saving_error_bound` (u + u_fp32) * (1 + |bias|/|weight|), and
+            channels with |weight| < ``MEMORY_SAVING_MIN_ABS_WEIGHT`` are approximate: a call past the dtype's
+            tolerance warns (see :mod:`bnbench._precision`). No second derivative: under ``create_graph=True``
+            differentiating its gradients raises. Default False.
 
     Shape:
         - input: (N, C), (N, C, L) or (N, C, H, W)
         - output: the same shape, dtype and memory layout as the input
 
+    Derivatives: second derivatives are exact (under ``create_graph=True`` the Triton path's backward runs as
+    differentiable PyTorch ops from the saved input); forward-mode AD (``torch.autograd.forward_ad``) has a jvp.
+
     Raises:
-        ValueError, TypeError: on a bad rank, channel count, dtype, momentum, backend or activation, or one value
-            per channel in training, before any kernel runs.
+        ValueError, TypeError: on a bad rank, dtype, momentum, eps (F.batch_norm's checks and words), backend or
+            activation, or one value per channel in training, before any kernel runs.
+        bnbench.ShapeError: a running statistic or parameter with the wrong number of channels (a ValueError and,
+            as in PyTorch, a RuntimeError).
+        RuntimeError: running statistics with a forward-mode tangent (as F.batch_norm).
 
     Example::
 
@@ -260,10 +369,25 @@ def batch_norm_act(
         >>> y.sum().backward()
     """
     act, param = parse_activation(activation, activation_param)
-    _check_args(input, running_mean, running_var, weight, bias, training, momentum)
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if memory_saving and (reason := memory_saving_unsupported(act, param)) is not None:
         raise ValueError(f"memory_saving=True is not supported for activation {act.value!r}: {reason}")
     use_triton = resolve_backend(backend, input) == "triton"
+    if _has_tangent(running_mean, running_var):  # forward-mode AD: F.batch_norm's rule, on every path
+        if _has_tangent(input, weight, bias):
+            raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
+        # a tangent on the running statistics alone leaves the output without one (their values still update)
+        running_mean, running_var = (
+            None if t is None else forward_ad.unpack_dual(t).primal for t in (running_mean, running_var)
+        )
+    if (
+        memory_saving
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    ):
+        check_memory_saving_precision(input, weight, bias)
+    if use_triton and input.device.type == "cpu":  # the Triton interpreter
+        warn_if_large(input.numel())
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.
@@ -276,7 +400,7 @@ def batch_norm_act(
             running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
             running_var.copy_(running_var * (1 - factor) + batch_var * factor)
         return y
-    momentum = float(momentum) if isinstance(momentum, (int, float)) else 0.0  # unused without running stats
+    momentum = float(momentum) if _is_number(momentum) else 0.0  # unused without running stats
     return _dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param, use_triton,
                      memory_saving)  # fmt: skip
 
@@ -285,14 +409,17 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
               memory_saving):  # fmt: skip
     """Run one backend with a float momentum."""
     training = bool(training)
+    forward_mode = _has_tangent(input, weight, bias)
     if use_triton:
-        y = _BatchNormActFunction.apply(
+        function = _BatchNormActJvpFunction if forward_mode else _BatchNormActFunction
+        y = function.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act.value, param,
             memory_saving,
         )  # fmt: skip
         return y
     if memory_saving:
-        return _MemorySavingReferenceFunction.apply(
+        function = _MemorySavingReferenceJvpFunction if forward_mode else _MemorySavingReferenceFunction
+        return function.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act, param
         )
     return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param)

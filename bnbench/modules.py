@@ -8,13 +8,15 @@ with ``fullgraph=True`` and is capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from bnbench.activations import Activation, parse_activation
 from bnbench.functional import BACKENDS, batch_norm_act, memory_saving_unsupported
 
-__all__ = ["BatchNormAct1d", "BatchNormAct2d", "count_batch"]
+__all__ = ["NN_BATCHNORM_HAS_BIAS", "BatchNormAct1d", "BatchNormAct2d", "count_batch"]
 
 
 def count_batch(module: nn.modules.batchnorm._BatchNorm) -> float | Tensor:
@@ -30,24 +32,61 @@ def count_batch(module: nn.modules.batchnorm._BatchNorm) -> float | Tensor:
     return factor
 
 
-class _BatchNormActMixin:
-    """The shared body of BatchNormAct1d/2d; mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
+#: whether the installed torch's nn.BatchNorm takes ``bias=`` (keyword-only, since torch 2.13): the layers follow it
+NN_BATCHNORM_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        activation: str | Activation = "relu",
-        activation_param: float | None = None,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-        memory_saving: bool = False,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+
+class _BatchNormActMixin:
+    """The shared body of BatchNormAct1d/2d; mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``.
+
+    The constructor takes nn.BatchNorm's arguments in nn.BatchNorm's order (``bias=`` only where the installed
+    torch has it), then the fused layer's own, keyword-only.
+    """
+
+    if NN_BATCHNORM_HAS_BIAS:
+
+        def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float | None = 0.1,
+            affine: bool = True,
+            track_running_stats: bool = True,
+            device=None,
+            dtype=None,
+            *,
+            bias: bool = True,
+            activation: str | Activation = "relu",
+            activation_param: float | None = None,
+            backend: str = "auto",
+            memory_saving: bool = False,
+        ) -> None:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            )
+            self._init_fused(activation, activation_param, backend, memory_saving)
+
+    else:  # torch < 2.13: no bias= (passing it is a TypeError, as for nn.BatchNorm)
+
+        def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float | None = 0.1,
+            affine: bool = True,
+            track_running_stats: bool = True,
+            device=None,
+            dtype=None,
+            *,
+            activation: str | Activation = "relu",
+            activation_param: float | None = None,
+            backend: str = "auto",
+            memory_saving: bool = False,
+        ) -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            self._init_fused(activation, activation_param, backend, memory_saving)
+
+    def _init_fused(self, activation, activation_param, backend, memory_saving) -> None:
         self.activation, self.activation_param = parse_activation(activation, activation_param)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
@@ -72,7 +111,7 @@ class _BatchNormActMixin:
             exponential_average_factor,
             self.eps,
             self.activation,
-            self.activation_param if self.activation is Activation.LEAKY_RELU else None,
+            self.activation_param,
             self.backend,
             memory_saving=self.memory_saving,
         )
@@ -87,8 +126,76 @@ class _BatchNormActMixin:
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` followed by an activation, fused. Input (N, C) or (N, C, L)."""
+    r"""``nn.BatchNorm1d`` followed by an activation, fused into as few passes over memory as possible.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta\right)
+
+    with the mean and biased variance over the batch (and length) axes in training, the running statistics in
+    eval; the running variance is updated with the unbiased variance. Parameters, buffers, ``state_dict`` keys and
+    semantics are exactly those of ``nn.BatchNorm1d``; statistics are fp32 whatever the input dtype.
+
+    Args:
+        num_features: C, the number of channels of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the running statistics' update factor, ``running = (1 - momentum) * running + momentum * batch``;
+            ``None`` for the cumulative average (factor ``1 / num_batches_tracked``). Default: 0.1.
+        affine: learnable ``weight`` (gamma, initialised to 1) and ``bias`` (beta, 0). Default: True.
+        track_running_stats: keep running statistics (used in eval); if False, eval uses batch statistics too.
+            Default: True.
+        activation: ``identity``, ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``gelu_tanh`` or
+            ``silu`` (a name or a :class:`bnbench.Activation`). Default: ``relu``.
+        activation_param: the negative slope of ``leaky_relu`` (default 0.01); the other activations take none.
+        backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
+            reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
+        memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
+            positive slope only; the weight must stay away from 0). Default: False.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)`
+        - Output: the input's shape, dtype and strides
+
+    Example::
+
+        >>> layer = bnbench.BatchNormAct1d(100, activation="gelu")
+        >>> y = layer(torch.randn(20, 100))
+    """
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` followed by an activation, fused. Input (N, C, H, W), NCHW or channels_last."""
+    r"""``nn.BatchNorm2d`` followed by an activation, fused into as few passes over memory as possible.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta\right)
+
+    with the mean and biased variance per channel over (N, H, W) in training, the running statistics in eval; the
+    running variance is updated with the unbiased variance. Parameters, buffers, ``state_dict`` keys and semantics
+    are exactly those of ``nn.BatchNorm2d``; statistics are fp32 whatever the input dtype. NCHW, channels_last and
+    strided inputs run without a copy.
+
+    Args:
+        num_features: C, the number of channels of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: the running statistics' update factor, ``running = (1 - momentum) * running + momentum * batch``;
+            ``None`` for the cumulative average (factor ``1 / num_batches_tracked``). Default: 0.1.
+        affine: learnable ``weight`` (gamma, initialised to 1) and ``bias`` (beta, 0). Default: True.
+        track_running_stats: keep running statistics (used in eval); if False, eval uses batch statistics too.
+            Default: True.
+        activation: ``identity``, ``relu``, ``leaky_relu``, ``sigmoid``, ``tanh``, ``gelu``, ``gelu_tanh`` or
+            ``silu`` (a name or a :class:`bnbench.Activation`). Default: ``relu``.
+        activation_param: the negative slope of ``leaky_relu`` (default 0.01); the other activations take none.
+        backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
+            reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
+        memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
+            positive slope only; the weight must stay away from 0). Default: False.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`, contiguous or channels_last
+        - Output: the input's shape, dtype and memory format
+
+    Example::
+
+        >>> layer = bnbench.BatchNormAct2d(64, activation="leaky_relu", activation_param=0.1).cuda()
+        >>> x = torch.randn(32, 64, 28, 28, device="cuda").to(memory_format=torch.channels_last)
+        >>> y = layer(x)  # == F.leaky_relu(nn.BatchNorm2d(64)(x), 0.1)
+    """

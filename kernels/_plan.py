@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from ._driver import recording_target
+
 __all__ = ["Geometry", "KernelConfig", "Strides", "cdiv", "default_config", "geometry_of", "next_pow2"]
 
 
@@ -160,11 +162,16 @@ def _low_waste_block(size: int, cap: int) -> int:
     return block
 
 
-@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: any small number; launches there are simulated one program at a time
+        return _cuda_sm_count(device)
+    target = recording_target()  # launches recorded for a GPU target (bnbench inspect): plan for its SMs
+    return 4 if target is None else target.sms  # the interpreter: any small number (programs run one at a time)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 #: CUDA's limit on grid axes 1 and 2 (the launchers put channel blocks on axis 1)

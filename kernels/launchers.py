@@ -15,6 +15,8 @@ from ._backward import (
     _bn_act_bwd_fused_kernel,
     _bn_act_bwd_reduce_kernel,
 )
+from ._driver import recording_target  # CPU tensors are fine while launches are only recorded
+from ._errors import ShapeError
 from ._forward import (
     _bn_act_fwd_apply_kernel,
     _bn_act_fwd_fused_kernel,
@@ -68,7 +70,7 @@ def _check_input(x: torch.Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; the Triton kernels support float32, float16 and bfloat16")
     if x.dim() not in (2, 3, 4):
         raise ValueError(f"{name} must be 2-D, 3-D or 4-D (N, C, ...), got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not interpreter_active():
+    if x.device.type != "cuda" and not interpreter_active() and recording_target() is None:
         raise ValueError(
             f"{name} is on {x.device}; the Triton kernels run on CUDA tensors, or on CPU tensors only when "
             "TRITON_INTERPRET=1 was set before triton was imported"
@@ -80,7 +82,7 @@ def _check_channel_tensor(t: torch.Tensor | None, name: str, x: torch.Tensor) ->
         return
     C = x.shape[1]
     if t.dim() != 1 or t.shape[0] != C:
-        raise ValueError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
+        raise ShapeError(f"{name} must have shape ({C},) to match input channels C={C}, got {tuple(t.shape)}")
     if t.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the input's dtype {x.dtype}")
     if t.device != x.device:

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import bnbench
+from bnbench import testing
 from bnbench.functional import resolve_backend
 
-#: relative-norm tolerance for the output's dtype: the eager pair rounds BN's output to it before the
+#: the project's tolerance table, by the output's dtype: the eager pair rounds BN's output to it before the
 #: activation, the fused layer rounds once, so they differ by about one rounding of that dtype
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+TOLERANCE = testing.TOLERANCE
 
 ACTIVATIONS = {
     "relu": nn.ReLU(),

@@ -77,24 +77,50 @@ def test_quick_preset_is_small_and_has_both_layouts():
     assert max(x.numel for x in quick) <= 1 << 20
 
 
-def test_standard_preset_holds_the_measure_md_baseline_table():
+def test_baseline_preset_is_the_measuring_md_baseline_table_and_standard_holds_it():
+    baseline = c.preset_cases("baseline")
+    have = {(x.shape_str, x.dtype, x.pass_, x.layout) for x in baseline}
+    expected = {
+        (shape, dtype, p, "nchw")
+        for shape in ("256x1024", "32768x1024", "262144x256", "401408x64", "16384x8192")
+        for dtype in ("fp32", "bf16")
+        for p in ("fwd", "fwd_bwd")
+    } | {
+        ("128x256x28x28", d, p, lay)
+        for d in ("fp32", "bf16")
+        for p in ("fwd", "fwd_bwd")
+        for lay in ("nchw", "channels_last")
+    }
+    assert have == expected and len(baseline) == len(expected)  # the 7 x 2 x 2 table, nothing else
     std = c.preset_cases("standard")
-    have = {(x.shape_str, x.dtype, x.pass_, x.layout) for x in std}
-    for shape in ("256x1024", "32768x1024", "262144x256", "401408x64", "16384x8192"):
-        for dtype in ("fp32", "bf16"):
-            assert {(shape, dtype, p, "nchw") for p in ("fwd", "fwd_bwd")} <= have
-    assert ("128x256x28x28", "bf16", "fwd_bwd", "channels_last") in have
-    assert ("128x256x28x28", "bf16", "fwd_bwd", "nchw") in have
+    assert set(baseline) <= set(std) and len(std) > len(baseline)
     assert len(std) == len(set(std))
 
 
-def test_resnet50_preset_covers_its_53_bn_layers():
-    # ResNet-50 has 53 BatchNorm layers: the stem, 3 per bottleneck (16 blocks) and 4 downsample branches
-    assert sum(count for *_, count in c.RESNET50_BN_LAYERS) == 53
+#: ResNet-50 (v1.5) BN layers as (C, H=W, activation after the BN, count), worked out by hand from the
+#: architecture: stem 64 at 112x112; each stage's first block reduces 1x1 at the input resolution, strides in
+#: the 3x3, expands 4x, and its downsample branch has its own BN; bn3 and the downsample BNs feed the residual add
+RESNET50_BN_LAYERS = (
+    (64, 112, "relu", 1), (64, 56, "relu", 6), (256, 56, "identity", 4),
+    (128, 56, "relu", 1), (128, 28, "relu", 7), (512, 28, "identity", 5),
+    (256, 28, "relu", 1), (256, 14, "relu", 11), (1024, 14, "identity", 7),
+    (512, 14, "relu", 1), (512, 7, "relu", 5), (2048, 7, "identity", 4),
+)  # fmt: skip
+
+
+def test_resnet50_preset_is_read_off_the_model_and_covers_its_53_bn_layers():
+    from bnbench.bench.model_cases import model_call_table
+
+    table = model_call_table("resnet50")
+    got = sorted((int(g["sample_shape"].split("x")[0]), int(g["sample_shape"].split("x")[1]), g["activation"],
+                  g["count"]) for g in table["calls"])  # fmt: skip
+    assert got == sorted(RESNET50_BN_LAYERS)
+    assert sum(count for *_, count in RESNET50_BN_LAYERS) == 53
     cases = c.preset_cases("resnet50")
     assert {x.N for x in cases} == {64, 128, 256}
     assert {x.layout for x in cases} == {"channels_last"} and {x.dtype for x in cases} == {"bf16", "fp32"}
-    assert len(cases) == len(c.RESNET50_BN_LAYERS) * 3 * 2 * 2
+    assert len(cases) == len(RESNET50_BN_LAYERS) * 3 * 2 * 2
+    assert {(x.C, x.H, x.activation) for x in cases} == {(C, H, act) for C, H, act, _ in RESNET50_BN_LAYERS}
 
 
 def test_select_cases_filters_a_preset_or_builds_a_grid():

@@ -16,6 +16,7 @@ import queue as queue_module
 import socket
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, port: int, checks: list[str], results) -> Non
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
         for name in checks:
-            CHECKS[name](rank, world)
+            _check(name)(rank, world)
         results.put((rank, "ok", ""))
     except BaseException:
         results.put((rank, "failed", traceback.format_exc()))
@@ -292,50 +293,6 @@ def check_errors_raise_on_every_rank(rank: int, world: int) -> None:
     y.sum().backward()
 
 
-def check_ddp_equals_single_process(rank: int, world: int) -> None:
-    """DDP + SyncBatchNormAct trained on shards == one process trained on the global batch (SGD, 3 steps)."""
-    from bnbench.distributed_train import train_ddp
-
-    def model():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    net = model()
-    rows = train_ddp(net, x, y, steps=3, batch_size=4, lr=0.5, device=torch.device("cpu"), seed=3)
-    assert set(rows["metric"]) == {"train_loss", "step_ms"} and (rows["rank"] == rank).all()
-    ref = model()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    gen = torch.Generator().manual_seed(3)
-    order = torch.randperm(48, generator=gen)
-    for step in range(3):
-        idx = order[step * 4 * world : (step + 1) * 4 * world]
-        opt.zero_grad()
-        nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
-        opt.step()
-    for (name, p), q in zip(ref.state_dict().items(), net.state_dict().values(), strict=True):
-        _close(q, p, 1e-5, f"{name} after DDP training")
-
-
-def check_bench_rows(rank: int, world: int) -> None:
-    from bnbench.distributed_bench import DIST_COLUMNS, SyncCase, bench_sync
-    from bnbench.schema import validate_bench
-
-    frame = bench_sync([SyncCase(8, 4, (2, 2))], device=torch.device("cpu"), warmup=1, reps=3)
-    validate_bench(frame)
-    assert set(DIST_COLUMNS) <= set(frame.columns) and (frame["rank"] == rank).all()
-    status = dict(zip(frame["provider"], frame["status"], strict=True))
-    # on CPU tensors: the auto backend is Triton only under the interpreter (then not timed, so skipped);
-    # nn.SyncBatchNorm refuses CPU tensors
-    from bnbench.functional import resolve_backend
-
-    fused = "skipped" if resolve_backend("auto", torch.empty(0)) == "triton" else "ok"
-    assert status == {"sync_fused": fused, "sync_fused_torch": "ok", "sync_eager": "skipped"}, status
-    ok = frame[frame["status"] == "ok"].iloc[0]
-    assert ok["n_samples"] == 3 and 0 < ok["collective_share"] <= 1 and ok["max_rel_err"] < 1e-5
-
-
 def check_matches_torch_sync_batch_norm(rank: int, world: int) -> None:
     """On a GPU: SyncBatchNormAct (Triton kernels) == nn.SyncBatchNorm + activation, both synchronised by gloo over
     CUDA tensors (two ranks may share one GPU): outputs, input gradient, the LOCAL weight/bias gradients, running
@@ -368,8 +325,20 @@ def check_matches_torch_sync_batch_norm(rank: int, world: int) -> None:
 
 
 CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_path, check_two_collectives_per_step,
-                                  check_errors_raise_on_every_rank, check_ddp_equals_single_process, check_bench_rows,
-                                  check_matches_torch_sync_batch_norm)}  # fmt: skip
+                                  check_errors_raise_on_every_rank, check_matches_torch_sync_batch_norm)}  # fmt: skip
+#: checks of the code built on the layer, kept beside that code's other tests ("FILE::FUNCTION", FILE in tests/);
+#: they run in this file's process group so that CI spawns one group of two ranks, not three
+OTHER_CHECKS = (
+    "test_bench_distributed.py::check_sync_bench_rows",
+    "test_distributed_train.py::check_ddp_equals_single_process",
+)
+
+
+def _check(name: str):
+    if "::" not in name:
+        return CHECKS[name]
+    file, function = name.split("::")
+    return lambda rank, world: call_in_file(str(Path(__file__).with_name(file)), function, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +347,7 @@ CHECKS = {f.__name__: f for f in (check_matches_global_batch, check_triton_path,
 
 
 def test_two_ranks():
-    run_group(2, [name for name in CHECKS if name != "check_matches_torch_sync_batch_norm"])
+    run_group(2, [*(name for name in CHECKS if name != "check_matches_torch_sync_batch_norm"), *OTHER_CHECKS])
 
 
 @pytest.mark.gpu
@@ -483,16 +452,3 @@ def test_convert_sync_bn_act():
     group = object()  # stored, not used outside a process group
     assert all(m.process_group is group for m in convert_sync_bn_act(_model(), group).modules()
                if isinstance(m, SyncBatchNormAct))  # fmt: skip
-
-
-def test_bench_case_grid():
-    """``--world-size`` bench options take the comma lists of ``bnbench bench`` (spatial "H" means HxH)."""
-    from bnbench.distributed_bench import parse_cases
-
-    cases = parse_cases("8,16", "4", "1,7,3x5", "fp32,bf16", "relu", True)
-    assert len(cases) == 2 * 3 * 2 and {c.spatial for c in cases} == {(), (7, 7), (3, 5)}
-    assert all(c.channels_last == bool(c.spatial) for c in cases)  # channels_last applies to 4-D inputs only
-    with pytest.raises(ValueError, match=r"unknown dtype\(s\) \['fp8'\]"):
-        parse_cases("8", "4", "1", "fp8", "relu", False)
-    with pytest.raises(ValueError, match="comma lists of integers"):
-        parse_cases("8,a", "4", "1", "fp32", "relu", False)

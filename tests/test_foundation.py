@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import bnbench
+import bnbench.kernels
 from bnbench import cli, envinfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,43 @@ def test_built_wheel_ships_kernels_inside_bnbench(tmp_path):
     assert "bnbench/kernels/__init__.py" in names
     assert "bnbench/kernels/launchers.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not be a top-level package"
+
+
+def _imports(path: Path) -> list[str]:
+    """Every absolute name a source file imports, lazily or not (``from a import b`` gives ``a`` and ``a.b``)."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def _imported_folders(path: Path) -> set[str]:
+    """The bnbench folders (bench, distributed, report, train) a source file imports from."""
+    folders = set()
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "bnbench" and len(parts) > 1 and parts[1] in ("bench", "distributed", "report", "train"):
+            folders.add(parts[1])
+    return folders
+
+
+def test_dependencies_run_one_way():
+    """The core layer imports none of the folders built on it, distributed/ none but the core, and the kernels
+    nothing of bnbench: what made the import loops through the old distributed_cli.py cannot come back."""
+    package = Path(bnbench.__file__).parent
+    facade_and_cli = {"__init__.py", "cli.py"}  # the package's exports and the subcommand dispatcher
+    for path in sorted(package.glob("*.py")):
+        if path.name not in facade_and_cli:
+            assert not _imported_folders(path), f"{path.name} imports {_imported_folders(path)}"
+    for path in sorted((package / "distributed").glob("*.py")):
+        assert _imported_folders(path) <= {"distributed"}, f"distributed/{path.name}"
+    for folder in ("bench", "train"):
+        for path in sorted((package / folder).glob("*.py")):
+            assert not _imported_folders(path) & ({"bench", "train"} - {folder}), f"{folder}/{path.name}"
+    for path in sorted(Path(bnbench.kernels.__file__).parent.glob("*.py")):
+        assert not [n for n in _imports(path) if n.split(".")[0] == "bnbench"], f"kernels/{path.name}"

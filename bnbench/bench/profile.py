@@ -46,7 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup", type=int, default=3, help="calls before profiling (compiles happen here)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
     run.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: reports/profile/<device>-<UTC timestamp>/)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: results/profile/<device>-<UTC timestamp>/; results/ is git-ignored)",
     )
     run.add_argument("--no-trace", action="store_true", help="do not write Chrome traces")
     run.add_argument("--ncu", action="store_true",
@@ -82,7 +85,7 @@ def select_case(args):
 def run(args) -> int:
     import torch
 
-    from bnbench import envinfo
+    from bnbench import _io, envinfo
     from bnbench.bench import profiling
     from bnbench.bench.cli import write_profile_outputs
     from bnbench.bench.providers import get_providers
@@ -95,7 +98,8 @@ def run(args) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # as bnbench bench does on CPU: no OpenMP stalls on a shared machine
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    out = args.out or Path("reports/profile") / f"{envinfo.device_slug()}-{stamp:%Y%m%d-%H%M%S}"
+    out = args.out or _io.RESULTS_ROOT / "profile" / f"{envinfo.device_slug()}-{stamp:%Y%m%d-%H%M%S}"
+    _io.folder_entries(out)  # a file named by --out is refused before anything is profiled
 
     profiles = []
     for provider in providers:
@@ -103,9 +107,10 @@ def run(args) -> int:
         profiles.append(profiling.profile_provider(case, provider, device, iters=args.iters, warmup=args.warmup))
     text = profiling.format_markdown(case, device, profiles)
     ncu_text = _ncu(args, case, providers, device, out) if args.ncu else ""
-    write_profile_outputs(
-        out, text + ncu_text, profiling.kernels_frame(case, profiles), [] if args.no_trace else profiles
-    )
+    with _io.folder_lock(out, "bnbench profile"):
+        write_profile_outputs(
+            out, text + ncu_text, profiling.kernels_frame(case, profiles), [] if args.no_trace else profiles
+        )
     print(text + ncu_text)
     print(f"bnbench profile: wrote {out}", file=sys.stderr)
     return 1 if any(p.status == "error" for p in profiles) else 0

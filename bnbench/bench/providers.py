@@ -23,14 +23,19 @@ from collections.abc import Callable
 import torch
 
 from bnbench.bench.cases import Case
+from bnbench.interpreter import interpreter_active
 
 __all__ = [
     "DEFAULT_PROVIDERS",
     "INTERPRETER_MAX_NUMEL",
     "PROVIDERS",
+    "BNFunction",
     "Provider",
     "get_providers",
     "register_provider",
+    "triton_kernel_config",
+    "triton_skip_reason",
+    "triton_timer",
 ]
 
 #: the largest case the triton provider runs under the interpreter (it simulates every program in numpy)
@@ -73,12 +78,9 @@ def _make_compiled(case: Case, mode: str | None = None) -> BNFunction:
 
 
 def _make_triton(case: Case) -> BNFunction:
-    from bnbench.activations import Activation
     from bnbench.functional import batch_norm_act
 
     def fused(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
-        # the public API takes a parameter only for the activations that have one
-        param = param if activation is Activation.LEAKY_RELU else None
         return batch_norm_act(
             x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, backend="triton"
         )
@@ -93,18 +95,12 @@ def _make_triton_compiled(case: Case) -> BNFunction:
     return torch.compile(_make_triton(case), dynamic=False)
 
 
-def _interpreter_active() -> bool:
-    from bnbench.functional import _interpreter_active
-
-    return _interpreter_active()
-
-
-def _triton_skip(case: Case, device: torch.device) -> str | None:
+def triton_skip_reason(case: Case, device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
         return None
-    if not _interpreter_active():
+    if not interpreter_active():
         return (
             "no CUDA device in use: on CPU tensors the Triton kernels run only in the interpreter; set "
             "TRITON_INTERPRET=1 to check their correctness on tiny cases (no timing)"
@@ -117,11 +113,11 @@ def _triton_skip(case: Case, device: torch.device) -> str | None:
     return None
 
 
-def _triton_timer(device: torch.device) -> str | None:
+def triton_timer(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "interpreter"
 
 
-def _triton_config(case: Case, x: torch.Tensor) -> str:
+def triton_kernel_config(case: Case, x: torch.Tensor) -> str:
     from bnbench.kernels import plan
 
     return plan(x)[1].describe()
@@ -148,8 +144,10 @@ register_provider(
         kernel_config=lambda case, x: "inductor:max-autotune",
     )
 )
-register_provider(Provider("triton", False, _make_triton, _triton_skip, _triton_timer, _triton_config))
-register_provider(Provider("triton-compile", False, _make_triton_compiled, _triton_skip, _triton_timer, _triton_config))
+register_provider(Provider("triton", False, _make_triton, triton_skip_reason, triton_timer, triton_kernel_config))
+register_provider(
+    Provider("triton-compile", False, _make_triton_compiled, triton_skip_reason, triton_timer, triton_kernel_config)
+)
 
 DEFAULT_PROVIDERS = ("eager", "compile", "triton")
 

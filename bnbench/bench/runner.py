@@ -24,7 +24,6 @@ from bnbench.bench.providers import Provider
 from bnbench.bench.timing import Timing, interpreter_timing, time_cuda_events, time_cuda_graph, time_wall
 from bnbench.bench.workload import (
     STATS_TOLERANCE,
-    TOLERANCE,
     batch_statistics,
     build_pass,
     make_inputs,
@@ -32,14 +31,22 @@ from bnbench.bench.workload import (
     outputs,
     reference_outputs,
 )
-from bnbench.schema import BENCH_COLUMNS
+from bnbench.device import synchronize
+from bnbench.schema import BENCH_COLUMNS, DIST_COLUMNS, POINT_KEY
+from bnbench.testing import tolerance
 
 __all__ = [
+    "CACHE_RESIDENT",
     "SPEED_TIMERS",
     "PointResult",
     "RunContext",
     "TimingSettings",
     "add_speedups",
+    "base_row",
+    "check_outputs",
+    "error_message",
+    "fill_timing",
+    "is_oom",
     "measure_point",
     "plan_points",
     "point_id",
@@ -71,13 +78,15 @@ class TimingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """What every point of a run shares: the device, the measured copy bandwidth and the provenance columns."""
+    """What every point of a run shares: the device, the measured copy bandwidth and the provenance columns;
+    on CPU the last-level cache's size (``cache_bytes``), to mark timings of working sets that fit in it."""
 
     device: torch.device
     copy_gbps: float
     provenance: dict[str, object]
     seed: int = 0
     timing: TimingSettings = TimingSettings()
+    cache_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -102,7 +111,7 @@ def provenance_from_env(info: dict, run_id: str) -> dict[str, object]:
 
 def point_id(row: dict | pd.Series) -> str:
     """A stable name for a point (case, provider and timer), used as the key of the raw samples."""
-    return "|".join(str(row[k]) for k in ("provider", "timer", "op", "pass", "activation", "dtype", "layout", "shape"))
+    return "|".join(str(row[k]) for k in ("provider", "timer", *POINT_KEY))
 
 
 def plan_points(
@@ -118,7 +127,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, object]:
+def base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, object]:
     row: dict[str, object] = dict.fromkeys(BENCH_COLUMNS, math.nan)
     row.update(ctx.provenance)
     row.update(case.columns())
@@ -130,24 +139,19 @@ def _base_row(case: Case, provider: Provider, ctx: RunContext) -> dict[str, obje
     return row
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     if isinstance(err, MemoryError) or (oom_type and isinstance(err, oom_type)):
         return True
     return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
 
 
-def _message(err: BaseException) -> str:
+def error_message(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:400]}"
 
 
-def _fill_timing(row: dict, timing: Timing, copy_gbps: float) -> None:
+def fill_timing(row: dict, timing: Timing, copy_gbps: float) -> None:
     row.update(timer=timing.timer, n_samples=timing.n_samples)
     row.update(ms_p20=timing.ms_p20, ms_p50=timing.ms_p50, ms_p80=timing.ms_p80)
     if timing.timer in SPEED_TIMERS:
@@ -159,26 +163,70 @@ def _peak_mem_mb(case: Case, run, inp, device: torch.device) -> float:
     """GPU memory of one more call: for fwd_bwd, the memory held between forward and backward (the output
     plus what autograd saved); otherwise the peak above what was allocated before the call."""
     inp.zero_grads()
-    _sync(device)
+    synchronize(device)
     base = torch.cuda.memory_allocated(device)
     if case.pass_ == "fwd_bwd":
         y = run.forward()
-        _sync(device)
+        synchronize(device)
         held = torch.cuda.memory_allocated(device) - base
         y.backward(inp.dy)
         del y
         return held / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     run.call()
-    _sync(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def check_outputs(row: dict, case: Case, inp, run, running0: tuple[torch.Tensor, torch.Tensor], reference=None) -> None:
+    """Compare what the checked call produced with the float64 reference; fills ``max_rel_err``, ``status``
+    (ok or incorrect) and ``message``. ``reference(running_mean0, running_var0, y)`` replaces
+    :func:`~bnbench.bench.workload.reference_outputs` (the distributed benchmark's global-batch reference)."""
+    got = outputs(case, inp, run.last_output())
+    if reference is None:
+        ref = reference_outputs(case, inp, *running0, run.last_output())
+    else:
+        ref = reference(*running0, run.last_output())
+    got_stats, ref_stats = batch_statistics(got, *running0), batch_statistics(ref, *running0)
+    err, worst = max_rel_err(got, ref)
+    stats_err, stats_worst = max_rel_err(got_stats, ref_stats) if ref_stats else (0.0, "")
+    row["max_rel_err"] = max(err, stats_err)
+    failures = [
+        f"max_rel_err {e:.3g} in {name} > tolerance {tol:g} ({kind})"
+        for e, name, tol, kind in (
+            (err, worst, tolerance(case.dtype), case.dtype),
+            (stats_err, stats_worst, STATS_TOLERANCE, "fp32 running statistics"),
+        )
+        if not e <= tol
+    ]
+    if failures:
+        row.update(status="incorrect", message="; ".join(failures))
+    else:
+        row["status"] = "ok"
+
+
+#: the start of the message of a CPU point whose bytes fit in the last-level cache (``bnbench.report`` counts them)
+CACHE_RESIDENT = "cache-resident"
+
+
+def _bandwidth_note(row: dict, device: torch.device, cache_bytes: int | None) -> str:
+    """Why a timed point's bandwidth is not a memory bandwidth, if it is not ("" otherwise): on CPU its bytes fit
+    in the last-level cache (nothing flushes it between calls), or it beat the copy bandwidth."""
+    if device.type == "cpu" and cache_bytes and row["bytes_min"] <= cache_bytes:
+        return (
+            f"{CACHE_RESIDENT}: {row['bytes_min'] / 2**20:.3g} MiB per call fits in the CPU's "
+            f"{cache_bytes / 2**20:.0f} MiB last-level cache, so its bandwidth is the cache's, not memory's"
+        )
+    if row["frac_of_copy_bw"] > 1:
+        return "effective bandwidth above the copy bandwidth: cache effects, not a real rate"
+    return ""
 
 
 def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[PointResult]:
     """Check and time one point; returns its row (two rows when a CUDA-graph replay is added). Never raises
     but for KeyboardInterrupt."""
     device = ctx.device
-    row = _base_row(case, provider, ctx)
+    row = base_row(case, provider, ctx)
     reason = provider.skip_reason(case, device)
     if reason:
         row.update(status="skipped", message=reason)
@@ -193,30 +241,13 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
         row["kernel_config"] = provider.kernel_config(case, inp.x)
         run = build_pass(case, provider.make(case), inp)
         running0 = (inp.running_mean.clone(), inp.running_var.clone())
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run.prepare()
         run.call()
-        _sync(device)
+        synchronize(device)
         row["compile_s"] = time.perf_counter() - start  # first-call latency: compile, JIT, autotuning
-        got = outputs(case, inp, run.last_output())
-        ref = reference_outputs(case, inp, *running0, run.last_output())
-        got_stats, ref_stats = batch_statistics(got, *running0), batch_statistics(ref, *running0)
-        err, worst = max_rel_err(got, ref)
-        stats_err, stats_worst = max_rel_err(got_stats, ref_stats) if ref_stats else (0.0, "")
-        row["max_rel_err"] = max(err, stats_err)
-        failures = [
-            f"max_rel_err {e:.3g} in {name} > tolerance {tol:g} ({kind})"
-            for e, name, tol, kind in (
-                (err, worst, TOLERANCE[case.dtype], case.dtype),
-                (stats_err, stats_worst, STATS_TOLERANCE, "fp32 running statistics"),
-            )
-            if not e <= tol
-        ]
-        if failures:
-            row.update(status="incorrect", message="; ".join(failures))
-        else:
-            row["status"] = "ok"
+        check_outputs(row, case, inp, run, running0)
         settings = ctx.timing
         grads = inp.params() if case.needs_grad else None
         if timer == "interpreter":
@@ -234,10 +265,10 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
                 min_samples=settings.cpu_min_samples, max_samples=settings.cpu_max_samples,
                 budget_s=settings.cpu_budget_s,
             )  # fmt: skip
-        _fill_timing(row, timing, ctx.copy_gbps)
+        fill_timing(row, timing, ctx.copy_gbps)
         samples = list(timing.samples_ms)
-        if row["status"] == "ok" and row["frac_of_copy_bw"] > 1:
-            row["message"] = "effective bandwidth above the copy bandwidth: cache effects, not a real rate"
+        if row["status"] == "ok" and timing.timer in SPEED_TIMERS:
+            row["message"] = _bandwidth_note(row, device, ctx.cache_bytes)
         if device.type == "cuda":
             row["peak_mem_mb"] = _peak_mem_mb(case, run, inp, device)
             if settings.cuda_graph and case.pass_ in ("fwd", "eval") and row["bytes_min"] <= CUDA_GRAPH_MAX_BYTES:
@@ -245,7 +276,7 @@ def measure_point(case: Case, provider: Provider, ctx: RunContext) -> list[Point
     except KeyboardInterrupt:
         raise
     except Exception as err:  # a failing point is recorded; the sweep goes on
-        row.update(status="oom" if _is_oom(err) else "error", message=_message(err))
+        row.update(status="oom" if is_oom(err) else "error", message=error_message(err))
     finally:
         del inp, run
         gc.collect()
@@ -259,18 +290,18 @@ def _graph_point(row: dict, run, settings: TimingSettings, copy_gbps: float) -> 
     graph_row = dict(row, peak_mem_mb=math.nan, message="")
     try:
         timing = time_cuda_graph(run.call, rep_ms=settings.rep_ms)
-        _fill_timing(graph_row, timing, copy_gbps)
+        fill_timing(graph_row, timing, copy_gbps)
         return PointResult(graph_row, list(timing.samples_ms))
     except KeyboardInterrupt:
         raise
     except Exception as err:
         graph_row.update(timer="cuda_graph", n_samples=0, ms_p20=math.nan, ms_p50=math.nan, ms_p80=math.nan)
-        graph_row.update(gbps=math.nan, frac_of_copy_bw=math.nan, status="error", message=_message(err))
+        graph_row.update(gbps=math.nan, frac_of_copy_bw=math.nan, status="error", message=error_message(err))
         return PointResult(graph_row, [])
 
 
 #: a provider is compared with a baseline of the same case, timer, device and run only
-_CASE_KEY = ["op", "pass", "activation", "dtype", "layout", "shape", "timer", "device_name", "run_id"]
+_CASE_KEY = [*POINT_KEY, "timer", "device_name", "run_id"]
 
 
 def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
@@ -288,8 +319,10 @@ def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_frame(rows: Sequence[dict]) -> pd.DataFrame:
-    """Rows as a DataFrame with exactly the schema's columns, in order, and speedups filled in."""
-    frame = pd.DataFrame(list(rows), columns=list(BENCH_COLUMNS))
+    """Rows as a DataFrame with the schema's columns, in order (plus DIST_COLUMNS when the rows have them: a
+    ``--world-size`` run), and speedups filled in."""
+    extra = list(DIST_COLUMNS) if rows and DIST_COLUMNS[0] in rows[0] else []
+    frame = pd.DataFrame(list(rows), columns=[*BENCH_COLUMNS, *extra])
     return add_speedups(frame) if len(frame) else frame
 
 
@@ -298,12 +331,21 @@ def run_sweep(
     providers: Sequence[Provider],
     ctx: RunContext,
     *,
+    done: Iterable[tuple] = (),
+    measure: Callable[[Case, Provider, RunContext], list[PointResult]] | None = None,
+    on_start: Callable[[Case, Provider], None] | None = None,
     on_point: Callable[[Case, Provider, list[PointResult]], None] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    """Measure every point; returns the results frame and the raw samples by :func:`point_id`."""
+    """Measure every point of :func:`plan_points` (minus ``done``) with ``measure`` (default
+    :func:`measure_point`); returns the results frame
+    and the raw samples by :func:`point_id`. ``on_start``/``on_point`` are called before and after each point
+    (the CLI's progress bar and its rewrite of the results files)."""
+    measure = measure or measure_point
     results: list[PointResult] = []
-    for case, provider in plan_points(cases, providers):
-        got = measure_point(case, provider, ctx)
+    for case, provider in plan_points(cases, providers, done):
+        if on_start is not None:
+            on_start(case, provider)
+        got = measure(case, provider, ctx)
         results += got
         if on_point is not None:
             on_point(case, provider, got)

@@ -1,5 +1,6 @@
 """Timers: CUDA events through ``triton.testing.do_bench`` on a GPU, the wall clock on CPU, and the Triton
-interpreter (which is never timed: its simulated kernels run in numpy, so a time would mean nothing).
+interpreter (which is never timed: its simulated kernels run in numpy, so a time would mean nothing), and a
+fixed-count timer for the ``--world-size`` benchmark.
 
 Every timer returns a :class:`Timing` holding the raw samples (milliseconds); the statistics reported are the
 20th, 50th and 80th percentiles (linear interpolation, as ``torch.quantile`` and do_bench's quantiles compute).
@@ -13,8 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
-__all__ = ["Timing", "interpreter_timing", "time_cuda_events", "time_cuda_graph", "time_wall"]
+__all__ = ["Timing", "interpreter_timing", "time_cuda_events", "time_cuda_graph", "time_fixed", "time_wall"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,3 +118,38 @@ def time_cuda_graph(fn: Callable[[], object], *, rep_ms: float = 100.0) -> Timin
 
     times = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
     return Timing("cuda_graph", tuple(float(t) for t in times))
+
+
+def time_fixed(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    reset: Callable[[], None] | None = None,
+) -> Timing:
+    """Exactly ``warmup`` untimed then ``reps`` timed calls of ``fn``: CUDA events around each call on a GPU
+    (timer ``cuda_event``, no L2 flush), the wall clock on CPU (``wall``). For the ``--world-size`` benchmark,
+    where every call is a collective and all ranks must make the same number of calls, so no adaptive budget.
+    ``reset`` runs before every call, outside the timed region."""
+    if warmup < 0 or reps < 1:
+        raise ValueError(f"bad timing settings: warmup={warmup} (>= 0), reps={reps} (>= 1)")
+    cuda = device.type == "cuda"
+    samples: list[float] = []
+    for i in range(warmup + reps):
+        if reset is not None:
+            reset()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            elapsed_ms = float(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed_ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            samples.append(elapsed_ms)
+    return Timing("cuda_event" if cuda else "wall", tuple(samples))

@@ -2,10 +2,10 @@
 
 Inputs: x in the case's dtype and layout (standard normal plus a mean offset of 0.5, so a statistics bug that
 ignores the mean shows), fp32 weight, bias and running statistics (as nn.BatchNorm keeps them under autocast), and
-an upstream gradient ``dy`` like x. Training passes run with autograd on (x, weight and bias require grad), as in
+an upstream gradient ``dy`` like x. Outputs are checked against the tolerance table of :mod:`bnbench.testing`. Training passes run with autograd on (x, weight and bias require grad), as in
 training; eval runs under ``torch.no_grad``.
 
-Pass semantics (MEASURE.md): fwd = training forward (updates running stats); bwd = the backward alone, of a
+Pass semantics (docs/measuring.md): fwd = training forward (updates running stats); bwd = the backward alone, of a
 forward made once beforehand (``retain_graph=True``, so it can be replayed); fwd_bwd = both; eval = inference
 forward with the running statistics.
 """
@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from bnbench.activations import Activation, apply_activation, parse_activation
-from bnbench.bench.cases import DTYPES, Case
+from bnbench.bench.cases import Case
+from bnbench.schema import torch_dtype
+from bnbench.testing import tolerance
 
 __all__ = [
     "EPS",
     "KINK_BAND",
     "MOMENTUM",
     "STATS_TOLERANCE",
-    "TOLERANCE",
     "Inputs",
     "PassRun",
     "batch_statistics",
@@ -36,16 +37,9 @@ __all__ = [
     "max_rel_err",
     "outputs",
     "reference_outputs",
-    "torch_dtype",
 ]
 
 MOMENTUM, EPS = 0.1, 1e-5
-#: largest accepted ||out - ref|| / ||ref|| against the float64 reference, by dtype
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, DTYPES[name])
 
 
 @dataclasses.dataclass
@@ -209,7 +203,7 @@ def reference_outputs(
 
 
 #: the running statistics are fp32 whatever the input dtype: they are checked at fp32's tolerance
-STATS_TOLERANCE = TOLERANCE["fp32"]
+STATS_TOLERANCE = tolerance(torch.float32)
 _STATS = ("running_mean", "running_var")
 
 

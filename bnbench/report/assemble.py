@@ -4,31 +4,36 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bnbench.report.bench import bench_figures, bench_sections
-from bnbench.report.compare import compare_runs, compare_sections, has_regression
+from bnbench.report.bench import bench_figures, bench_sections, points_table, sidecar_environment
+from bnbench.report.compare import compare_runs, compare_sections, gate_failures
 from bnbench.report.compare_plots import compare_figures
-from bnbench.report.document import FigureRef, Section, Table, Text
-from bnbench.report.load import Result
+from bnbench.report.document import FigureRef, Link, Section, Table, Text
+from bnbench.report.load import RESULTS_CSV, Result
+from bnbench.report.machine import MachineCheck, check_machines, run_machine
 from bnbench.report.points import device_label
+from bnbench.report.scope import GpuReference, completeness
 
 __all__ = ["Report", "comparison_report", "results_report", "train_overview"]
-
-TRAIN_MODULE = "bnbench.report.train"
 
 
 @dataclass(frozen=True)
 class Report:
+    """A whole report: its sections, the machine check of a comparison, and ``attachments``: files to copy
+    beside the page (name there -> source path), such as each run's results.csv that the page links to."""
+
     title: str
     subtitle: str
     sections: list[Section]
+    machine: MachineCheck | None = None
+    attachments: dict[str, Path] = field(default_factory=dict)
 
     @property
     def figures(self) -> dict[str, Any]:
@@ -38,35 +43,6 @@ class Report:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "result"
-
-
-def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
-    if isinstance(obj, dict):
-        out: list[tuple[str, str]] = []
-        for key, value in obj.items():
-            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-        return out
-    return [(prefix, str(obj))]
-
-
-def _sidecar_environment(meta: dict[str, Any]) -> pd.DataFrame | None:
-    """The ``environment`` object of results.json as field/value rows (raw samples are not shown)."""
-    env = meta.get("environment")
-    if not isinstance(env, dict) or not env:
-        return None
-    return pd.DataFrame(_flatten(env), columns=["field", "value"])
-
-
-def _train_module(result: Result):
-    try:
-        return importlib.import_module(TRAIN_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != TRAIN_MODULE:
-            raise
-        raise ValueError(
-            f"{result.path}: is a training results folder, but this bnbench has no training report "
-            f"({TRAIN_MODULE} is missing), so its verdict table and figures cannot be made"
-        ) from None
 
 
 def train_overview(df: pd.DataFrame) -> pd.DataFrame:
@@ -88,16 +64,25 @@ def train_overview(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _bench_part(result: Result, prefix: str, level: int) -> list[Section]:
-    sections = bench_sections(result.frame, level=level)
-    env = _sidecar_environment(result.meta)
-    if env is not None:
-        sections.insert(1, Section("Environment recorded in results.json", [Table(env)], level))
+def _csv_copy_name(result: Result, prefix: str) -> str:
+    """The name of a run's results.csv copy beside the page: never ``results.csv`` itself, so a report folder is
+    never mistaken for a results folder."""
+    return f"{prefix or _slug(result.name) + '-'}{RESULTS_CSV}"
+
+
+def _bench_part(result: Result, prefix: str, level: int, gpu: GpuReference | None, csv_name: str) -> list[Section]:
+    model_calls = result.meta.get("model_bn_calls")
+    sections = bench_sections(result.frame, level=level, model_calls=model_calls, meta=result.meta, gpu=gpu)
     figures = [FigureRef(prefix + stem, fig, _bench_caption(stem)) for stem, fig in bench_figures(result.frame).items()]
     if figures:
         sections.append(Section("Figures", figures, level))
     else:
         sections.append(Section("Figures", [Text("No timed points: no figures.")], level))
+    data = [
+        Link(f"{csv_name}: every point of this run (a copy of {result.path / RESULTS_CSV})", csv_name),
+        Table(points_table(result.frame)),
+    ]
+    sections.append(Section("All points", data, level))
     return sections
 
 
@@ -117,7 +102,8 @@ def _held_text(held) -> str:
 
 
 def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
-    module = _train_module(result)
+    from bnbench.report import train as module
+
     verdict = module.verdict_table(result.frame)
     if "held" in verdict.columns:  # True / False / None (the results cannot decide)
         verdict = verdict.assign(held=verdict["held"].map(_held_text))
@@ -126,48 +112,76 @@ def _train_part(result: Result, prefix: str, level: int) -> list[Section]:
         Section("Experiments", [Table(train_overview(result.frame))], level),
         Section("Verdict per claim", [Table(verdict)], level),
     ]
-    env = _sidecar_environment(result.meta)
-    if env is not None:
+    env = sidecar_environment(result.meta)
+    if len(env):
         sections.append(Section("Environment recorded in results.json", [Table(env)], level))
     refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in figures.items()]
     sections.append(Section("Figures", refs or [Text("The training report made no figures.")], level))
     return sections
 
 
-def results_report(results: Sequence[Result], *, title: str | None = None) -> Report:
-    """A report of one or more bench/train result folders, one part per folder."""
+def _step_part(result: Result, prefix: str, level: int) -> list[Section]:
+    from bnbench.report.step import step_figures, step_sections
+
+    sections = step_sections(result.frame, level=level)
+    refs = [FigureRef(prefix + stem, fig, stem.replace("_", " ")) for stem, fig in step_figures(result.frame).items()]
+    sections.append(Section("Figures", refs or [Text("No timed rows: no figures.")], level))
+    return sections
+
+
+def results_report(results: Sequence[Result], *, title: str | None = None, gpu: GpuReference | None = None) -> Report:
+    """A report of one or more bench/step/train result folders, one part per folder. ``gpu``: the newest
+    committed GPU benchmark, quoted in the part of a bench run that had no GPU."""
     if not results:
         raise ValueError("no result folders given")
     sections: list[Section] = []
+    attachments: dict[str, Path] = {}
     single = len(results) == 1
     for i, result in enumerate(results, start=1):
         prefix = "" if single else f"{i}-{_slug(result.name)}-"
         level = 2 if single else 3
         if not single:
-            what = "benchmark run" if result.kind == "bench" else "training experiments"
+            what = {"bench": "benchmark run", "step": "training-step benchmark"}.get(
+                result.kind, "training experiments"
+            )
             sections.append(Section(f"{result.name} ({result.kind})", [Text(f"{what}: {result.path.resolve()}")], 2))
-        part = _bench_part if result.kind == "bench" else _train_part
-        sections += part(result, prefix, level)
+        if result.kind == "bench":
+            csv_name = _csv_copy_name(result, prefix)
+            sections += _bench_part(result, prefix, level, gpu, csv_name)
+            attachments[csv_name] = result.path / RESULTS_CSV
+        elif result.kind == "step":
+            sections += _step_part(result, prefix, level)
+        else:
+            sections += _train_part(result, prefix, level)
     kinds = ", ".join(dict.fromkeys(r.kind for r in results))
-    devices = [device_label(r.frame) for r in results if r.kind == "bench"]
+    devices = [device_label(r.frame) for r in results if r.kind in ("bench", "step")]
     subtitle = f"{len(results)} result folder(s) ({kinds})" + (
         f"; devices: {', '.join(dict.fromkeys(devices))}" if devices else ""
     )
     default = f"bnbench report: {results[0].name}" if single else "bnbench report"
-    return Report(title or default, subtitle, sections)
+    return Report(title or default, subtitle, sections, attachments=attachments)
 
 
 def comparison_report(
     baseline: Result, candidate: Result, *, threshold: float = 0.10, title: str | None = None
-) -> tuple[Report, pd.DataFrame, bool]:
-    """(report, point-by-point comparison frame, whether any point regressed) for two bench folders."""
+) -> tuple[Report, pd.DataFrame, list[str]]:
+    """(report, point-by-point comparison frame, the gate's failures: empty when the candidate passes) for two
+    bench folders. The runs' machines are checked first (``bnbench.report.machine``): a slowdown that a machine
+    change alone explains is not a regression."""
     for role, result in (("baseline", baseline), ("candidate", candidate)):
         if result.kind != "bench":
             raise ValueError(
                 f"{role} {result.path}: is a {result.kind} results folder; only bench runs can be compared"
             )
-    comparison = compare_runs(baseline.frame, candidate.frame, threshold=threshold)
-    sections = compare_sections(comparison, baseline.frame, candidate.frame, threshold=threshold)
+    machine = check_machines(run_machine(baseline.frame, baseline.meta), run_machine(candidate.frame, candidate.meta))
+    comparison = compare_runs(baseline.frame, candidate.frame, threshold=threshold, slowdown=machine.slowdown)
+    sections = compare_sections(comparison, baseline.frame, candidate.frame, threshold=threshold, machine=machine)
+    runs = sections[0]  # "Runs": each run's completeness beside its provenance
+    states = [
+        Text(f"{role}: {completeness(r.frame, r.meta)}")
+        for role, r in (("Baseline", baseline), ("Candidate", candidate))
+    ]
+    sections[0] = Section(runs.title, [*runs.items, *states], runs.level)
     device = device_label(candidate.frame)
     heading = f"{candidate.name} vs {baseline.name} on {device}"
     figures = compare_figures(comparison, threshold=threshold, title=heading)
@@ -175,5 +189,5 @@ def comparison_report(
         refs = [FigureRef(stem, fig, "Time ratio per point, candidate / baseline.") for stem, fig in figures.items()]
         sections.insert(2, Section("Figure", refs))
     subtitle = f"baseline {baseline.path}; candidate {candidate.path}; threshold {threshold:.0%}"
-    report = Report(title or f"bnbench comparison: {heading}", subtitle, sections)
-    return report, comparison, has_regression(comparison)
+    report = Report(title or f"bnbench comparison: {heading}", subtitle, sections, machine=machine)
+    return report, comparison, gate_failures(comparison)

@@ -8,11 +8,16 @@ listed separately, never averaged in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import pandas as pd
 
 from bnbench.report.bench_plots import bench_figures
+from bnbench.report.bn_total import bn_total_sections
 from bnbench.report.document import Section, Table, Text, to_markdown
 from bnbench.report.points import case_label, geomean, is_baseline, sort_points, timed_points
+from bnbench.report.scope import GpuReference, completeness, cpu_scope_items, is_gpu_run
 
 __all__ = [
     "bench_figures",
@@ -23,6 +28,8 @@ __all__ = [
     "interpreter_table",
     "not_ok_points",
     "over_copy_bandwidth",
+    "points_table",
+    "sidecar_environment",
     "summary_markdown",
 ]
 
@@ -34,8 +41,30 @@ PROVENANCE = (
 _POINT_COLUMNS = ["case", "provider", "timer", "ms_p50", "speedup_vs_eager", "speedup_vs_compile", "frac_of_copy_bw"]
 
 
-def environment_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Provenance (distinct values of each column) and how many points had each status."""
+#: sidecar environment fields already shown from the CSV's provenance columns
+_SHOWN = {"bnbench_version", "torch_version", "triton_version", "git_sha", "device.name"}
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, Mapping):
+        out: list[tuple[str, str]] = []
+        for key, value in obj.items():
+            out += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [(prefix, str(obj))]
+
+
+def sidecar_environment(meta: Mapping[str, Any] | None, skip: Sequence[str] = ()) -> pd.DataFrame:
+    """The ``environment`` object of results.json as field/value rows (nested keys joined by dots), minus
+    ``skip``; empty when there is none."""
+    env = (meta or {}).get("environment")
+    rows = _flatten(env) if isinstance(env, Mapping) else []
+    return pd.DataFrame([r for r in rows if r[0] not in skip], columns=["field", "value"])
+
+
+def environment_table(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Provenance (distinct values of each column), how many points had each status, and the rest of the
+    environment recorded in results.json (``meta``), each field once."""
     rows = []
     for column in PROVENANCE:
         values = [str(v) for v in dict.fromkeys(df[column].dropna())]
@@ -45,7 +74,8 @@ def environment_table(df: pd.DataFrame) -> pd.DataFrame:
     counts = df["status"].value_counts()
     status = ", ".join(f"{name} {int(counts[name])}" for name in counts.index)
     rows.append({"field": "points", "value": f"{len(df)} ({status})" if len(df) else "0"})
-    return pd.DataFrame(rows, columns=["field", "value"])
+    table = pd.DataFrame(rows, columns=["field", "value"])
+    return pd.concat([table, sidecar_environment(meta, skip=_SHOWN)], ignore_index=True)
 
 
 def headline_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -140,8 +170,31 @@ def interpreter_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
-    """The summary of one benchmark run as report sections (environment, headline, extremes, problems)."""
+def points_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every point of the run, one row each, in reading order: case, provider, timer, status, times and the
+    derived figures (the page's per-point table)."""
+    columns = ["case", "provider", "timer", "status", "ms_p20", "ms_p50", "ms_p80", "speedup_vs_eager",
+               "speedup_vs_compile", "frac_of_copy_bw", "compile_s", "peak_mem_mb", "max_rel_err", "message"]  # fmt: skip
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    table = _point_rows(sort_points(df))[columns]
+    if table["peak_mem_mb"].isna().all():  # measured on CUDA only
+        table = table.drop(columns=["peak_mem_mb"])
+    return table.reset_index(drop=True)
+
+
+def bench_sections(
+    df: pd.DataFrame,
+    *,
+    level: int = 2,
+    model_calls: dict | None = None,
+    meta: Mapping[str, Any] | None = None,
+    gpu: GpuReference | None = None,
+    inspect_items: Sequence = (),
+) -> list[Section]:
+    """The summary of one benchmark run as report sections: environment and completeness, on a run without a
+    GPU what it can and cannot show (``bnbench.report.scope``), headline, with ``model_calls`` (a network's BN
+    call table) the call-weighted BN + activation time per training step, extremes, problems."""
     timed = timed_points(df)
     headline = headline_table(df)
     method = Text(
@@ -155,10 +208,11 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
         headline_items.append(Text("No timed points: nothing to put in a speed table."))
     else:
         headline_items.append(Table(headline))
-    sections = [
-        Section("Environment", [Table(environment_table(df))], level),
-        Section("Headline: speedups and bandwidth", headline_items, level),
-    ]
+    sections = [Section("Environment", [Text(completeness(df, meta)), Table(environment_table(df, meta))], level)]
+    if len(df) and not is_gpu_run(df):
+        sections.append(Section("What this run can and cannot show", cpu_scope_items(df, gpu, inspect_items), level))
+    sections.append(Section("Headline: speedups and bandwidth", headline_items, level))
+    sections += bn_total_sections(df, model_calls, level=level)
     extremes = extreme_points(df)
     if len(extremes):
         sections.append(
@@ -198,6 +252,17 @@ def bench_sections(df: pd.DataFrame, *, level: int = 2) -> list[Section]:
     return sections
 
 
-def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary") -> str:
-    """``summary.md`` of one run: environment, the headline table, best and worst points, problem points."""
-    return to_markdown(bench_sections(df), title=title)
+def summary_markdown(
+    df: pd.DataFrame,
+    title: str = "Benchmark summary",
+    model_calls: dict | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    gpu: GpuReference | None = None,
+    inspect_items: Sequence = (),
+) -> str:
+    """``summary.md`` of one run: environment and completeness, the CPU scope note on a run without a GPU, the
+    headline table (and, for a network's cases, the call-weighted BN + activation time per step), best and worst
+    points, problem points."""
+    sections = bench_sections(df, model_calls=model_calls, meta=meta, gpu=gpu, inspect_items=inspect_items)
+    return to_markdown(sections, title=title)

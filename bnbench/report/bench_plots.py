@@ -2,7 +2,10 @@
 
 Plot functions draw one panel on a given matplotlib ``ax`` and return it; :func:`bench_figures` lays panels out
 on Figures built without pyplot (no global state). Only timed points (status ok, a real timer) are drawn.
-Colours come from ``bnbench.report.style`` so a provider looks the same everywhere.
+Colours come from ``bnbench.report.style`` so a provider looks the same everywhere. Within one figure every
+panel has the same axis kinds (log or linear, decided from all its panels' values), BatchNorm1d and
+BatchNorm2d cases never share a batch axis (their panels are apart), and an axis swept over a few values is
+labelled at exactly those values.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from bnbench.report.style import (
     PASS_ORDER,
     PROVIDER_ORDER,
     color_for,
-    maybe_log_scale,
     new_figure,
     order_values,
+    set_axis_scale,
+    wants_log,
 )
 
 __all__ = ["bench_figures", "plot_bandwidth", "plot_speedup_heatmap", "plot_time_vs_batch"]
 
 #: case dimensions that may vary inside one panel; when they do, each value gets its own line style
 _EXTRA_DIMS = ("op", "activation", "bn_mode", "layout", "S", "timer")
+#: display names of the ops in panel titles
+_OP_NAMES = {"bn1d": "BN1d", "bn2d": "BN2d"}
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -37,10 +43,23 @@ def _varying(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if df[c].nunique(dropna=False) > 1]
 
 
-def _series(frame: pd.DataFrame, extras: Sequence[str]):
-    """(provider, label, style index, rows) per line, in a stable order: provider order, then extra values."""
+def _varying_within(panels, columns: Sequence[str]) -> list[str]:
+    """The ``columns`` that vary inside at least one panel (a dimension that differs only between panels is
+    in their titles, not in every legend entry)."""
+    return [c for c in columns if any(rows[c].nunique(dropna=False) > 1 for _, rows in panels)]
+
+
+def style_order(frame: pd.DataFrame, extras: Sequence[str]) -> list[tuple]:
+    """The combinations of ``extras`` values in ``frame``, in a stable order: a line's style is its index here.
+    Compute it once per figure, so that a label has the same style in every panel (and in the legend)."""
+    return order_values(tuple(r) for r in frame[list(extras)].astype(str).itertuples(index=False))
+
+
+def _series(frame: pd.DataFrame, extras: Sequence[str], styles: Sequence[tuple] | None = None):
+    """(provider, label, style index, rows) per line, in a stable order: provider order, then extra values.
+    ``styles``: the figure's :func:`style_order` (default: this frame's)."""
     keys = ["provider", *extras]
-    combos = order_values(tuple(r) for r in frame[list(extras)].astype(str).itertuples(index=False))
+    combos = list(styles) if styles is not None else style_order(frame, extras)
     for provider in order_values(frame["provider"], PROVIDER_ORDER):
         rows = frame[frame["provider"] == provider]
         for _, group in rows.groupby(keys, sort=True, dropna=False):
@@ -50,16 +69,24 @@ def _series(frame: pd.DataFrame, extras: Sequence[str]):
             yield provider, label, combos.index(extra) if extras else 0, group
 
 
-def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), title: str = ""):
-    """Median time vs batch size N, one line per provider (and per value of ``extras``), p20-p80 band."""
-    for provider, label, style, group in _series(frame, extras):
+def _times(frame: pd.DataFrame) -> pd.Series:
+    return pd.concat([frame["ms_p20"], frame["ms_p80"]])
+
+
+def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), title: str = "",
+                       xlog: bool | None = None, ylog: bool | None = None,
+                       styles: Sequence[tuple] | None = None):  # fmt: skip
+    """Median time vs batch size N, one line per provider (and per value of ``extras``, styled by its index in
+    ``styles``), p20-p80 band. Axes are log when asked (``xlog``/``ylog``; by default when this panel's values
+    span a decade)."""
+    for provider, label, style, group in _series(frame, extras, styles):
         group = group.sort_values("N")
         color = color_for(provider)
         ax.plot(group["N"], group["ms_p50"], color=color, marker=_MARKERS[style % len(_MARKERS)],
                 linestyle=_LINESTYLES[style % len(_LINESTYLES)], label=label)  # fmt: skip
         ax.fill_between(group["N"], group["ms_p20"], group["ms_p80"], color=color, alpha=0.2, linewidth=0)
-    maybe_log_scale(ax, frame["N"], "x")
-    maybe_log_scale(ax, pd.concat([frame["ms_p20"], frame["ms_p80"]]), "y")
+    set_axis_scale(ax, "x", wants_log(frame["N"]) if xlog is None else xlog, ticks=frame["N"])
+    set_axis_scale(ax, "y", wants_log(_times(frame)) if ylog is None else ylog)
     ax.set_xlabel("batch size N")
     ax.set_ylabel("time (ms): median, band p20-p80")
     ax.grid(True, which="both", alpha=0.3)
@@ -68,10 +95,10 @@ def plot_time_vs_batch(ax, frame: pd.DataFrame, *, extras: Sequence[str] = (), t
 
 
 def plot_bandwidth(ax, frame: pd.DataFrame, *, copy_gbps: Sequence[float] = (), extras: Sequence[str] = (),
-                   title: str = ""):  # fmt: skip
+                   title: str = "", xlog: bool | None = None, styles: Sequence[tuple] | None = None):  # fmt: skip
     """Effective bandwidth (minimal bytes / median time) vs tensor bytes per provider; the p20-p80 band as error
     bars; a horizontal line at each measured copy bandwidth."""
-    for provider, label, style, group in _series(frame, extras):
+    for provider, label, style, group in _series(frame, extras, styles):
         group = group.sort_values("bytes_min")
         gbps = group["gbps"].to_numpy(dtype=float)
         p50 = group["ms_p50"].to_numpy(dtype=float)
@@ -81,8 +108,8 @@ def plot_bandwidth(ax, frame: pd.DataFrame, *, copy_gbps: Sequence[float] = (), 
         ax.errorbar(group["bytes_min"], gbps, yerr=yerr, color=color_for(provider), label=label, capsize=2,
                     marker=_MARKERS[style % len(_MARKERS)], linestyle="none", markersize=4)  # fmt: skip
     for value in order_values(copy_gbps):
-        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth {value:.0f} GB/s")
-    maybe_log_scale(ax, frame["bytes_min"], "x")
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"copy bandwidth {value:.3g} GB/s")
+    set_axis_scale(ax, "x", wants_log(frame["bytes_min"]) if xlog is None else xlog, ticks=frame["bytes_min"])
     ax.set_xlabel("minimal bytes moved per call")
     ax.set_ylabel("effective bandwidth (GB/s)")
     ax.set_ylim(bottom=0)
@@ -159,13 +186,20 @@ def _legend(fig: Figure, axes) -> None:
         )
 
 
+def _op_name(op) -> str:
+    return _OP_NAMES.get(str(op), str(op))
+
+
 def _time_figure(timed: pd.DataFrame, device: str) -> Figure:
-    extras = _varying(timed, _EXTRA_DIMS)
-    panels = _panels(timed, ["dtype", "pass", "C"])
+    panels = _panels(timed, ["op", "dtype", "pass", "C"])  # BN1d and BN2d get their own panels
+    extras = _varying_within(panels, _EXTRA_DIMS)
     title = f"Time vs batch size on {device} (median; band p20-p80)"
     fig, axes = new_figure(len(panels), max_cols=max(1, min(timed["C"].nunique(), 4)), title=title)
-    for ax, ((dtype, pass_, width), rows) in zip(axes, panels, strict=True):
-        plot_time_vs_batch(ax, rows, extras=extras, title=f"{dtype} · {pass_} · width C={width}")
+    xlog, ylog = wants_log(timed["N"]), wants_log(_times(timed))
+    styles = style_order(timed, extras)
+    for ax, ((op, dtype, pass_, width), rows) in zip(axes, panels, strict=True):
+        name = f"{_op_name(op)} · {dtype} · {pass_} · width C={width}"
+        plot_time_vs_batch(ax, rows, extras=extras, title=name, xlog=xlog, ylog=ylog, styles=styles)
     _legend(fig, axes)
     return fig
 
@@ -174,12 +208,14 @@ def _bandwidth_figure(timed: pd.DataFrame, device: str) -> Figure | None:
     rows = timed.dropna(subset=["gbps", "bytes_min"])
     if rows.empty:
         return None
-    extras = _varying(rows, [c for c in _EXTRA_DIMS if c != "S"])
     panels = _panels(rows, ["dtype", "pass"])
+    extras = _varying_within(panels, [c for c in _EXTRA_DIMS if c != "S"])
     fig, axes = new_figure(len(panels), title=f"Effective bandwidth vs bytes on {device}")
+    xlog, styles = wants_log(rows["bytes_min"]), style_order(rows, extras)
     for ax, ((dtype, pass_), part) in zip(axes, panels, strict=True):
         copy = pd.to_numeric(part["peak_copy_gbps"], errors="coerce").dropna().unique()
-        plot_bandwidth(ax, part, copy_gbps=list(copy), extras=extras, title=f"{dtype} · {pass_}")
+        plot_bandwidth(ax, part, copy_gbps=list(copy), extras=extras, title=f"{dtype} · {pass_}", xlog=xlog,
+                       styles=styles)  # fmt: skip
     _legend(fig, axes)
     return fig
 
@@ -189,7 +225,7 @@ def _heatmap_figure(timed: pd.DataFrame, column: str, baseline: str, device: str
     candidates = candidates[pd.to_numeric(candidates[column], errors="coerce").notna()]
     if candidates.empty:
         return None
-    keys = ["provider", "dtype", "pass"] + (["timer"] if candidates["timer"].nunique() > 1 else [])
+    keys = ["provider", "dtype", "pass"] + [k for k in ("op", "timer") if candidates[k].nunique() > 1]
     panels = _panels(candidates, keys)
     title = f"Speedup over {baseline} on {device} (median times; > 1: faster)"
     fig, axes = new_figure(len(panels), title=title)
@@ -197,7 +233,8 @@ def _heatmap_figure(timed: pd.DataFrame, column: str, baseline: str, device: str
     limit = float(np.exp(_log_span(np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids]))))
     for ax, (key, part) in zip(axes, panels, strict=True):
         _, pooled = speedup_grid(part, column)
-        name = f"{key[0]} vs {baseline} · {key[1]} · {key[2]}" + (f" · {key[3]}" if len(key) > 3 else "")
+        more = [_op_name(v) if k == "op" else str(v) for k, v in zip(keys[3:], key[3:], strict=True)]
+        name = f"{key[0]} vs {baseline} · {key[1]} · {key[2]}" + "".join(f" · {v}" for v in more)
         if pooled > 1:
             name += f"\n(geomean of up to {pooled} cases per cell)"
         plot_speedup_heatmap(ax, part, column, title=name, limit=limit)

@@ -7,10 +7,16 @@ point timed in both runs, with each run's run-to-run noise band [p20, p80]:
 - ``same``: each median lies inside the other run's band (the change is indistinguishable from noise);
 - ``ambiguous``: the bands overlap but a median lies outside the other band, or a band is missing.
 
-A *regression* is a ``slower`` point whose median ratio exceeds ``1 + threshold``, or a point that was ok in the
-baseline and is incorrect, error or oom in the candidate (a wrong or crashing kernel is worse than a slow one).
+A *regression* is a ``slower`` point whose median ratio exceeds ``(1 + threshold) * slowdown``, or a point that
+was ok in the baseline and is incorrect, error or oom in the candidate (a wrong or crashing kernel is worse than
+a slow one). ``slowdown`` is 1 unless the machine changed between the runs (``bnbench.report.machine``): then it
+is the most the machine change alone explains, and a point is not called a regression on that alone.
 Points in only one run are labelled ``missing``; points not ok in either run ``not-ok``; points timed by the
 Triton interpreter ``untimed`` (their times mean nothing). Nothing is dropped silently.
+
+The *gate* (:func:`gate_failures`, the exit code of ``bnbench report --baseline A --candidate B``) fails on a
+regression, on a baseline point missing from the candidate, and when the runs share no point at all: a candidate
+that measured nothing, or something else, has not passed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bnbench.report.document import Section, Table, Text
+from bnbench.report.machine import MachineCheck
 from bnbench.report.points import POINT_KEY, case_label, geomean, sort_points
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "compare_runs",
     "compare_sections",
     "compare_summary",
+    "gate_failures",
     "has_regression",
     "provenance_table",
     "regressions",
@@ -46,7 +54,7 @@ def _check_unique(frame: pd.DataFrame, name: str) -> None:
         raise ValueError(f"{name}: {int(dup.sum())} rows share a point key (e.g. {key}); cannot match points")
 
 
-def _label_row(row, threshold: float) -> tuple[str, bool, str]:
+def _label_row(row, threshold: float, slowdown: float) -> tuple[str, bool, str]:
     """(label, regression, note) for one merged row."""
     if row["_merge"] == "left_only":
         return "missing", False, "only in the baseline"
@@ -65,8 +73,12 @@ def _label_row(row, threshold: float) -> tuple[str, bool, str]:
         return "ambiguous", False, "a time or its p20/p80 band is missing"
     if c20 > b80:
         ratio = c50 / b50
-        regression = ratio > 1 + threshold
-        return "slower", regression, f"{ratio - 1:+.1%}" + (" beyond threshold" if regression else "")
+        regression = ratio > (1 + threshold) * slowdown
+        if regression:
+            return "slower", True, f"{ratio - 1:+.1%} beyond threshold"
+        if ratio > 1 + threshold:
+            return "slower", False, f"{ratio - 1:+.1%}: within the machine change (up to {slowdown - 1:+.1%})"
+        return "slower", False, f"{ratio - 1:+.1%}"
     if c80 < b20:
         return "faster", False, f"{c50 / b50 - 1:+.1%}"
     if b20 <= c50 <= b80 and c20 <= b50 <= c80:
@@ -74,19 +86,24 @@ def _label_row(row, threshold: float) -> tuple[str, bool, str]:
     return "ambiguous", False, "bands overlap, medians outside each other's band"
 
 
-def compare_runs(baseline: pd.DataFrame, candidate: pd.DataFrame, *, threshold: float = 0.10) -> pd.DataFrame:
+def compare_runs(
+    baseline: pd.DataFrame, candidate: pd.DataFrame, *, threshold: float = 0.10, slowdown: float = 1.0
+) -> pd.DataFrame:
     """One row per point of either run: both runs' p20/p50/p80 and status, ``ratio`` (candidate / baseline
     median time; > 1 is slower), its noise band ``ratio_lo`` = c_p20/b_p80 .. ``ratio_hi`` = c_p80/b_p20,
-    ``label`` (see the module docstring), ``regression`` and a ``note``."""
+    ``in_runs`` (both, baseline, candidate), ``label`` (see the module docstring), ``regression`` and a ``note``.
+    ``slowdown`` (>= 1) is the slowdown a machine change alone explains (``bnbench.report.machine``)."""
     if not (isinstance(threshold, (int, float)) and np.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0 (0.1 = 10%), got {threshold!r}")
+    if not (isinstance(slowdown, (int, float)) and np.isfinite(slowdown) and slowdown >= 1):
+        raise ValueError(f"slowdown must be a finite number >= 1, got {slowdown!r}")
     _check_unique(baseline, "baseline")
     _check_unique(candidate, "candidate")
     key = list(POINT_KEY)
     merged = baseline[key + list(_STATS)].merge(
         candidate[key + list(_STATS)], on=key, how="outer", suffixes=("_base", "_cand"), indicator=True
     )
-    labels = [_label_row(row, threshold) for _, row in merged.iterrows()]
+    labels = [_label_row(row, threshold, slowdown) for _, row in merged.iterrows()]
     merged["label"] = [label for label, _, _ in labels]
     merged["regression"] = [regression for _, regression, _ in labels]
     merged["note"] = [note for _, _, note in labels]
@@ -96,6 +113,7 @@ def compare_runs(baseline: pd.DataFrame, candidate: pd.DataFrame, *, threshold: 
     untimed = ~merged["label"].isin(TIMED_LABELS)
     merged.loc[untimed, ["ratio", "ratio_lo", "ratio_hi"]] = np.nan
     merged["numel"] = merged["numel_base"].fillna(merged["numel_cand"])
+    merged["in_runs"] = merged["_merge"].map({"both": "both", "left_only": "baseline", "right_only": "candidate"})
     merged = merged.drop(columns=["_merge", "numel_base", "numel_cand"])
     return sort_points(merged).reset_index(drop=True)
 
@@ -103,6 +121,25 @@ def compare_runs(baseline: pd.DataFrame, candidate: pd.DataFrame, *, threshold: 
 def has_regression(comparison: pd.DataFrame) -> bool:
     """Whether any point regressed (the exit code of ``bnbench report --baseline A --candidate B``)."""
     return bool(comparison["regression"].any())
+
+
+def gate_failures(comparison: pd.DataFrame) -> list[str]:
+    """Why the candidate does not pass (empty: it passes): regressions, baseline points missing from the
+    candidate, or no point in common."""
+    failures = []
+    if not (comparison["in_runs"] == "both").any():
+        failures.append(
+            f"the runs share no point (baseline {int((comparison['in_runs'] == 'baseline').sum())}, candidate "
+            f"{int((comparison['in_runs'] == 'candidate').sum())} points): nothing was compared"
+        )
+    else:
+        missing = int((comparison["in_runs"] == "baseline").sum())
+        if missing:
+            failures.append(f"{missing} point(s) of the baseline are missing from the candidate")
+    n_reg = int(comparison["regression"].sum())
+    if n_reg:
+        failures.append(f"{n_reg} regression(s)")
+    return failures
 
 
 def regressions(comparison: pd.DataFrame) -> pd.DataFrame:
@@ -142,26 +179,43 @@ def provenance_table(baseline: pd.DataFrame, candidate: pd.DataFrame) -> pd.Data
 
 
 def compare_sections(
-    comparison: pd.DataFrame, baseline: pd.DataFrame, candidate: pd.DataFrame, *, threshold: float
+    comparison: pd.DataFrame,
+    baseline: pd.DataFrame,
+    candidate: pd.DataFrame,
+    *,
+    threshold: float,
+    machine: MachineCheck | None = None,
 ) -> list[Section]:
-    """The comparison as report sections: provenance, the verdict, the per-provider summary, regressions,
-    missing points and the full point-by-point table."""
+    """The comparison as report sections: provenance and machine state, the verdict (the gate's failures), the
+    per-provider summary, regressions, missing points and the full point-by-point table."""
     provenance = provenance_table(baseline, candidate)
     notes = []
     devices = provenance.set_index("field").loc["device_name"]
     if devices["baseline"] != devices["candidate"]:
         notes.append(Text("The runs used different devices: the ratios compare machines, not code."))
+    if machine is not None:
+        notes.append(Table(machine.table, caption="Machine state of each run (before and after it, where recorded):"))
+        if machine.differs:
+            notes.append(
+                Text(
+                    "The machine changed between the runs: " + "; ".join(machine.reasons) + ". A slower point is "
+                    f"called a regression only beyond what that explains: a slowdown over {machine.slowdown:.3g}x "
+                    f"times 1 + threshold. Rerun both on a quiet machine to compare the code itself."
+                )
+            )
     found = regressions(comparison)
+    failures = gate_failures(comparison)
     verdict = (
-        f"{len(found)} regression(s): point(s) slower by more than {threshold:.0%} outside their noise band, or "
-        "newly incorrect/error/oom."
-        if len(found)
-        else f"No regression (threshold {threshold:.0%}; a point must also be slower outside its p20-p80 band)."
+        "Does not pass: " + "; ".join(failures) + "."
+        if failures
+        else f"Passes: no regression (threshold {threshold:.0%}; a point must also be slower outside its p20-p80 "
+        "band) and every baseline point was measured in the candidate."
     )
     method = Text(
         "ratio = candidate median / baseline median (> 1: slower); band = candidate p20 / baseline p80 .. "
         "candidate p80 / baseline p20. slower/faster: the two p20-p80 bands do not overlap; same: each median "
-        "lies in the other run's band; ambiguous: anything in between."
+        "lies in the other run's band; ambiguous: anything in between. A regression is a slower point beyond "
+        "the threshold, or a point newly incorrect/error/oom."
     )
     missing = comparison[comparison["label"] == "missing"]
     points = comparison.assign(case=case_label(comparison))

@@ -16,17 +16,20 @@ from bnbench.report.style import (
     PASS_ORDER,
     PROVIDER_ORDER,
     color_for,
-    maybe_log_scale,
     new_figure,
     order_values,
+    set_axis_scale,
+    wants_log,
 )
 
 __all__ = ["compare_figures", "plot_ratio"]
 
 
-def plot_ratio(ax, rows: pd.DataFrame, *, threshold: float, title: str = ""):
+def plot_ratio(ax, rows: pd.DataFrame, *, threshold: float, title: str = "", xlog: bool | None = None,
+               ylog: bool | None = None):  # fmt: skip
     """Time ratio (candidate / baseline; > 1 slower) against tensor size, one colour per provider, error bars
-    from the noise band; regressions ringed in red; dotted lines at 1 +- threshold."""
+    from the noise band; regressions ringed in red; dotted lines at 1 +- threshold. Axes are log when asked
+    (by default when this panel's values span a decade)."""
     for provider in order_values(rows["provider"], PROVIDER_ORDER):
         part = rows[rows["provider"] == provider].sort_values("numel")
         ratio = part["ratio"].to_numpy(dtype=float)
@@ -40,13 +43,17 @@ def plot_ratio(ax, rows: pd.DataFrame, *, threshold: float, title: str = ""):
     ax.axhline(1.0, color="black", linewidth=1)
     for level in (1 + threshold, 1 / (1 + threshold)):
         ax.axhline(level, color="grey", linestyle=":", linewidth=1)
-    maybe_log_scale(ax, rows["numel"], "x")
-    maybe_log_scale(ax, pd.concat([rows["ratio_lo"], rows["ratio_hi"]]), "y")
+    set_axis_scale(ax, "x", wants_log(rows["numel"]) if xlog is None else xlog, ticks=rows["numel"])
+    set_axis_scale(ax, "y", wants_log(_band(rows)) if ylog is None else ylog)
     ax.set_xlabel("elements in the input tensor")
     ax.set_ylabel("time ratio candidate / baseline")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
     return ax
+
+
+def _band(rows: pd.DataFrame) -> pd.Series:
+    return pd.concat([rows["ratio_lo"], rows["ratio_hi"]])
 
 
 def compare_figures(comparison: pd.DataFrame, *, threshold: float, title: str = "") -> dict[str, Figure]:
@@ -62,8 +69,9 @@ def compare_figures(comparison: pd.DataFrame, *, threshold: float, title: str = 
     panels = [(key, part) for key, part in panels if len(part)]
     heading = title or "Candidate vs baseline"
     fig, axes = new_figure(len(panels), title=f"{heading}: time ratio (median; band from p20/p80)")
+    xlog, ylog = wants_log(rows["numel"]), wants_log(_band(rows))  # one axis kind for every panel
     for ax, ((dtype, pass_), part) in zip(axes, panels, strict=True):
-        plot_ratio(ax, part, threshold=threshold, title=f"{dtype} · {pass_}")
+        plot_ratio(ax, part, threshold=threshold, title=f"{dtype} · {pass_}", xlog=xlog, ylog=ylog)
     handles: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):

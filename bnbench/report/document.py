@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["FigureRef", "Section", "Table", "Text", "format_value", "markdown_table", "to_markdown"]
+__all__ = ["FigureRef", "Link", "Section", "Table", "Text", "format_value", "markdown_table", "to_markdown"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,17 @@ class FigureRef:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A link to a file written beside the report (``href`` relative to it), with the text shown."""
+
+    text: str
+    href: str
+
+
+@dataclass(frozen=True)
 class Section:
     title: str
-    items: Sequence[Text | Table | FigureRef] = field(default_factory=tuple)
+    items: Sequence[Text | Table | FigureRef | Link] = field(default_factory=tuple)
     level: int = 2
 
 
@@ -100,6 +108,8 @@ def to_markdown(sections: Sequence[Section], *, title: str = "", figure_suffix: 
                 out += [markdown_table(item.frame), ""]
             elif isinstance(item, FigureRef):
                 out += [f"![{item.caption or item.stem}]({item.stem}{figure_suffix})", ""]
+            elif isinstance(item, Link):
+                out += [f"[{item.text}]({item.href})", ""]
             else:
                 raise TypeError(f"unknown report item {type(item).__name__}")
     return "\n".join(out).rstrip() + "\n"

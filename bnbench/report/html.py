@@ -1,5 +1,6 @@
 """A self-contained HTML page from report sections: figures embedded as base64 PNG data URIs, tables as HTML,
-inline CSS, no script and no external asset, so the file opens in any browser without a network.
+inline CSS, no script and no external asset, so the file opens in any browser without a network. The only links
+are to files written beside the page (the data behind it, e.g. a copy of each results.csv).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from bnbench.report.document import FigureRef, Section, Table, Text, format_value
+from bnbench.report.document import FigureRef, Link, Section, Table, Text, format_value
 
 __all__ = ["figure_data_uri", "figure_png", "render_html", "table_html"]
 
@@ -113,6 +114,8 @@ def render_html(
                     f'<figure id="fig-{html.escape(item.stem)}"><img alt="{caption}" '
                     f'src="{figure_data_uri(png[item.stem] if item.stem in png else figure_png(item.figure))}"><figcaption>{caption}</figcaption></figure>'
                 )
+            elif isinstance(item, Link):
+                parts.append(f'<p><a href="{html.escape(item.href)}">{html.escape(item.text)}</a></p>')
             else:
                 raise TypeError(f"unknown report item {type(item).__name__}")
     parts.append("</body></html>")

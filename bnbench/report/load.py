@@ -13,13 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from bnbench import _io
 from bnbench.report.points import is_baseline
-from bnbench.schema import validate_bench, validate_train
+from bnbench.schema import validate_bench, validate_step, validate_train
 
-__all__ = ["RESULTS_CSV", "RESULTS_JSON", "Result", "detect_kind", "load_result"]
+__all__ = [
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "Result",
+    "committed_roots",
+    "detect_kind",
+    "load_result",
+    "newest_gpu_reference",
+]
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -27,7 +35,8 @@ RESULTS_JSON = "results.json"
 _TEXT_COLUMNS = (
     "run_id", "timestamp_utc", "git_sha", "bnbench_version", "torch_version", "triton_version", "device_name",
     "op", "pass", "activation", "bn_mode", "dtype", "layout", "shape", "provider", "kernel_config", "timer",
-    "status", "message", "experiment", "dataset", "model", "norm", "metric",
+    "status", "message", "experiment", "dataset", "model", "norm", "metric", "network_source", "fused_backend",
+    "bn_unfused_reasons",
 )  # fmt: skip
 
 
@@ -46,8 +55,11 @@ class Result:
 
 
 def detect_kind(frame: pd.DataFrame, source: str) -> str:
-    """ "bench" when the frame has per-point timing columns, "train" when it has the long metric/value columns."""
+    """ "step" for ``bnbench step`` results (a network per row), "bench" when the frame has per-point timing
+    columns, "train" when it has the long metric/value columns."""
     columns = set(frame.columns)
+    if {"model", "images_per_s", "ms_p50"} <= columns:
+        return "step"
     if {"provider", "ms_p50"} <= columns:
         return "bench"
     if {"metric", "value", "step"} <= columns:
@@ -56,44 +68,6 @@ def detect_kind(frame: pd.DataFrame, source: str) -> str:
         f"{source}: neither a bench results file (needs columns provider, ms_p50, ...) nor a train results file "
         f"(needs columns step, metric, value, ...); found columns {sorted(columns)}"
     )
-
-
-def _check_quantiles(frame: pd.DataFrame, source: str) -> None:
-    """Timed ok points must satisfy 0 < ms_p20 <= ms_p50 <= ms_p80 (the comparison's noise band relies on it)."""
-    ok = frame[(frame["status"] == "ok") & (frame["timer"] != "interpreter")]
-    p20, p50, p80 = (
-        pd.to_numeric(ok[c], errors="coerce").to_numpy(dtype=float) for c in ("ms_p20", "ms_p50", "ms_p80")
-    )
-    if np.isnan(p50).any():
-        raise ValueError(
-            f"{source}: column ms_p50 is empty on {int(np.isnan(p50).sum())} timed point(s) with status ok"
-        )
-    for column, bad in (
-        ("ms_p50", p50 <= 0),
-        ("ms_p20", p20 > p50 * (1 + 1e-9)),
-        ("ms_p80", p80 < p50 * (1 - 1e-9)),
-    ):
-        if bad.any():
-            row = ok.iloc[int(np.argmax(bad))]
-            raise ValueError(
-                f"{source}: column {column} breaks 0 < ms_p20 <= ms_p50 <= ms_p80 on {int(bad.sum())} row(s), e.g. "
-                f"provider={row['provider']} shape={row['shape']} (p20={row['ms_p20']}, p50={row['ms_p50']}, "
-                f"p80={row['ms_p80']})"
-            )
-
-
-def _read_csv(csv: Path) -> pd.DataFrame:
-    try:
-        header = pd.read_csv(csv, nrows=0)
-        text = {c: str for c in _TEXT_COLUMNS if c in header.columns}
-        frame = pd.read_csv(csv, dtype=text, keep_default_na=True)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{csv}: the file is empty (no header)") from None
-    except pd.errors.ParserError as err:
-        raise ValueError(f"{csv}: not a valid CSV file ({err})") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{csv}: not a text CSV file ({err})") from None
-    return frame
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -115,7 +89,7 @@ def load_result(path: str | os.PathLike) -> Result:
     folder, csv = (path.parent, path) if path.suffix == ".csv" else (path, path / RESULTS_CSV)
     if not csv.is_file():
         raise FileNotFoundError(f"{path}: no {RESULTS_CSV} here (is it a bench or train result folder?)")
-    frame = _read_csv(csv)
+    frame = _io.read_csv(csv, text_columns=_TEXT_COLUMNS)
     kind = detect_kind(frame, str(csv))
     if kind == "bench":
         validate_bench(frame, str(csv))
@@ -123,7 +97,46 @@ def load_result(path: str | os.PathLike) -> Result:
             is_baseline(frame["is_baseline"])
         except ValueError as err:
             raise ValueError(f"{csv}: {err}") from None
-        _check_quantiles(frame, str(csv))
+    elif kind == "step":
+        validate_step(frame, str(csv))
     else:
         validate_train(frame, str(csv))
     return Result(path=folder, kind=kind, frame=frame, meta=_read_meta(folder / RESULTS_JSON))
+
+
+#: timers that only a GPU run has
+_GPU_TIMERS = ("cuda_event", "cuda_graph")
+
+
+def committed_roots() -> list[Path]:
+    """Where committed results live: ``reports/`` under the working directory and under the checkout bnbench
+    runs from (an editable install), each once."""
+    checkout = Path(__file__).resolve().parents[2] / "reports"
+    roots = [Path("reports").resolve(), checkout]
+    return [r for r in dict.fromkeys(roots) if r.is_dir()]
+
+
+def newest_gpu_reference(roots: list[Path] | None = None):
+    """The newest bench results under ``roots`` (default :func:`committed_roots`) timed on a GPU, as a
+    ``bnbench.report.scope.GpuReference`` quoting its headline (the fused providers' rows), or None when there is none. A folder that does not load is
+    skipped: committed results are quoted here, not validated (``bnbench report`` on it says what is wrong)."""
+    from bnbench.report.bench import headline_table
+    from bnbench.report.scope import GpuReference
+
+    best = None
+    for root in committed_roots() if roots is None else roots:
+        for csv in sorted(Path(root).glob(f"**/{RESULTS_CSV}")):
+            try:
+                result = load_result(csv)
+            except (ValueError, OSError):
+                continue
+            frame = result.frame
+            if result.kind != "bench" or not frame["timer"].isin(_GPU_TIMERS).any():
+                continue
+            gpu = frame[frame["timer"].isin(_GPU_TIMERS)]
+            date = str(gpu["timestamp_utc"].dropna().max()) if gpu["timestamp_utc"].notna().any() else ""
+            if best is None or date > best.date:
+                devices = ", ".join(str(v) for v in dict.fromkeys(gpu["device_name"].dropna())) or "unknown GPU"
+                head = headline_table(gpu)
+                best = GpuReference(str(result.path), devices, date, head[head["provider"] != "eager"])
+    return best

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bnbench import schema
 from bnbench.report.style import DTYPE_ORDER, PASS_ORDER, PROVIDER_ORDER, order_values
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "timed_points",
 ]
 
-#: what defines a case (MEASURE.md); ``shape`` is included because N, C, S do not fix H and W
+#: the columns that describe a case in tables (docs/measuring.md); ``shape`` is included because N, C, S do not
+#: fix H and W
 CASE_COLUMNS = ("op", "pass", "activation", "bn_mode", "dtype", "layout", "N", "C", "S", "shape")
-#: one point = case x provider x timer
-POINT_KEY = (*CASE_COLUMNS, "provider", "timer")
+#: one point = case x provider x timer: the schema's key (``bnbench.schema.POINT_KEY``) plus bn_mode, N, C, S,
+#: which follow from it and are matched along so that a comparison keeps them for its labels
+POINT_KEY = (*schema.POINT_KEY, "bn_mode", "N", "C", "S", "provider", "timer")
 
 
 def timed_points(df: pd.DataFrame) -> pd.DataFrame:

@@ -7,6 +7,7 @@ time plot, the bandwidth plot, the comparison plot and the training curves.
 
 from __future__ import annotations
 
+import textwrap
 import zlib
 from collections.abc import Iterable
 
@@ -20,12 +21,15 @@ __all__ = [
     "PROVIDER_COLORS",
     "PROVIDER_ORDER",
     "color_for",
+    "compact_number",
     "maybe_log_scale",
     "new_figure",
     "order_values",
+    "set_axis_scale",
+    "wants_log",
 ]
 
-#: benchmark providers (MEASURE.md): the baselines and bnbench's fused kernels
+#: benchmark providers (docs/measuring.md): the baselines and bnbench's fused kernels
 PROVIDER_COLORS: dict[str, str] = {
     "eager": "#1f77b4",  # blue
     "compile": "#ff7f0e",  # orange
@@ -79,15 +83,65 @@ def new_figure(n_panels: int, *, max_cols: int = 3, title: str = "") -> tuple[Fi
     axes = list(np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel())
     for ax in axes[n_panels:]:
         fig.delaxes(ax)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width (about 7 points per character at the default size)
+        fig.suptitle(textwrap.fill(title, max(20, int(fig.get_figwidth() * 72 / 7))))
     return fig, axes[:n_panels]
 
 
-def maybe_log_scale(ax, values, axis: str = "x"):
-    """Use a log axis when the positive ``values`` span a decade or more (sizes in a sweep usually do)."""
+def _positive(values) -> np.ndarray:
     values = np.asarray(list(values), dtype=float)
-    values = values[np.isfinite(values) & (values > 0)]
-    if values.size and values.max() / values.min() >= 10:
-        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    return values[np.isfinite(values) & (values > 0)]
+
+
+def wants_log(values) -> bool:
+    """Whether the positive ``values`` span a decade or more (sizes in a sweep usually do): decide it once per
+    figure, from all its panels' values, so every panel of a figure has the same axis kind."""
+    values = _positive(values)
+    return bool(values.size and values.max() / values.min() >= 10)
+
+
+def compact_number(value: float) -> str:
+    """A short tick label: 256, 16384, 262k, 1.5M, 2G (decimal prefixes, for counts and bytes alike)."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e5, "k")):
+        if abs(value) >= scale:
+            return f"{value / (1e3 if suffix == 'k' else scale):.3g}{suffix}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
+
+
+#: at most this many data values are used as the ticks of an axis, and only when they are this far apart (a
+#: fraction of the axis span; on a log axis, of its decades) so their labels cannot overlap
+_MAX_DATA_TICKS = 8
+_MIN_TICK_GAP = 0.18
+
+
+def _spaced(values: list[float], log: bool) -> bool:
+    if len(values) < 2:
+        return True
+    at = np.log10(values) if log else np.asarray(values)
+    return bool(np.diff(at).min() >= _MIN_TICK_GAP * (at[-1] - at[0]))
+
+
+def set_axis_scale(ax, axis: str, log: bool, ticks=None):
+    """Set one axis's scale. With ``ticks`` (the data values, e.g. the batch sizes swept) and few of them, they
+    become the only labelled ticks, in compact form (no crowded or overlapping minor labels on a log axis); a log
+    axis without them labels only its decades."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log" if log else "linear")
+    values = sorted(set(_positive(ticks))) if ticks is not None else []
+    if 0 < len(values) <= _MAX_DATA_TICKS and _spaced(values, log):
+        target.set_major_locator(FixedLocator(values))
+        target.set_major_formatter(lambda v, _pos: compact_number(v))
+        target.set_minor_locator(NullLocator())
+    elif log:  # decades, plainly written; 1, 2 and 5 of each when the axis spans two decades or less
+        span = np.log10(values[-1] / values[0]) if len(values) > 1 else 3.0
+        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span <= 2 else (1.0,)))
+        target.set_major_formatter(lambda v, _pos: compact_number(v))
+        target.set_minor_formatter(NullFormatter())
     return ax
+
+
+def maybe_log_scale(ax, values, axis: str = "x"):
+    """Use a log axis when the positive ``values`` span a decade or more (one panel; see :func:`wants_log`)."""
+    return set_axis_scale(ax, axis, wants_log(values))

@@ -11,12 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from bnbench.schema import BENCH_COLUMNS, TRAIN_COLUMNS
+from bnbench.schema import BENCH_COLUMNS, ELEMENT_SIZE, TRAIN_COLUMNS
 
 __all__ = ["synthetic_bench", "synthetic_train"]
 
-_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
-#: minimal traffic in units of one tensor (DESIGN.md bytes model)
+#: minimal traffic in units of one tensor (the bytes model of docs/measuring.md)
 _PASS_TENSORS = {"fwd": 2, "bwd": 3, "fwd_bwd": 5, "eval": 2}
 #: made-up fraction of copy bandwidth per provider
 _PROVIDER_EFFICIENCY = {"eager": 0.45, "compile": 0.8, "compile-max-autotune": 0.82, "triton": 0.86}
@@ -44,7 +43,7 @@ def synthetic_bench(
             for n in batches:
                 for c in widths:
                     numel = n * c
-                    bytes_min = _PASS_TENSORS[pass_] * numel * _ITEMSIZE[dtype]
+                    bytes_min = _PASS_TENSORS[pass_] * numel * ELEMENT_SIZE[dtype]
                     for provider in providers:
                         efficiency = _PROVIDER_EFFICIENCY.get(provider, 0.5)
                         ms = 0.005 + bytes_min / (efficiency * copy_gbps * 1e9) * 1e3
@@ -60,7 +59,7 @@ def synthetic_bench(
                                 "kernel_config": "", "timer": timer, "n_samples": 100,
                                 "ms_p20": ms * (1 - spread), "ms_p50": ms, "ms_p80": ms * (1 + spread),
                                 "bytes_min": bytes_min, "gbps": bytes_min / (ms * 1e-3) / 1e9,
-                                "compile_s": 0.5, "peak_mem_mb": numel * _ITEMSIZE[dtype] * 3 / 2**20,
+                                "compile_s": 0.5, "peak_mem_mb": numel * ELEMENT_SIZE[dtype] * 3 / 2**20,
                                 "max_rel_err": 1e-6, "status": "ok", "message": "",
                             }
                         )  # fmt: skip

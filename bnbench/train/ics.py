@@ -6,7 +6,8 @@ For layer i at step t, with the same mini-batch (x, y):
     G'_i = grad of the loss w.r.t. W_i at (W_1^{t+1}, ..., W_{i-1}^{t+1}, W_i^t, ..., W_k^t)
 
 i.e. how much layer i's gradient changes when only the layers before it take their step. The shift is reported as
-``||G_i - G'_i||_2`` and as the cosine between G_i and G'_i (1 = no shift). Santurkar et al. found that BN does not
+``||G_i - G'_i||_2``, as the relative shift ``||G_i - G'_i|| / ||G_i||`` (comparable across networks whose
+gradients differ in scale, as they do with and without BN) and as the cosine between G_i and G'_i (1 = no shift). Santurkar et al. found that BN does not
 reduce it (and may increase it); the paper's motivation for BN was that it does.
 """
 
@@ -40,8 +41,9 @@ def gradient_shift(
     before: dict[str, Tensor],
     after: dict[str, Tensor],
     grads_before: list[Tensor],
-) -> list[tuple[int, float, float]]:
-    """For every layer i >= 1 (layer 0 has no earlier layer): ``(i, ||G_i - G'_i||, cos(G_i, G'_i))``.
+) -> list[tuple[int, float, float, float]]:
+    """For every layer i >= 1 (layer 0 has no earlier layer): ``(i, ||G_i - G'_i||, ||G_i - G'_i|| / ||G_i||,
+    cos(G_i, G'_i))``.
 
     ``before``/``after`` are state_dict copies around the optimizer step, ``grads_before`` the weights' gradients
     at ``before`` (G), ``loss_of()`` recomputes the loss on the same batch. The model is left at ``after`` with
@@ -55,10 +57,10 @@ def gradient_shift(
         model.zero_grad(set_to_none=True)
         loss_of().backward()
         g, g2 = grads_before[i].flatten().double(), _weights(model)[i].grad.flatten().double()
-        diff = torch.linalg.vector_norm(g - g2).item()
-        denom = (torch.linalg.vector_norm(g) * torch.linalg.vector_norm(g2)).item()
+        diff, g_norm = torch.linalg.vector_norm(g - g2).item(), torch.linalg.vector_norm(g).item()
+        denom = g_norm * torch.linalg.vector_norm(g2).item()
         cos = float(torch.dot(g, g2).item() / denom) if denom > 0 else float("nan")
-        out.append((i, diff, cos))
+        out.append((i, diff, diff / g_norm if g_norm > 0 else float("nan"), cos))
     model.load_state_dict(after)
     model.zero_grad(set_to_none=True)
     return out
