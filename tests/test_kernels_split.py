@@ -206,3 +206,34 @@ def test_split_merge_is_bitwise_deterministic_natively(shape, channels_last):
             assert torch.equal(first[key], again[key]), key
     torch.cuda.synchronize()
     assert torch.count_nonzero(launchers._arrival_counters(x.device)) == 0
+
+
+def test_cached_plans_are_never_stale_across_dtype_strides_alignment_and_flags(device):
+    # the launch configuration is cached per layout key: consecutive calls that change the dtype, the strides,
+    # the 16-byte alignment (a storage offset of one element) and the flags must each get their own plan
+    base = torch.randn(2 * 120 + 1, device=device) * 2 + 1
+    variants = [
+        ("fp32", base[:120].view(6, 4, 5)),
+        ("bf16", base[:120].view(6, 4, 5).to(torch.bfloat16)),
+        ("offset by one element", base[1:121].view(6, 4, 5)),
+        ("strided", base[:-1].view(6, 4, 10)[..., ::2]),
+        ("channels_last", base[:120].view(6, 4, 5, 1).to(memory_format=torch.channels_last)),
+        ("fp32 again", base[:120].view(6, 4, 5)),
+    ]
+    for affine in (True, False):
+        for activation in ("relu", "sigmoid"):
+            for what, x in variants:
+                C = x.shape[1]
+                weight = torch.rand(C, device=device) + 0.5 if affine else None
+                bias = torch.randn(C, device=device) if affine else None
+                dy = torch.randn(x.shape, device=device).to(x.dtype)
+                y, mean, rstd = launchers.bn_act_fwd_train(
+                    x, weight, bias, None, None, momentum=0.1, eps=1e-5, activation=activation
+                )
+                dx, _, _ = launchers.bn_act_bwd(
+                    dy, x, mean, rstd, weight, bias, training=True, eps=1e-5, activation=activation
+                )
+                ref = reference(x, None, None, weight, bias, training=True, activation=activation, grad_output=dy)
+                tol = tolerance(x.dtype)
+                assert rel_err(y, ref.y) < tol, (what, affine, activation)
+                assert rel_err(dx, ref.grad_input) < 10 * tol, (what, affine, activation)
