@@ -10,15 +10,16 @@ Then, with dz = dy * act'(z): dbias = sum(dz), dweight = sum(dz * x_hat), and in
   dx = w * rstd * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M)   (M = N*S);
 in eval (running statistics are constants) dx = w * rstd * dz.
 
-Large inputs (3 launches, 5T of traffic): ``_bn_act_bwd_reduce_kernel`` (grid (P, C blocks), partial sums;
-in eval it also writes dx), ``_bn_act_bwd_combine_kernel`` (fixed-order sum of the P partials: no atomics,
-bitwise reproducible), ``_bn_act_bwd_dx_kernel`` (training only). Small inputs: ``_bn_act_bwd_fused_kernel``.
+Large inputs (2 launches, 5T of traffic): ``_bn_act_bwd_reduce_kernel`` (grid (P, C blocks), partial sums, which
+the last program of each channel block to arrive sums in index order: no float atomics, bitwise reproducible; in
+eval it also writes dx and is the only launch), ``_bn_act_bwd_dx_kernel`` (training only). Small inputs: ``_bn_act_bwd_fused_kernel``.
 """
 
 import triton
 import triton.language as tl
 
 from ._common import (
+    _STAGES,
     _activation_grad,
     _activation_inverse,
     _channel_block,
@@ -85,11 +86,16 @@ def _reduce_tiles(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz."""
-    sum_dz = tl.zeros((BLOCK_SIZE_C,), tl.float32)
-    sum_dz_xhat = tl.zeros((BLOCK_SIZE_C,), tl.float32)
-    for tile in range(tile_begin, tile_end):
+    """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz.
+
+    Each lane of the tile accumulates its own sums across the loop (pipelined when NUM_STAGES > 1:
+    ``tl.range``, cp.async) with no cross-lane work inside it; the lanes are summed once after the loop (a tree: also more accurate than adding
+    each tile's sum to one running total)."""
+    sum_dz = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)
+    sum_dz_xhat = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)
+    for tile in tl.range(tile_begin, tile_end, num_stages=NUM_STAGES):
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
@@ -97,13 +103,13 @@ def _reduce_tiles(
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
             ACTIVATION, SAVED_OUTPUT, SPLIT_S,
         )  # fmt: skip
-        sum_dz += tl.sum(tl.sum(dz, axis=2), axis=0)
-        sum_dz_xhat += tl.sum(tl.sum(dz * x_hat, axis=2), axis=0)
+        sum_dz += dz
+        sum_dz_xhat += dz * x_hat
         if WRITE_DX:
             dx = dz * (w * rstd)[None, :, None]
             dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
             tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    return sum_dz, sum_dz_xhat
+    return tl.sum(tl.sum(sum_dz, axis=2), axis=0), tl.sum(tl.sum(sum_dz_xhat, axis=2), axis=0)
 
 
 @triton.jit
@@ -130,24 +136,50 @@ def _dx_tiles(
 
 
 @triton.jit
+def _sum_partials(part_dz_ptr, part_dz_xhat_ptr, c, c_mask, P, C, BLOCK_SIZE_P: tl.constexpr,
+                  BLOCK_SIZE_C: tl.constexpr):  # fmt: skip
+    """Per-channel sums of P partials part_dz[P, C], part_dz_xhat[P, C] in a fixed order, whichever program runs
+    it: lane i of a [BLOCK_SIZE_P, BLOCK_SIZE_C] block adds partials i, i + BLOCK_SIZE_P, ... in index order (no
+    cross-lane work in the loop), then one tree over the lanes. ``.cg`` loads: other programs wrote them."""
+    sum_dz = tl.zeros((BLOCK_SIZE_P, BLOCK_SIZE_C), tl.float32)
+    sum_dz_xhat = tl.zeros((BLOCK_SIZE_P, BLOCK_SIZE_C), tl.float32)
+    for p0 in tl.range(0, P, BLOCK_SIZE_P, num_stages=_STAGES):
+        p = p0 + tl.arange(0, BLOCK_SIZE_P)
+        mask = (p < P)[:, None] & c_mask[None, :]
+        offs = p.to(tl.int64)[:, None] * C + c[None, :]
+        sum_dz += tl.load(part_dz_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        sum_dz_xhat += tl.load(part_dz_xhat_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.sum(sum_dz, axis=0), tl.sum(sum_dz_xhat, axis=0)
+
+
+@triton.jit
 def _bn_act_bwd_reduce_kernel(
-    x_ptr, dy_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, part_dz_ptr, part_dz_xhat_ptr,
+    x_ptr, dy_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, part_dz_ptr, part_dz_xhat_ptr, counter_ptr,
+    sum_dz_ptr, sum_dz_xhat_ptr, dweight_ptr, dbias_ptr,
     N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, eps, act_param, min_abs_weight,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
-    SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
-    BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Partial sums over tiles [p * tiles_per_program, (p + 1) * tiles_per_program). Grid (P, cdiv(C, BLOCK_SIZE_C)).
+    """The two per-channel sums of the backward in one launch. Grid (P, cdiv(C, BLOCK_SIZE_C)).
 
-    Writes part_dz[p, c] = sum(dz) and part_dz_xhat[p, c] = sum(dz * x_hat); in eval also dx = w * rstd * dz.
+    Program (p, c-block) reduces tiles [p * tiles_per_program, (p + 1) * tiles_per_program) into partials
+    part_dz[p, c] = sum(dz) and part_dz_xhat[p, c] = sum(dz * x_hat); in eval it also writes dx = w * rstd * dz.
+    The last program of a channel block to arrive (``counter_ptr[c-block]`` counts arrivals; it resets it to 0)
+    sums the P partials in index order (:func:`_sum_partials`: bitwise reproducible, no float atomics) and
+    writes fp32 sum_dz[C], sum_dz_xhat[C] (for dx) and dweight = sum(dz * x_hat), dbias = sum(dz) in the
+    parameters' dtype. The ordering argument is the forward statistics kernel's
+    (``_forward._bn_act_fwd_stats_kernel``): stores, CTA barrier, acq_rel atomic; acquire, barrier, ``.cg`` loads.
+
     x (or y), dy, dx are [N, C, S] through their strides; ``x_ptr`` holds x, or y when SAVED_OUTPUT
     (``mean_ptr`` is then unused). ``var_ptr`` holds the saved rstd [C] (training) or the running variance
     (eval); mean, weight, bias are [C].
     """
     pid_p = tl.program_id(0)
-    c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
+    pid_c = tl.program_id(1)
+    c = _channel_block(pid_c, BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     mean, rstd, w, b, inv_w = _load_backward_params(
         mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight,
@@ -161,34 +193,31 @@ def _bn_act_bwd_reduce_kernel(
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
         ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        _STAGES,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_dz_ptr + row + c, sum_dz, mask=c_mask)
     tl.store(part_dz_xhat_ptr + row + c, sum_dz_xhat, mask=c_mask)
+    tl.debug_barrier()  # every thread's stores above precede the release below
+    arrived = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        sum_dz, sum_dz_xhat = _sum_partials(
+            part_dz_ptr, part_dz_xhat_ptr, c, c_mask, tl.num_programs(0), C, BLOCK_SIZE_P, BLOCK_SIZE_C
+        )
+        _store_grad_sums(sum_dz, sum_dz_xhat, c, c_mask, sum_dz_ptr, sum_dz_xhat_ptr, dweight_ptr, dbias_ptr,
+                         True, HAS_WEIGHT, HAS_BIAS)  # fmt: skip
+        tl.store(counter_ptr + pid_c, 0)
 
 
 @triton.jit
-def _bn_act_bwd_combine_kernel(
-    part_dz_ptr, part_dz_xhat_ptr, sum_dz_ptr, sum_dz_xhat_ptr, dweight_ptr, dbias_ptr, P, C,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+def _store_grad_sums(
+    sum_dz, sum_dz_xhat, c, c_mask, sum_dz_ptr, sum_dz_xhat_ptr, dweight_ptr, dbias_ptr,
+    STORE_SUMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Sum P partials per channel in a fixed order. Grid (cdiv(C, BLOCK_SIZE_C),).
-
-    Reads part_dz[P, C], part_dz_xhat[P, C]; writes the fp32 sums sum_dz[C], sum_dz_xhat[C] (for dx) and
-    dweight = sum(dz * x_hat), dbias = sum(dz) in the parameters' dtype.
-    """
-    c = tl.program_id(0).to(tl.int64) * BLOCK_SIZE_C + tl.arange(0, BLOCK_SIZE_C)
-    c_mask = c < C
-    sum_dz = tl.zeros((BLOCK_SIZE_C,), tl.float32)
-    sum_dz_xhat = tl.zeros((BLOCK_SIZE_C,), tl.float32)
-    for p0 in range(0, P, BLOCK_SIZE_P):
-        p = p0 + tl.arange(0, BLOCK_SIZE_P)
-        mask = (p < P)[:, None] & c_mask[None, :]
-        offs = p.to(tl.int64)[:, None] * C + c[None, :]
-        sum_dz += tl.sum(tl.load(part_dz_ptr + offs, mask=mask, other=0.0), axis=0)
-        sum_dz_xhat += tl.sum(tl.load(part_dz_xhat_ptr + offs, mask=mask, other=0.0), axis=0)
-    tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
-    tl.store(sum_dz_xhat_ptr + c, sum_dz_xhat, mask=c_mask)
+    """Write the fp32 sums (STORE_SUMS), dweight = sum(dz * x_hat) and dbias = sum(dz) in the parameters' dtype."""
+    if STORE_SUMS:
+        tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
+        tl.store(sum_dz_xhat_ptr + c, sum_dz_xhat, mask=c_mask)
     if HAS_WEIGHT:
         tl.store(dweight_ptr + c, sum_dz_xhat.to(dweight_ptr.dtype.element_ty), mask=c_mask)
     if HAS_BIAS:
@@ -238,13 +267,15 @@ def _bn_act_bwd_fused_kernel(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
-    SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
+    SAVED_OUTPUT: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
     BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),).
 
     The two sums over all tiles, dweight[C] = sum(dz * x_hat) and dbias[C] = sum(dz), then dx [N, C, S] (the
-    training or eval formula); the other pointers as in ``_bn_act_bwd_reduce_kernel``.
+    training or eval formula); the other pointers as in ``_bn_act_bwd_reduce_kernel``. RESIDENT (the host
+    guarantees n_tiles == 1): x (or y) and dy are loaded once and dx is formed from the same registers;
+    otherwise the sums are a pass over the tiles and dx a second one.
     """
     c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
@@ -252,22 +283,40 @@ def _bn_act_bwd_fused_kernel(
         mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, min_abs_weight,
         not TRAINING, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
     )  # fmt: skip
-    sum_dz, sum_dz_xhat = _reduce_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
-        stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-        stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
-    )  # fmt: skip
-    if HAS_WEIGHT:
-        tl.store(dweight_ptr + c, sum_dz_xhat.to(dweight_ptr.dtype.element_ty), mask=c_mask)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + c, sum_dz.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-    if TRAINING:
-        inv_total = 1.0 / total
-        _dx_tiles(
-            x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total, sum_dz_xhat * inv_total, c,
-            c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
-            stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
-            stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-            ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+    if RESIDENT:
+        n, s, n_mask, s_mask, _ = _tile_rows(0, 1, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
+        x_hat, dz = _grad_tile(
+            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
+            stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
         )  # fmt: skip
+        sum_dz = tl.sum(tl.sum(dz, axis=2), axis=0)
+        sum_dz_xhat = tl.sum(tl.sum(dz * x_hat, axis=2), axis=0)
+        _store_grad_sums(sum_dz, sum_dz_xhat, c, c_mask, dweight_ptr, dweight_ptr, dweight_ptr, dbias_ptr, False,
+                         HAS_WEIGHT, HAS_BIAS)  # fmt: skip
+        if TRAINING:
+            inv_total = 1.0 / total
+            dz = dz - (sum_dz * inv_total)[None, :, None] - x_hat * (sum_dz_xhat * inv_total)[None, :, None]
+        dx = dz * (w * rstd)[None, :, None]
+        dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        sum_dz, sum_dz_xhat = _reduce_tiles(
+            x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
+            stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+            stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
+            ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            1,  # not pipelined: these programs are latency-bound, and staging costs registers they lack
+        )  # fmt: skip
+        _store_grad_sums(sum_dz, sum_dz_xhat, c, c_mask, dweight_ptr, dweight_ptr, dweight_ptr, dbias_ptr, False,
+                         HAS_WEIGHT, HAS_BIAS)  # fmt: skip
+        if TRAINING:
+            inv_total = 1.0 / total
+            _dx_tiles(
+                x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total, sum_dz_xhat * inv_total, c,
+                c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
+                stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
+                ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            )  # fmt: skip

@@ -11,6 +11,10 @@ and ``stride_s`` (which then is the W stride).
 import triton
 import triton.language as tl
 
+#: software-pipelining depth of the reduction loops (``tl.range(..., num_stages=_STAGES)``: cp.async copies of the
+#: next tiles are in flight while one is reduced)
+_STAGES = tl.constexpr(3)
+
 
 @triton.jit
 def _index(value, INDEX_64: tl.constexpr):

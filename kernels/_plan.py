@@ -177,17 +177,59 @@ def _cuda_sm_count(device: torch.device) -> int:
 #: CUDA's limit on grid axes 1 and 2 (the launchers put channel blocks on axis 1)
 _MAX_GRID_Y = 65535
 #: elements per channel block and tile that keep a program's working set in registers
-_TILE_ELEMENTS = {1: 4096, 2: 4096, 4: 2048, 8: 1024}
+_TILE_ELEMENTS = {1: 2048, 2: 2048, 4: 2048, 8: 1024}
 #: the fused single-launch kernels are used while one program's share of the input stays this small
 _FUSED_MAX_BYTES_PER_PROGRAM = 64 << 10
 
 
+#: padded elements per program of the register-resident small path: 16 per thread at 8 warps, which keeps the
+#: backward (x, dy, x_hat, dz of every element live at once) under 128 registers without spills
+_RESIDENT_MAX_ELEMENTS = 4096
+#: the narrowest run of channels a resident program reads where C has unit stride
+_RESIDENT_MIN_RUN_BYTES = 32
+
+
+def _num_warps(elements: int) -> int:
+    """Warps for a tile: 8 elements per thread at most up to 8 warps (fp32 per-lane state stays in registers)."""
+    return 8 if elements >= 2048 else 4 if elements >= 1024 else 2 if elements >= 256 else 1
+
+
+def _resident_config(geom: Geometry, x_strides: Strides, element_size: int, sms: int) -> KernelConfig | None:
+    """The register-resident plan (one tile holds a channel block's whole N*S; one serial step per program), or
+    None where even the narrowest channel block would pass the register budget.
+
+    The channel block is the widest that fits the budget, then narrowed (not below a 32-byte run where C has
+    unit stride) until the programs cover the SMs, and the warps are chosen for the tile actually launched.
+    """
+    N, C, S = geom.N, geom.C, geom.S
+    block_n, block_s = next_pow2(N), next_pow2(S)
+    rows = block_n * block_s
+    min_block_c = max(1, _RESIDENT_MIN_RUN_BYTES // element_size) if x_strides.c == 1 else 1
+    min_block_c = min(min_block_c, next_pow2(C))
+    if rows * min_block_c > _RESIDENT_MAX_ELEMENTS:
+        return None
+    block_c = _pow2_at_most(_RESIDENT_MAX_ELEMENTS // rows, next_pow2(C))
+    while block_c > min_block_c and cdiv(C, block_c) < sms:
+        block_c //= 2
+    if cdiv(C, block_c) > _MAX_GRID_Y:
+        return None
+    return KernelConfig(block_n, block_c, block_s, num_partials=1, num_warps=_num_warps(rows * block_c))
+
+
 def default_config(geom: Geometry, x_strides: Strides, element_size: int, device: torch.device) -> KernelConfig:
+    """The launch plan of :func:`_default_config` for the device's SM count, computed once per layout key (it
+    runs on every launch; geometry, strides and element size are the key)."""
+    return _default_config(geom, x_strides, element_size, _sm_count(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: int) -> KernelConfig:
     """A launch heuristic for the shape and layout (tuned for 132-SM Hopper parts, sane elsewhere).
 
     Tiles follow the unit-stride axis so loads coalesce: along C for (N, C) and channels_last, along S for
     NCHW. The reduction is split over enough programs to fill every SM several times; small inputs use one
-    program per channel block and one launch.
+    program per channel block and one launch: register-resident (one tile, :func:`_resident_config`) where the
+    whole N*S of a narrow channel block fits the register budget, else a loop over tiles.
     """
     target = _TILE_ELEMENTS.get(element_size, 2048)
     N, C, S = geom.N, geom.C, geom.S
@@ -210,18 +252,21 @@ def default_config(geom: Geometry, x_strides: Strides, element_size: int, device
     while cdiv(C, block_c) > _MAX_GRID_Y:  # channel blocks ride on grid axis 1, which CUDA caps at 65535
         block_c *= 2
     elems = block_n * block_c * block_s
-    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
+    num_warps = _num_warps(elems)
 
     n_tiles = cdiv(N, block_n) * cdiv(S, block_s)
+    resident = _resident_config(geom, x_strides, element_size, sms)
+    if resident is not None:
+        return resident
     # Launch-bound inputs: one program per channel block, one launch. Narrow the channel block (not below a
     # 128-byte row segment where C is the unit-stride axis) to spread the work over more SMs.
-    sms = _sm_count(device)
     min_block_c = max(1, 128 // element_size) if x_strides.c == 1 else 1
     fused_block_c = block_c
     while fused_block_c > min_block_c and cdiv(C, fused_block_c) < 2 * sms:
         fused_block_c //= 2
     if n_tiles == 1 or geom.rows * fused_block_c * element_size <= _FUSED_MAX_BYTES_PER_PROGRAM:
-        return KernelConfig(block_n, fused_block_c, block_s, num_partials=1, num_warps=num_warps)
+        fused_warps = _num_warps(block_n * fused_block_c * block_s)  # for the tile launched, not the one planned
+        return KernelConfig(block_n, fused_block_c, block_s, num_partials=1, num_warps=fused_warps)
     c_blocks = cdiv(C, block_c)
     partials = max(2, min(n_tiles, cdiv(4 * sms, c_blocks)))
     partials = cdiv(n_tiles, cdiv(n_tiles, partials))  # so that every program gets at least one tile

@@ -30,6 +30,8 @@ KERNELS = {spec.name: spec.fn for spec in _REGISTRY}
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
 _DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "z_ptr"}
+#: integer pointers (the split reductions' arrival counters)
+_INT32_POINTERS = {"counter_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -44,6 +46,8 @@ class CompiledKernel:
     shared_bytes: int
     ptx_lines: int
     mma_instructions: int = 0  # tensor-core instructions (mma / wgmma) in the PTX
+    #: ``cuobjdump -sass`` of the cubin ("" when no cuobjdump is found): read loop by loop by the property tests
+    sass: str = ""
 
 
 def _ptxas_candidates() -> list[str]:
@@ -54,6 +58,21 @@ def _ptxas_candidates() -> list[str]:
     paths = [os.path.join(bundled, name) for name in ("ptxas-blackwell", "ptxas")]
     paths.append(shutil.which("ptxas") or "")
     return [p for p in paths if p and os.path.exists(p)]
+
+
+def _sass(cubin: bytes) -> str:
+    """The SASS listing of a cubin by the cuobjdump Triton ships ("" where there is none)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=120)
+    return out.stdout if out.returncode == 0 else ""
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, int | None]:
@@ -87,8 +106,9 @@ def compile_kernel(
     num_warps: int = 4,
     ones: tuple[str, ...] = (),
     variant: str | None = None,
+    aligned: bool = True,
+    divisible: tuple[str, ...] = (),
     num_stages: int | None = None,
-    divisible_by_16: tuple[str, ...] = (),
     **constexprs,
 ) -> CompiledKernel:
     """Compile kernel ``name`` for ``sm_<arch>`` with the given constexprs (the registry's defaults for the rest;
@@ -97,9 +117,12 @@ def compile_kernel(
 
     Integer arguments are typed int64, as Triton types them for tensors past 2**31 elements. Arguments named in
     ``ones`` are compiled as the constant 1, as Triton specialises any integer argument equal to 1 (S=1,
-    unit strides, one tile per program), a path the interpreter never takes. Arguments named in
-    ``divisible_by_16`` (pointers, sizes, strides) get the divisibility Triton gives such values at a launch,
-    which decides vector width and whether loads are pipelined (cp.async); ``num_stages`` sets the pipeline depth.
+    unit strides, one tile per program), a path the interpreter never takes.
+
+    ``aligned``: every pointer is 16-byte aligned, as Triton specialises a launch whose tensors start on a
+    16-byte boundary (any fresh allocation; not a view with an odd storage offset). ``divisible``: integer
+    arguments known to be multiples of 16 (Triton specialises those too, e.g. a stride C = 1024). ``num_stages``:
+    the software pipeline's depth (Triton's default when None).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -130,21 +153,31 @@ def compile_kernel(
     if unknown:
         raise ValueError(f"{name} has no argument(s) {unknown}")
     values.update({arg: 1 for arg in ones})
-    unknown = sorted(set(divisible_by_16) - args)
-    if unknown:
-        raise ValueError(f"{name} has no argument(s) {unknown}")
     for param in kernel.params:
         if param.is_constexpr or param.name in ones:
             signature[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
-            signature[param.name] = "*" + (_TRITON_DTYPES[dtype] if param.name in _DATA_POINTERS else "fp32")
+            signature[param.name] = "*" + (
+                _TRITON_DTYPES[dtype]
+                if param.name in _DATA_POINTERS
+                else "i32"
+                if param.name in _INT32_POINTERS
+                else "fp32"
+            )
         elif param.name in _FLOAT_SCALARS:
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i64"
+    unknown = sorted(set(divisible) - args)
+    if unknown:
+        raise ValueError(f"{name} has no argument(s) {unknown}")
     constants = {(kernel.arg_names.index(k),): v for k, v in values.items()}
-    # what a launch sees for 16-byte aligned pointers and integers divisible by 16 (Triton specialises them so)
-    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    hinted = [
+        p.name
+        for p in kernel.params
+        if signature[p.name] != "constexpr" and ((aligned and p.name.endswith("_ptr")) or p.name in divisible)
+    ]
+    attrs = {(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -160,4 +193,5 @@ def compile_kernel(
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0),
         ptx_lines=ptx.count("\n"),
         mma_instructions=len(re.findall(r"^\s*(?:wgmma\.mma_async|mma)\.", ptx, flags=re.MULTILINE)),
+        sass=_sass(compiled.asm["cubin"]),
     )

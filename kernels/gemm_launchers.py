@@ -1,10 +1,10 @@
 """Host launchers of Linear / 1x1-convolution + BatchNorm + activation: check, allocate, launch.
 
-Training forward, 3 launches and 3T of Z/Y traffic (T = one pass over the [M, N] output):
+Training forward, 3T of Z/Y traffic (T = one pass over the [M, N] output):
   1. ``_gemm_bn_stats_kernel``: Z = X @ W^T (writes Z: 1T) and per-row-tile partial (count, mean, M2) per column;
-  2. ``_bn_act_fwd_combine_kernel`` (the BatchNorm combine, reused as is): the partials merged in a fixed order
-     into fp32 mean and rstd, running statistics updated; past MAX_PARTIALS partials (one per 128-row tile)
-     ``_gemm_partials_merge_kernel`` first merges them in groups, in parallel;
+  2. ``_gemm_partials_merge_kernel``: the partials merged in a fixed order (past MAX_PARTIALS partials, one per
+     128-row tile, first in parallel groups, then one group per channel block), then fp32 mean and rstd and the
+     running-statistics update as a few (N,)-sized tensor ops;
   3. ``bn_act_apply``'s kernel: Y = act((Z - mean) * rstd * gamma + beta) (reads Z, writes Y: 2T).
 Eval forward: the matmul without statistics, then ``bn_act_fwd_eval`` (3T; Z is kept for the backward).
 Inference (no gradient wanted): ``_gemm_bn_act_eval_kernel`` applies BatchNorm and the activation in the
@@ -22,7 +22,7 @@ import torch
 
 from . import launchers as _bn
 from ._gemm import _gemm_bn_act_eval_kernel, _gemm_bn_stats_kernel, _gemm_partials_merge_kernel
-from ._plan import Geometry, cdiv, next_pow2
+from ._plan import cdiv, next_pow2
 
 __all__ = [
     "INPUT_PRECISIONS",
@@ -180,14 +180,11 @@ def gemm_bn_stats(
 MAX_PARTIALS = 512
 
 
-def _merged_partials(partials):
-    """(count, part_mean, part_m2, P) with P <= MAX_PARTIALS: groups of consecutive partials merged in parallel,
-    in a fixed order (the combine then walks at most MAX_PARTIALS per channel block)."""
+def _merge_groups(partials, rows: int):
+    """Merge each group of ``rows`` consecutive partials into one (``_gemm_partials_merge_kernel``, all groups in
+    parallel, in a fixed order within each): (count, part_mean, part_m2, groups)."""
     count, part_mean, part_m2, P = partials
-    if P <= MAX_PARTIALS:
-        return partials
     N = part_mean.shape[1]
-    rows = cdiv(P, MAX_PARTIALS)
     groups = cdiv(P, rows)
     block_r = next_pow2(rows)
     block_c = max(1, min(next_pow2(N), 4096 // block_r))
@@ -199,6 +196,25 @@ def _merged_partials(partials):
         BLOCK_SIZE_R=block_r, BLOCK_SIZE_C=block_c, num_warps=8,
     )  # fmt: skip
     return out_count, out_mean, out_m2, groups
+
+
+def _combine_partials(partials, mean, rstd, running_mean, running_var, *, eps: float, momentum: float) -> None:
+    """The batch statistics from the matmul's partials, in a fixed order: past MAX_PARTIALS partials (one per
+    row tile) groups are first merged in parallel, then one program per channel block merges the rest; then
+    mean and rstd = 1/sqrt(M2/n + eps) (biased variance) are written and the running statistics updated with the
+    unbiased variance M2/(n - 1), as nn.BatchNorm does (a few (N,)-sized ops)."""
+    count, part_mean, part_m2, P = partials
+    if P > MAX_PARTIALS:
+        count, part_mean, part_m2, P = _merge_groups((count, part_mean, part_m2, P), cdiv(P, MAX_PARTIALS))
+    if P > 1:
+        count, part_mean, part_m2, P = _merge_groups((count, part_mean, part_m2, P), P)
+    total, batch_mean, m2 = count[0], part_mean[0], part_m2[0]
+    mean.copy_(batch_mean)
+    rstd.copy_(torch.rsqrt(m2 / total + eps))
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(running_mean.float() * (1.0 - momentum) + momentum * batch_mean)
+            running_var.copy_(running_var.float() * (1.0 - momentum) + momentum * (m2 / (total - 1.0)))
 
 
 def _check_vectors(N: int, dtype: torch.dtype, **tensors: torch.Tensor | None) -> None:
@@ -243,9 +259,7 @@ def linear_bn_act_fwd_train(
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     if N == 0:
         return z.clone(), z, mean, rstd
-    geom = Geometry(M, N, 1, 1, split_s=False)  # what the combine reads: C = N channels over M rows
-    partials = _merged_partials(partials)
-    _bn._combine_stats(partials, geom, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
+    _combine_partials(partials, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum)
     y = _bn.bn_act_apply(z, mean, rstd, bn_weight, bn_bias, activation=act, act_param=act_param)
     return y, z, mean, rstd
 

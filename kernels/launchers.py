@@ -11,7 +11,6 @@ import functools
 import torch
 
 from ._backward import (
-    _bn_act_bwd_combine_kernel,
     _bn_act_bwd_dx_kernel,
     _bn_act_bwd_fused_kernel,
     _bn_act_bwd_reduce_kernel,
@@ -20,7 +19,6 @@ from ._driver import recording_target  # CPU tensors are fine while launches are
 from ._errors import ShapeError
 from ._forward import (
     _bn_act_fwd_apply_kernel,
-    _bn_act_fwd_combine_kernel,
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
@@ -53,6 +51,11 @@ def interpreter_active() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_bn_act_fwd_apply_kernel, InterpretedFunction)
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """Every kernel launch goes through here (tests count launches per pass by patching it)."""
+    kernel[grid](*args, **kwargs)
 
 
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
@@ -124,39 +127,51 @@ def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> N
         _check_channel_tensor(t, name, x)
 
 
-def _stats_partials(x, geom, xs, cfg):
-    """Launch the partial-statistics kernel: (count[P], part_mean[P, C], part_m2[P, C], P)."""
+#: arrival counters of the split reductions' channel blocks, per (device, stream): zero between launches (the last
+#: program of a channel block resets its own), so they are allocated and zeroed once; one per stream, so that
+#: kernels running concurrently on different streams never share one. Channel blocks ride on grid axis 1 (at most
+#: 65535 of them), so one buffer of that size serves every launch.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_MAX_CHANNEL_BLOCKS = 65535
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(_MAX_CHANNEL_BLOCKS, device=device, dtype=torch.int32)
+    return counters
+
+
+def _partials_block_p(P: int, block_c: int) -> int:
+    """Rows of partials the merging program holds per step: at most 2048 values per array, at most P."""
+    return min(next_pow2(P), max(1, 2048 // block_c))
+
+
+def _batch_stats(x, geom, xs, cfg, out_a, out_b, running_mean, running_var, *, eps, momentum, finalize):
+    """One launch of the statistics kernel: partials, and their merge by the last program of each channel block.
+    ``finalize``: mean and rstd into out_a/out_b and the running statistics updated; else mean and M2."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     P, tiles_per_program = cfg.partials(geom)
-    count = torch.empty(P, device=x.device, dtype=torch.float32)
-    part_mean = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
-    part_m2 = torch.empty((P, geom.C), device=x.device, dtype=torch.float32)
-    _bn_act_fwd_stats_kernel[(P, cdiv(geom.C, cfg.block_size_c))](
-        x, count, part_mean, part_m2,
-        geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, *xs.args(),
-        **_tile_kwargs(cfg, geom),
-    )  # fmt: skip
-    return count, part_mean, part_m2, P
-
-
-def _combine_stats(partials, geom, out_a, out_b, running_mean, running_var, *, eps, momentum, finalize):
-    count, part_mean, part_m2, P = partials
     C = geom.C
-    block_c = min(next_pow2(C), 128)
+    count = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_mean = torch.empty((P, C), device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty((P, C), device=x.device, dtype=torch.float32)
     has_running = running_mean is not None
-    _bn_act_fwd_combine_kernel[(cdiv(C, block_c),)](
-        count, part_mean, part_m2, out_a, out_b,
+    _launch(_bn_act_fwd_stats_kernel, (P, cdiv(C, cfg.block_size_c)),
+        x, count, part_mean, part_m2, _arrival_counters(x.device), out_a, out_b,
         running_mean if has_running else out_a, running_var if has_running else out_b,
-        P, C, float(geom.rows), float(eps), float(momentum),
-        HAS_RUNNING=has_running, FINALIZE=finalize, BLOCK_SIZE_P=min(next_pow2(P), 16),
-        BLOCK_SIZE_C=block_c,
+        geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(momentum), *xs.args(),
+        HAS_RUNNING=has_running, FINALIZE=finalize, BLOCK_SIZE_P=_partials_block_p(P, cfg.block_size_c),
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
 
 
 def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_from_var, eps, act, act_param):
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_fwd_apply_kernel[(programs, cdiv(geom.C, cfg.block_size_c))](
+    _launch(_bn_act_fwd_apply_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
         x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
         *xs.args(), *ys.args(),
@@ -199,8 +214,7 @@ def bn_act_fwd_train(
         raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     if cfg.num_partials > 1:
-        partials = _stats_partials(x, geom, xs, cfg)
-        _combine_stats(partials, geom, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
+        _batch_stats(x, geom, xs, cfg, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
         _apply(
             x, y, geom, xs, ys, cfg, mean, rstd, weight, bias,
             rstd_from_var=False, eps=eps, act=act, act_param=act_param,
@@ -208,13 +222,13 @@ def bn_act_fwd_train(
         return y, mean, rstd
     has_running = running_mean is not None
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    _bn_act_fwd_fused_kernel[(cdiv(C, cfg.block_size_c),)](
+    _launch(_bn_act_fwd_fused_kernel, (cdiv(C, cfg.block_size_c),),
         x, y, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         running_mean if has_running else mean, running_var if has_running else rstd,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
         *xs.args(), *ys.args(),
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        **_tile_kwargs(cfg, geom),
+        RESIDENT=n_tiles == 1, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y, mean, rstd
 
@@ -261,8 +275,7 @@ def bn_act_batch_stats(x: torch.Tensor, *, config: KernelConfig | None = None) -
     if x.numel() == 0:
         return mean.zero_(), m2.zero_()
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
-    partials = _stats_partials(x, geom, xs, cfg)
-    _combine_stats(partials, geom, mean, m2, None, None, eps=0.0, momentum=0.0, finalize=False)
+    _batch_stats(x, geom, xs, cfg, mean, m2, None, None, eps=0.0, momentum=0.0, finalize=False)
     return mean, m2
 
 
@@ -337,34 +350,24 @@ def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, 
 
 def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias, *,
               training, eps, act_param, min_abs_weight):  # fmt: skip
-    """Reduce + combine: fp32 (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval).
-    ``mean`` is any fp32 channel tensor when the output was saved (the kernels do not read it)."""
+    """One launch of the reduce kernel (partials, summed by the last program of each channel block): fp32
+    (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval). ``mean`` is any fp32 channel
+    tensor when the output was saved (the kernels do not read it)."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     C = geom.C
     P, tiles_per_program = cfg.partials(geom)
     part_dz = torch.empty((P, C), device=saved.device, dtype=torch.float32)
     part_dz_xhat = torch.empty((P, C), device=saved.device, dtype=torch.float32)
-    _bn_act_bwd_reduce_kernel[(P, cdiv(C, cfg.block_size_c))](
+    sum_dz = torch.empty(C, device=saved.device, dtype=torch.float32)
+    sum_dz_xhat = torch.empty(C, device=saved.device, dtype=torch.float32)
+    # without a gradient to return for a parameter, its store repeats the fp32 sum into the sum itself
+    _launch(_bn_act_bwd_reduce_kernel, (P, cdiv(C, cfg.block_size_c)),
         saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean,
-        bias if bias is not None else mean, part_dz, part_dz_xhat,
+        bias if bias is not None else mean, part_dz, part_dz_xhat, _arrival_counters(saved.device),
+        sum_dz, sum_dz_xhat, dweight if dweight is not None else sum_dz_xhat, dbias if dbias is not None else sum_dz,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        float(min_abs_weight), *strides, TRAINING=training, **flags, **_tile_kwargs(cfg, geom),
-    )  # fmt: skip
-    return combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias)
-
-
-def combine_grad_sums(part_dz, part_dz_xhat, dweight, dbias):
-    """Sum [P, C] partials of (dz, dz * x_hat) in a fixed order: fp32 (sum_dz, sum_dz_xhat), and writes
-    dweight = sum_dz_xhat and dbias = sum_dz in the parameters' dtype when given."""
-    P, C = part_dz.shape
-    sum_dz = torch.empty(C, device=part_dz.device, dtype=torch.float32)
-    sum_dz_xhat = torch.empty(C, device=part_dz.device, dtype=torch.float32)
-    block_c = min(next_pow2(C), 128)
-    _bn_act_bwd_combine_kernel[(cdiv(C, block_c),)](
-        part_dz, part_dz_xhat, sum_dz, sum_dz_xhat,
-        dweight if dweight is not None else sum_dz, dbias if dbias is not None else sum_dz, P, C,
-        HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None,
-        BLOCK_SIZE_P=min(next_pow2(P), 16), BLOCK_SIZE_C=block_c,
+        float(min_abs_weight), *strides, TRAINING=training, BLOCK_SIZE_P=_partials_block_p(P, cfg.block_size_c),
+        **flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return sum_dz, sum_dz_xhat
 
@@ -373,7 +376,7 @@ def _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, 
             act_param, min_abs_weight):  # fmt: skip
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = _grid_tiles(n_tiles)
-    _bn_act_bwd_dx_kernel[(programs, cdiv(geom.C, cfg.block_size_c))](
+    _launch(_bn_act_bwd_dx_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
         saved, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         sum_dz, sum_dz_xhat,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
@@ -430,11 +433,12 @@ def bn_act_bwd(
             _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, *sums, geom.rows,
                     **scalars)  # fmt: skip
         return dx, dweight, dbias
-    _bn_act_bwd_fused_kernel[(cdiv(geom.C, cfg.block_size_c),)](
+    _launch(_bn_act_bwd_fused_kernel, (cdiv(geom.C, cfg.block_size_c),),
         saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
         dweight if dweight is not None else mean, dbias if dbias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),
-        float(min_abs_weight), *strides, TRAINING=training, **flags, **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *strides, TRAINING=training, RESIDENT=cfg.tiles(geom)[0] == 1, **flags,
+        **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return dx, dweight, dbias
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import dataclasses
 
 from ._backward import (
-    _bn_act_bwd_combine_kernel,
     _bn_act_bwd_dx_kernel,
     _bn_act_bwd_fused_kernel,
     _bn_act_bwd_reduce_kernel,
 )
 from ._forward import (
     _bn_act_fwd_apply_kernel,
-    _bn_act_fwd_combine_kernel,
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
@@ -53,8 +51,11 @@ _TILES = {"BLOCK_SIZE_N": 1, "BLOCK_SIZE_C": 16, "BLOCK_SIZE_S": 128, "SPLIT_S":
 _AFFINE = {"ACTIVATION": "relu", "HAS_WEIGHT": True, "HAS_BIAS": True}
 #: the backward from the saved output y; it inverts the activation, so it needs an invertible one
 _FROM_OUTPUT = {"from_output": {"SAVED_OUTPUT": True, "ACTIVATION": "leaky_relu"}}
+#: the small path's register-resident form (one tile covers N*S: x and dy are loaded once)
+_RESIDENT = {"resident": {"RESIDENT": True}}
 _BACKWARD = {**_TILES, **_AFFINE, "SAVED_OUTPUT": False}
-_COMBINE = {"BLOCK_SIZE_P": 16, "BLOCK_SIZE_C": 16}
+#: the split reductions' merge (by the last program of each channel block) holds BLOCK_SIZE_P partials per step
+_MERGE = {"BLOCK_SIZE_P": 16}
 #: the matmul kernels' tiles: what the GEMM launcher picks for large bf16 inputs on Hopper
 _MATMUL = {
     "SPLIT_ROWS": False,
@@ -66,17 +67,24 @@ _MATMUL = {
     "GROUP_SIZE_M": 8,
 }
 
-# The fused kernels read x (and dy) twice; on the small inputs they are chosen for the second read mostly hits
-# cache. Passes assume training (in eval the backward reduce kernel also writes dx and no dx kernel runs).
+# The fused kernels read x (and dy) twice when they loop over tiles; on the small inputs they are chosen for the
+# second read mostly hits cache (their RESIDENT form reads once: 2 and 3 passes). Passes assume training (in eval
+# the backward reduce kernel also writes dx and no dx kernel runs).
 KERNELS: tuple[KernelSpec, ...] = (
-    KernelSpec(_bn_act_fwd_stats_kernel, "forward", 1, dict(_TILES)),
-    KernelSpec(_bn_act_fwd_combine_kernel, "forward", None, {**_COMBINE, "HAS_RUNNING": True, "FINALIZE": True}),
+    KernelSpec(_bn_act_fwd_stats_kernel, "forward", 1, {**_TILES, **_MERGE, "HAS_RUNNING": True, "FINALIZE": True}),
     KernelSpec(_bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, "RSTD_FROM_VAR": False}),
-    KernelSpec(_bn_act_fwd_fused_kernel, "forward", 3, {**_TILES, **_AFFINE, "HAS_RUNNING": True}),
-    KernelSpec(_bn_act_bwd_reduce_kernel, "backward", 2, {**_BACKWARD, "TRAINING": True}, _FROM_OUTPUT),
-    KernelSpec(_bn_act_bwd_combine_kernel, "backward", None, {**_COMBINE, "HAS_WEIGHT": True, "HAS_BIAS": True}),
+    KernelSpec(
+        _bn_act_fwd_fused_kernel, "forward", 3, {**_TILES, **_AFFINE, "HAS_RUNNING": True, "RESIDENT": False}, _RESIDENT
+    ),
+    KernelSpec(_bn_act_bwd_reduce_kernel, "backward", 2, {**_BACKWARD, **_MERGE, "TRAINING": True}, _FROM_OUTPUT),
     KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, dict(_BACKWARD), _FROM_OUTPUT),
-    KernelSpec(_bn_act_bwd_fused_kernel, "backward", 5, {**_BACKWARD, "TRAINING": True}, _FROM_OUTPUT),
+    KernelSpec(
+        _bn_act_bwd_fused_kernel,
+        "backward",
+        5,
+        {**_BACKWARD, "TRAINING": True, "RESIDENT": False},
+        {**_FROM_OUTPUT, **_RESIDENT},
+    ),
     # Linear / 1x1-conv + BatchNorm: the matmul's bytes are counted by bench.bytes_model.matmul_bn_act_bytes
     KernelSpec(_gemm_bn_stats_kernel, "matmul", None, {**_MATMUL, "STATS": True}),
     KernelSpec(_gemm_bn_act_eval_kernel, "matmul", None, {**_MATMUL, **_AFFINE}),

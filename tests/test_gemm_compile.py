@@ -30,7 +30,8 @@ for v in json.loads(sys.argv[1]):
     r = compile_kernel(
         v["kernel"], dtype=dtype, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ones=tuple(a for a in ONES if a in kernel.arg_names),
-        divisible_by_16=tuple(a for a in DIV16 if a in kernel.arg_names), INPUT_PRECISION=v["precision"],
+        divisible=tuple(a for a in DIV16 if a in kernel.arg_names and not a.endswith("_ptr")),  # pointers: aligned
+        INPUT_PRECISION=v["precision"],
         STATS=v["stats"], SPLIT_ROWS=v["split_rows"], ACTIVATION=v.get("activation", "relu"),
         BLOCK_SIZE_M=cfg.block_size_m, BLOCK_SIZE_N=cfg.block_size_n, BLOCK_SIZE_K=cfg.block_size_k,
         GROUP_SIZE_M=cfg.group_size_m,

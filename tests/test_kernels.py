@@ -254,8 +254,9 @@ def test_kernel_config_heuristics_pick_both_paths(monkeypatch):
         return geom, strides, default_config(geom, strides, t.element_size(), cpu)
 
     meta = {"device": "meta"}  # shapes and strides without storage
-    _, _, cfg = plan(torch.empty(256, 1024, **meta))
-    assert cfg.num_partials == 1 and cfg.block_size_c >= 32  # launch-bound (1 MB): one fused launch
+    geom, _, cfg = plan(torch.empty(256, 1024, **meta))
+    # launch-bound (1 MB): one fused launch, register-resident (one tile), 32-byte channel runs to fill the SMs
+    assert cfg.num_partials == 1 and cfg.tiles(geom)[0] == 1 and cfg.block_size_c == 8
     _, _, cfg = plan(torch.empty(32768, 1024, **meta))
     assert cfg.num_partials > 1  # 134 MB: the reduction is split across programs
     geom, strides, cfg = plan(torch.empty(2, 3, 28, 28, **meta))

@@ -257,9 +257,10 @@ def test_bitwise_deterministic_reruns(spy):
 
 @pytest.mark.parametrize("max_partials", [512, 2, 1])
 def test_forward_statistics_come_from_the_matmul_partials(max_partials, spy, monkeypatch):
-    """The combine merges the gemm's per-row-tile partials: the batch mean and variance are right to fp32 for
-    a split into 3 ragged row tiles (the running statistics at momentum 1 are the batch ones), also when the
-    partials are first merged in groups (a MAX_PARTIALS of 2: groups of 2 and 1; of 1: one group of 3)."""
+    """The merge kernel combines the gemm's per-row-tile partials: the batch mean and variance are right to fp32
+    for a split into 3 ragged row tiles (the running statistics at momentum 1 are the batch ones), in one launch
+    (one group of 3), or two when the partials pass MAX_PARTIALS (of 2: groups of 2 and 1, then those two; of 1:
+    one group of 3 at once)."""
     from bnbench.kernels import gemm_launchers
     from bnbench.kernels.gemm_launchers import linear_bn_act_fwd_train
 
@@ -276,7 +277,7 @@ def test_forward_statistics_come_from_the_matmul_partials(max_partials, spy, mon
     assert rel_err(mean, z64.mean(0)) < 1e-6
     assert rel_err(rv, z64.var(0, unbiased=True)) < 1e-5
     assert rel_err(rstd, (z64.var(0, unbiased=False) + 1e-5).rsqrt()) < 1e-5
-    assert spy["gemm"] == 1 and merges["merge"] == (0 if max_partials >= 3 else 1)
+    assert spy["gemm"] == 1 and merges["merge"] == {512: 1, 2: 2, 1: 1}[max_partials]
 
 
 def test_torch_backend_is_the_module_chain_bitwise():
