@@ -63,7 +63,7 @@ VARIANTS = [
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(tmp_path_factory):
     import os
     import subprocess
     import sys
@@ -71,7 +71,12 @@ def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path_factory.mktemp("compile"),  # an empty folder: the installed package, not the source tree
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -153,7 +153,8 @@ def test_sigterm_writes_the_finished_runs_and_exits_130(tmp_path):
             "0.1", "--width", "8", "--seeds", "20", "--steps", "400", "--eval-every", "100", "--out", str(out)]  # fmt: skip
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {"MPLBACKEND": "Agg"})
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {"MPLBACKEND": "Agg"},
+                                cwd=tmp_path)  # fmt: skip
         deadline = time.time() + 120
         while "lr0.1 s1" not in log.read_text() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)  # until the second seed began

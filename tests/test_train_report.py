@@ -63,12 +63,12 @@ def test_summary_of_the_synthetic_frame_the_report_page_uses():
     assert all(math.isfinite(v) or math.isnan(v) for v in table["estimate"])
 
 
-def test_the_report_does_not_import_the_experiments():
+def test_the_report_does_not_import_the_experiments(tmp_path):
     """Dependencies run one way: bnbench.train's CLI uses the report, the report never imports bnbench.train."""
     import subprocess
     import sys
 
     code = ("import sys, bnbench.report.train, bnbench.report.verdicts; "
             "print([m for m in sys.modules if m.startswith('bnbench.train')])")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.strip() == "[]"

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from bnbench.bench.cases import Case
 
@@ -22,11 +23,13 @@ __all__ = ["compiled_facts", "inspect_json", "run_inspect"]
 
 
 def run_inspect(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``python -m bnbench inspect ARGS`` in a fresh process without TRITON_INTERPRET."""
+    """``python -m bnbench inspect ARGS`` in a fresh process without TRITON_INTERPRET, from an empty folder (so
+    that the installed package runs, never a source tree in the working directory)."""
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environ.update({"TRITON_DEFAULT_FP_FUSION": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "bnbench", "inspect", *args], capture_output=True, text=True,
-                          timeout=timeout, env=environ)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bnbench-inspect-") as cwd:
+        return subprocess.run([sys.executable, "-m", "bnbench", "inspect", *args], capture_output=True, text=True,
+                              timeout=timeout, env=environ, cwd=cwd)  # fmt: skip
 
 
 def inspect_json(*args: str, timeout: float = 900) -> dict:
