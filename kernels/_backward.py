@@ -57,11 +57,11 @@ def _load_backward_params(
 def _grad_tile(
     x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-    ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, SPLIT_S: tl.constexpr,
+    ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """(x_hat, dz) of one tile, in fp32, from x or (SAVED_OUTPUT) from y; both are 0 where the mask is off."""
-    x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
-    dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S)
+    x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
+    dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S, S_ALIGN)
     saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)  # 0 off the mask, and so is dz
     if SAVED_OUTPUT:
@@ -85,7 +85,7 @@ def _reduce_tiles(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sum(dz) and sum(dz * x_hat) over tiles; with WRITE_DX (eval) also dx = w * rstd * dz.
@@ -96,18 +96,18 @@ def _reduce_tiles(
     sum_dz = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)
     for tile in tl.range(tile_begin, tile_end, num_stages=NUM_STAGES):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
             x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S, S_ALIGN,
         )  # fmt: skip
         sum_dz += dz
         sum_dz_xhat += dz * x_hat
         if WRITE_DX:
             dx = dz * (w * rstd)[None, :, None]
-            dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
+            dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S, S_ALIGN)
             tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     return tl.sum(tl.sum(sum_dz, axis=2), axis=0), tl.sum(tl.sum(sum_dz_xhat, axis=2), axis=0)
 
@@ -119,19 +119,19 @@ def _dx_tiles(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles."""
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
             x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S, S_ALIGN,
         )  # fmt: skip
         dx = (dz - mean_dz[None, :, None] - x_hat * mean_dz_xhat[None, :, None]) * (w * rstd)[None, :, None]
-        dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
+        dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S, S_ALIGN)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -161,7 +161,7 @@ def _bn_act_bwd_reduce_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_P: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """The two per-channel sums of the backward in one launch. Grid (P, cdiv(C, BLOCK_SIZE_C)).
 
@@ -192,7 +192,7 @@ def _bn_act_bwd_reduce_kernel(
         act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
         _STAGES,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
@@ -232,7 +232,7 @@ def _bn_act_bwd_dx_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), elementwise.
     Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
@@ -256,7 +256,7 @@ def _bn_act_bwd_dx_kernel(
         n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
     )  # fmt: skip
 
 
@@ -268,7 +268,7 @@ def _bn_act_bwd_fused_kernel(
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     SAVED_OUTPUT: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr,
-    BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole backward for one channel block in one launch (small inputs). Grid (cdiv(C, BLOCK_SIZE_C),).
 
@@ -284,12 +284,12 @@ def _bn_act_bwd_fused_kernel(
         not TRAINING, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
     )  # fmt: skip
     if RESIDENT:
-        n, s, n_mask, s_mask, _ = _tile_rows(0, 1, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, _ = _tile_rows(0, 1, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         x_hat, dz = _grad_tile(
             x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SAVED_OUTPUT, SPLIT_S,
+            ACTIVATION, SAVED_OUTPUT, SPLIT_S, S_ALIGN,
         )  # fmt: skip
         sum_dz = tl.sum(tl.sum(dz, axis=2), axis=0)
         sum_dz_xhat = tl.sum(tl.sum(dz * x_hat, axis=2), axis=0)
@@ -299,14 +299,14 @@ def _bn_act_bwd_fused_kernel(
             inv_total = 1.0 / total
             dz = dz - (sum_dz * inv_total)[None, :, None] - x_hat * (sum_dz_xhat * inv_total)[None, :, None]
         dx = dz * (w * rstd)[None, :, None]
-        dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S)
+        dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S, S_ALIGN)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         sum_dz, sum_dz_xhat = _reduce_tiles(
             x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
             stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-            ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            ACTIVATION, SAVED_OUTPUT, not TRAINING, BLOCK_SIZE_C, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
             1,  # not pipelined: these programs are latency-bound, and staging costs registers they lack
         )  # fmt: skip
         _store_grad_sums(sum_dz, sum_dz_xhat, c, c_mask, dweight_ptr, dweight_ptr, dweight_ptr, dbias_ptr, False,
@@ -318,5 +318,5 @@ def _bn_act_bwd_fused_kernel(
                 c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
                 stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
                 stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-                ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+                ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
             )  # fmt: skip

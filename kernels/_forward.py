@@ -34,7 +34,7 @@ def _welford_tiles(
     x_ptr, pivot, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Per-channel (count, mean - pivot, M2) over tiles [tile_begin, tile_end).
 
@@ -49,10 +49,10 @@ def _welford_tiles(
     mean = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)  # of the deviations from the pivot
     m2 = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S), tl.float32)
     for tile in tl.range(tile_begin, tile_end, num_stages=NUM_STAGES):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         rows = n_mask[:, None, None] & s_mask[None, None, :]
         mask = rows & c_mask[None, :, None]
-        offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
+        offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dev = x - pivot[None, :, None]
         count += rows.to(tl.float32)
@@ -133,7 +133,7 @@ def _apply_tiles(
     x_ptr, y_ptr, mean, scale, bias, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
     act_param, ACTIVATION: tl.constexpr,
-    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * scale + bias) over tiles [tile_begin, tile_end); scale = rstd * weight.
 
@@ -141,13 +141,13 @@ def _apply_tiles(
     |mean| >> std.
     """
     for tile in range(tile_begin, tile_end):
-        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
-        x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
+        x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean[None, :, None]) * scale[None, :, None] + bias[None, :, None]
         y = _activation(z, ACTIVATION, act_param)
-        y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S)
+        y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S, S_ALIGN)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -158,7 +158,7 @@ def _bn_act_fwd_stats_kernel(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h,
     HAS_RUNNING: tl.constexpr, FINALIZE: tl.constexpr, BLOCK_SIZE_P: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Batch statistics of x [N, C, S] in one launch. Grid (P, cdiv(C, BLOCK_SIZE_C)).
 
@@ -190,7 +190,7 @@ def _bn_act_fwd_stats_kernel(
     count, mean, m2 = _welford_tiles(
         x_ptr, pivot, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h,
-        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, INDEX_64, _STAGES,
+        BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64, _STAGES,
     )  # fmt: skip
     row = pid_p.to(tl.int64) * C
     tl.store(part_mean_ptr + row + c, mean, mask=c_mask)
@@ -222,7 +222,7 @@ def _bn_act_fwd_apply_kernel(
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RSTD_FROM_VAR: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean) * rstd * w + b), elementwise over x, y [N, C, S] (each through its strides).
     Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
@@ -239,7 +239,7 @@ def _bn_act_fwd_apply_kernel(
     _apply_tiles(
         x_ptr, y_ptr, mean, rstd * w, b, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
-        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+        act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
     )  # fmt: skip
 
 
@@ -250,7 +250,7 @@ def _bn_act_fwd_fused_kernel(
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole training forward for one channel block in one launch (small inputs, where launches dominate).
 
@@ -264,9 +264,9 @@ def _bn_act_fwd_fused_kernel(
     c = _channel_block(tl.program_id(0), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
     if RESIDENT:
-        n, s, n_mask, s_mask, count = _tile_rows(0, 1, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64)
+        n, s, n_mask, s_mask, count = _tile_rows(0, 1, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
-        offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S)
+        offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # the data first, the parameters after
         pivot = _pivot(x_ptr, c, c_mask, stride_x_c)
         dev = tl.where(mask, x - pivot[None, :, None], 0.0)
@@ -279,14 +279,14 @@ def _bn_act_fwd_fused_kernel(
         )  # fmt: skip
         w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
         y = _activation(centred * (rstd * w)[None, :, None] + b[None, :, None], ACTIVATION, act_param)
-        y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S)
+        y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S, S_ALIGN)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         pivot = _pivot(x_ptr, c, c_mask, stride_x_c)
         count, mean, m2 = _welford_tiles(
             x_ptr, pivot, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h,
-            BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
             1,  # not pipelined: these programs are latency-bound, and staging costs registers they lack
         )  # fmt: skip
         mean += pivot
@@ -298,5 +298,5 @@ def _bn_act_fwd_fused_kernel(
         _apply_tiles(
             x_ptr, y_ptr, mean, rstd * w, b, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W,
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
-            act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, INDEX_64,
+            act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
         )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -44,6 +45,12 @@ class Geometry:
     W: int
     split_s: bool
     index_64: bool = False
+    #: a power of two (<= 16) dividing S and every tensor's N and C strides, where S has unit stride in every tensor
+    #: (1 otherwise): the kernels tell the compiler (constexpr ``S_ALIGN``), so runs along S vectorise
+    align: int = 1
+    #: NCHW with a small S: (n, s) addressed as one row axis of N*S rows (N = 1, S = N*S, W = the image's S, through
+    #: the SPLIT_S addressing: row r is (n, s) = (r // W, r % W)), so padding is per tile, not per image
+    flat_rows: bool = False
 
     @property
     def rows(self) -> int:
@@ -101,7 +108,23 @@ def _geometry(layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> t
         # Rows merge: (n, s) is one axis of stride s. S becomes 1 (its stride is then irrelevant).
         merged = Geometry(N * S, C, 1, 1, split_s=False, index_64=index_64)
         return merged, tuple(Strides(st.s, st.c, 1, 0) for st in strides)
-    return Geometry(N, C, S, W if S > 1 else 1, split_s=False, index_64=index_64), tuple(strides)
+    if N > 1 and S > 1 and strides[0].s == 1 and _image_waste_too_high(S):
+        # NCHW-like with a small S (7x7 = 49): power-of-two tiles along S would pad every image (49 -> 64: 30%).
+        # Address (n, s) as one row axis r = n * S + s instead, through the split-S arithmetic (h = n, stride_h =
+        # stride_n): a tile of rows spans images, contiguous within each, and pads only the last tile.
+        flat = Geometry(1, C, N * S, S, split_s=True, index_64=index_64, flat_rows=True)
+        return flat, tuple(Strides(0, st.c, st.s, st.n) for st in strides)
+    align = 1
+    if S > 1 and all(st.s == 1 for st in strides):
+        common = math.gcd(S, *(st.n for st in strides), *(st.c for st in strides))
+        align = min(16, common & -common)  # S > 1: common >= 1
+    return Geometry(N, C, S, W if S > 1 else 1, split_s=False, index_64=index_64, align=align), tuple(strides)
+
+
+def _image_waste_too_high(S: int) -> bool:
+    """Whether the best tile along S (:func:`_low_waste_block`) still pads an image of S elements by over 1/8."""
+    block = _low_waste_block(S, 1024)
+    return cdiv(S, block) * block > S * 9 // 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +250,7 @@ def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: 
     """A launch heuristic for the shape and layout (tuned for 132-SM Hopper parts, sane elsewhere).
 
     Tiles follow the unit-stride axis so loads coalesce: along C for (N, C) and channels_last, along S for
-    NCHW. The reduction is split over enough programs to fill every SM several times; small inputs use one
+    NCHW (along the flattened rows of N*S where :func:`geometry_of` flattened a small S, ``Geometry.flat_rows``). The reduction is split over enough programs to fill every SM several times; small inputs use one
     program per channel block and one launch: register-resident (one tile, :func:`_resident_config`) where the
     whole N*S of a narrow channel block fits the register budget, else a loop over tiles.
     """
@@ -235,7 +258,9 @@ def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: 
     N, C, S = geom.N, geom.C, geom.S
     if S > 1 and x_strides.s == 1:  # NCHW-like: runs along S
         block_s = _low_waste_block(S, 1024)
-        block_c = _pow2_at_most(target // block_s, min(next_pow2(C), 16))
+        # flattened rows (7x7): one channel per tile of rows; two channels of 1024 rows at 8 warps spill in the
+        # looping fused kernel (bf16, Triton 3.6), and contiguous rows need no second channel to coalesce
+        block_c = 1 if geom.flat_rows else _pow2_at_most(target // block_s, min(next_pow2(C), 16))
         block_n = _pow2_at_most(target // (block_s * block_c), next_pow2(N))
     elif x_strides.c == 1 or S == 1:  # runs along C (or rows); tile over rows and C
         if x_strides.c == 1 or x_strides.n != 1:
@@ -252,7 +277,8 @@ def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: 
     while cdiv(C, block_c) > _MAX_GRID_Y:  # channel blocks ride on grid axis 1, which CUDA caps at 65535
         block_c *= 2
     elems = block_n * block_c * block_s
-    num_warps = _num_warps(elems)
+    # flattened rows: 8 warps (4 rows per thread); at 4 warps the looping fused backward spills (Triton 3.6)
+    num_warps = 8 if geom.flat_rows else _num_warps(elems)
 
     n_tiles = cdiv(N, block_n) * cdiv(S, block_s)
     resident = _resident_config(geom, x_strides, element_size, sms)
@@ -266,6 +292,7 @@ def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: 
         fused_block_c //= 2
     if n_tiles == 1 or geom.rows * fused_block_c * element_size <= _FUSED_MAX_BYTES_PER_PROGRAM:
         fused_warps = _num_warps(block_n * fused_block_c * block_s)  # for the tile launched, not the one planned
+        fused_warps = 8 if geom.flat_rows else fused_warps
         return KernelConfig(block_n, fused_block_c, block_s, num_partials=1, num_warps=fused_warps)
     c_blocks = cdiv(C, block_c)
     partials = max(2, min(n_tiles, cdiv(4 * sms, c_blocks)))

@@ -111,6 +111,7 @@ def _tile_kwargs(cfg: KernelConfig, geom: Geometry) -> dict:
         "BLOCK_SIZE_C": cfg.block_size_c,
         "BLOCK_SIZE_S": cfg.block_size_s,
         "SPLIT_S": geom.split_s,
+        "S_ALIGN": geom.align,
         "INDEX_64": geom.index_64,
         "num_warps": cfg.num_warps,
     }

@@ -46,7 +46,7 @@ class KernelSpec:
 
 
 #: the tile and addressing constexprs every data kernel takes
-_TILES = {"BLOCK_SIZE_N": 1, "BLOCK_SIZE_C": 16, "BLOCK_SIZE_S": 128, "SPLIT_S": False, "INDEX_64": True}
+_TILES = {"BLOCK_SIZE_N": 1, "BLOCK_SIZE_C": 16, "BLOCK_SIZE_S": 128, "SPLIT_S": False, "S_ALIGN": 1, "INDEX_64": True}
 #: the activation and affine switches of the kernels that normalise
 _AFFINE = {"ACTIVATION": "relu", "HAS_WEIGHT": True, "HAS_BIAS": True}
 #: the backward from the saved output y; it inverts the activation, so it needs an invertible one

@@ -176,6 +176,41 @@ def test_layouts_without_copies(shape, layout, triton_spy, path, device):
     assert triton_spy
 
 
+def _small_s_input(shape, layout, dtype, device):
+    """NCHW (contiguous) or a channel-sliced view of it (S still has unit stride; N and C strides are not N*C*S
+    and S), or a view with stride 2 along W."""
+    if layout == "channel_slice":
+        N, C, H, W = shape
+        return make_input((N, 2 * C, H, W), dtype, device)[:, ::2]
+    return make_input(shape, dtype, device, layout)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "flat_rows", "align"),
+    [
+        ((3, 5, 7, 7), "contiguous", True, 1),  # S = 49: (n, s) flattened into one row axis
+        ((3, 5, 7, 7), "channel_slice", True, 1),
+        ((3, 5, 7, 7), "strided", False, 1),  # S has stride 2: tiles along S as before
+        ((2, 3, 14, 14), "contiguous", False, 4),  # S = 196: per-image tiles, S % 4 == 0 told to the compiler
+        ((2, 3, 14, 14), "channel_slice", False, 4),
+        ((2, 3, 14, 14), "cropped", False, 1),  # split S addressing: no hint
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_nchw_small_spatial_tiling(shape, layout, flat_rows, align, dtype, training, triton_spy, path, device):
+    """Issue 12 item 5: NCHW with a small S not a multiple of 16 (ResNet-50's 7x7 and 14x14), every pass."""
+    from bnbench.kernels._plan import geometry_of
+
+    x = _small_s_input(shape, layout, dtype, device)
+    geom, _ = geometry_of(x)
+    assert (geom.flat_rows, geom.align) == (flat_rows, align), geom
+    if flat_rows:
+        assert (geom.N, geom.S, geom.W, geom.split_s) == (1, shape[0] * shape[2] * shape[3], shape[2] * shape[3], True)
+    run_and_check(x, activation="leaky_relu", training=training)
+    assert triton_spy, "the Triton launchers did not run"
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("param_dtype", ["fp32", "same"])
 @pytest.mark.parametrize("training", [True, False])

@@ -143,21 +143,13 @@ def _compile_cases(cases, run_python, monkeypatch) -> list[tuple[dict, dict]]:
     return list(zip(todo, json.loads(result.stdout.strip().splitlines()[-1]), strict=True))
 
 
-def _register_ceiling_applies(launch) -> bool:
-    """Item 5 of issue 12 is open: NCHW with S = H*W not a multiple of 16 (14x14, 7x7) has no divisibility hint
-    yet, so its loads are scalar and its streaming kernels take 154-254 registers (Triton 3.6). Every other
-    launch is held to the ceiling."""
-    nchw_small_s = launch["constexprs"]["BLOCK_SIZE_S"] > 1 and "stride_x_c" not in launch["divisible"]
-    return not nchw_small_s
-
-
 def _check_compiled(compiled):
     for launch, r in compiled:
         what = (launch["name"], launch["dtype"], launch["constexprs"], launch["num_warps"], r["registers"])
         if r["registers"] is None:  # no ptxas accepted the PTX on this machine
             continue
         assert r["spill_stores"] == 0, what
-        if launch["name"] in HOT and _register_ceiling_applies(launch):
+        if launch["name"] in HOT:  # every launch, NCHW with a small S (14x14, 7x7) included (issue 12 item 5)
             assert r["registers"] <= MAX_REGISTERS, what
         if launch["name"] in REDUCTIONS and r["sass"]:
             loops = _loops(r["sass"])
@@ -174,3 +166,43 @@ def test_compiled_kernels_of_representative_shapes(run_python, monkeypatch):
 @pytest.mark.slow
 def test_compiled_kernels_of_every_baseline_and_resnet50_shape(run_python, monkeypatch):
     _check_compiled(_compile_cases([c for c in CASES if c not in DEFAULT], run_python, monkeypatch))
+
+
+#: ResNet-50's small-S NCHW inputs (issue 12 item 5): 14x14 (S = 196, a multiple of 4, not of 16) and 7x7 (S = 49)
+SMALL_S = [((256, c, s, s), "nchw", dtype) for c, s in ((256, 14), (512, 7)) for dtype in ("float32", "bfloat16")]
+
+
+def test_nchw_small_spatial_loads_and_padding(run_python, monkeypatch):
+    """14x14: tiles along S with S_ALIGN = 4 told to the compiler, so the main loads of every streaming kernel are
+    128-bit for fp32 (64-bit for bf16: 196 % 8 != 0). 7x7: S = 49 is odd, so no load along S can be wider than
+    one element; (n, s) run as one row axis instead (flattened rows, one tile of rows spans images), with 32-bit
+    (fp32) and 16-bit (bf16) loads and at most 1/8 padding. Both: <= 128 registers, no spills."""
+    from bnbench.kernels._plan import default_config, geometry_of
+    from bnbench.kernels._sass import summarize
+
+    monkeypatch.setattr(_plan, "_sm_count", lambda device: 132)
+    for shape, _, dtype in SMALL_S:
+        x = torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
+        geom, (strides,) = geometry_of(x)
+        cfg = default_config(geom, strides, x.element_size(), x.device)
+        n_tiles, _ = cfg.tiles(geom)
+        padded = n_tiles * cfg.block_size_n * cfg.block_size_s
+        assert padded * 8 <= geom.rows * 9, (shape, dtype, cfg.describe())  # padding <= 1/8
+        S = shape[2] * shape[3]
+        assert geom.flat_rows == (S == 49) and geom.align == (4 if S == 196 else 1), geom
+    compiled = _compile_cases(SMALL_S, run_python, monkeypatch)
+    _check_compiled(compiled)
+    for launch, r in compiled:
+        if r["registers"] is None or not r["sass"] or launch["name"] not in HOT:
+            continue
+        bits = summarize(r["sass"]).main_load_bits
+        what = (launch["name"], launch["dtype"], launch["constexprs"], bits)
+        if launch["constexprs"]["SPLIT_S"]:  # 7x7, flattened rows: one element per load, no padding per image
+            assert launch["constexprs"]["BLOCK_SIZE_N"] == 1 and launch["constexprs"]["S_ALIGN"] == 1, what
+            assert bits == 8 * launch["element_size"], what
+        elif launch["dtype"] == "float32":  # 14x14 fp32
+            assert launch["constexprs"]["S_ALIGN"] == 4 and bits == 128, what
+        else:  # 14x14 bf16: 4 elements at most (S % 8 != 0); the stores' layout may keep the elementwise passes at 32
+            assert launch["constexprs"]["S_ALIGN"] == 4 and bits in (32, 64), what
+            if launch["name"] in REDUCTIONS:
+                assert bits == 64, what
