@@ -22,12 +22,12 @@ import pytest
 import torch
 import triton.language as tl
 
+from bnbench.bench.model_cases import model_cases
 from bnbench.kernels import _plan, launchers
 
 BASELINE = [(256, 1024), (32768, 1024), (262144, 256), (401408, 64), (16384, 8192), (128, 256, 28, 28)]
-#: ResNet-50's BatchNorm inputs at batch 256: (channels, spatial side)
-RESNET50 = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28), (256, 14), (1024, 14),
-            (512, 14), (512, 7), (2048, 7)]  # fmt: skip
+#: ResNet-50's BatchNorm inputs at batch 256, (channels, spatial side), read off the model as the resnet50 preset is
+RESNET50 = sorted({c.shape[1:3] for c in model_cases("resnet50", [256], ["fp32"], ["nchw"], ["fwd"])})
 CASES = [(shape, layout, dtype) for shape in BASELINE for layout in ("nchw", "channels_last") for dtype in ("float32",)]
 CASES = [c for c in CASES if len(c[0]) == 4 or c[1] == "nchw"]  # 2-D inputs have one layout
 CASES += [((256, c, s, s), layout, dtype) for c, s in RESNET50 for layout in ("nchw", "channels_last")
