@@ -34,8 +34,10 @@ from bnbench.reference import MEMORY_SAVING_MIN_ABS_WEIGHT, batch_norm_act_refer
 __all__ = [
     "BACKENDS",
     "MEMORY_SAVING_MIN_ABS_WEIGHT",
+    "RESIDUAL_MEMORY_SAVING_ERROR",
     "TRITON_DTYPES",
     "batch_norm_act",
+    "check_residual",
     "memory_saving_error_bound",
     "memory_saving_max_ratio",
     "memory_saving_unsupported",
@@ -225,6 +227,14 @@ class _MemorySavingReferenceJvpFunction(_MemorySavingReferenceFunction):
         )
 
 
+#: why memory_saving=True refuses a residual
+RESIDUAL_MEMORY_SAVING_ERROR = (
+    "memory_saving=True does not take a residual: it rebuilds x_hat from the output as (act^-1(y) - b) / w, and "
+    "with a residual that is (act^-1(y) - residual - b) / w, which needs the residual kept for backward beside y "
+    "and adds a cancellation that the error bound of memory saving (bnbench._precision) does not cover; the "
+    "saved-output kernels do not take one. Use memory_saving=False with a residual."
+)
+
 _NO_SECOND_DERIVATIVE = (
     "memory_saving=True saved the output, not the input, so this layer has no second derivative (the batch "
     "statistics' dependence on x cannot be rebuilt from y): create_graph=True gave first-order gradients only. "
@@ -276,6 +286,24 @@ def _check_args(
         raise ValueError("running_mean and running_var must be defined in evaluation mode (training=False)")
 
 
+def check_residual(input: Tensor, residual: Tensor | None) -> None:
+    """The residual of y = act(BN(x) + residual): a tensor of the input's shape, dtype and device, in any strides
+    or memory format (it is read through its own strides, never copied)."""
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ShapeError(
+            f"residual has shape {tuple(residual.shape)} but input has shape {tuple(input.shape)}: "
+            "y = act(BN(input) + residual) takes a residual of the input's shape (no broadcasting)"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype} but input has dtype {input.dtype}: they must match")
+    if residual.device != input.device:
+        raise ValueError(f"residual is on {residual.device} but input is on {input.device}: they must match")
+
+
 def _is_number(value) -> bool:
     """A real number as F.batch_norm takes it: Python's, or a numpy scalar (np.float32(0.1)); not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -304,15 +332,18 @@ def batch_norm_act(
     activation_param: float | None = None,
     backend: str = "auto",
     *,
+    residual: Tensor | None = None,
     memory_saving: bool = False,
 ) -> Tensor:
-    r"""Batch normalisation followed by an activation, fused into Triton kernels (forward and backward).
+    r"""Batch normalisation (plus an optional residual) followed by an activation, fused into Triton kernels
+    (forward and backward).
 
     Equal to ``activation(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-    eps))``: per channel c, over the batch and every spatial position,
+    eps) + residual)`` (no add without a residual): per channel c, over the batch and every spatial position,
 
     .. math::
-        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta\right)
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+            + r\right)
 
     with the batch statistics (biased variance) when ``training``, else ``running_mean`` and ``running_var``.
     Training updates the running statistics in place as :class:`torch.nn.BatchNorm2d` does:
@@ -337,6 +368,10 @@ def batch_norm_act(
             PyTorch composition of :mod:`bnbench.reference`) or "auto" (triton where it can run and for the
             kernels' dtypes, else torch: float64 always runs through PyTorch; see :func:`resolve_backend`).
             Default "auto".
+        residual: a tensor added to the normalised input before the activation (the tail of a ResNet block,
+            ``relu(bn(x) + identity)``), or None. It has the input's shape, dtype and device, in any strides or
+            memory format (read through its own strides, never copied); its gradient is ``dy * act'(z)``. Not
+            with ``memory_saving=True``. Default None.
         memory_saving: save the output instead of the input for backward, which rebuilds the normalised input
             from it (so the input can be freed). Identity and leaky_relu with a positive slope only (see
             :func:`memory_saving_unsupported`); the output must then not be modified in place. The gradients carry
@@ -354,9 +389,10 @@ def batch_norm_act(
 
     Raises:
         ValueError, TypeError: on a bad rank, dtype, momentum, eps (F.batch_norm's checks and words), backend or
-            activation, or one value per channel in training, before any kernel runs.
-        bnbench.ShapeError: a running statistic or parameter with the wrong number of channels (a ValueError and,
-            as in PyTorch, a RuntimeError).
+            activation, one value per channel in training, a residual of another dtype or device, or a residual
+            with memory_saving=True, before any kernel runs.
+        bnbench.ShapeError: a running statistic or parameter with the wrong number of channels, or a residual of
+            another shape (a ValueError and, as in PyTorch, a RuntimeError).
         RuntimeError: running statistics with a forward-mode tangent (as F.batch_norm).
 
     Example::
@@ -370,9 +406,17 @@ def batch_norm_act(
     """
     act, param = parse_activation(activation, activation_param)
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_residual(input, residual)
     if memory_saving and (reason := memory_saving_unsupported(act, param)) is not None:
         raise ValueError(f"memory_saving=True is not supported for activation {act.value!r}: {reason}")
+    if memory_saving and residual is not None:
+        raise ValueError(RESIDUAL_MEMORY_SAVING_ERROR)
     use_triton = resolve_backend(backend, input) == "triton"
+    if use_triton and residual is not None:
+        raise NotImplementedError(
+            f'backend={backend!r} chose the Triton kernels, which do not take a residual yet; use backend="torch" '
+            "for act(BN(x) + residual)"
+        )
     if _has_tangent(running_mean, running_var):  # forward-mode AD: F.batch_norm's rule, on every path
         if _has_tangent(input, weight, bias):
             raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
@@ -392,7 +436,8 @@ def batch_norm_act(
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
         # exactly: 0 * (1 - 1) + 1 * batch), then blend them into the running statistics with tensor ops.
         batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
-        y = _dispatch(input, batch_mean, batch_var, weight, bias, True, 1.0, eps, act, param, use_triton, memory_saving)
+        y = _dispatch(input, batch_mean, batch_var, weight, bias, True, 1.0, eps, act, param, use_triton, memory_saving,
+                      residual)  # fmt: skip
         if input.numel() == 0:  # an empty batch has no statistics: the running ones stay as they are
             return y
         with torch.no_grad():
@@ -402,11 +447,11 @@ def batch_norm_act(
         return y
     momentum = float(momentum) if _is_number(momentum) else 0.0  # unused without running stats
     return _dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param, use_triton,
-                     memory_saving)  # fmt: skip
+                     memory_saving, residual)  # fmt: skip
 
 
 def _dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param, use_triton,
-              memory_saving):  # fmt: skip
+              memory_saving, residual):  # fmt: skip
     """Run one backend with a float momentum."""
     training = bool(training)
     forward_mode = _has_tangent(input, weight, bias)
@@ -422,4 +467,5 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
         return function.apply(
             input, weight, bias, running_mean, running_var, training, momentum, float(eps), act, param
         )
-    return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param)
+    return batch_norm_act_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, act, param,
+                                    residual)  # fmt: skip

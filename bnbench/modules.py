@@ -95,7 +95,9 @@ class _BatchNormActMixin:
             raise ValueError(f"memory_saving=True is not supported for activation {self.activation.value!r}: {reason}")
         self.memory_saving = bool(memory_saving)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """act(BN(input)), or act(BN(input) + residual) given a residual of the input's shape, dtype and device
+        (any strides or memory format; see :func:`bnbench.batch_norm_act`)."""
         self._check_input_dim(input)
         exponential_average_factor = count_batch(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -113,6 +115,7 @@ class _BatchNormActMixin:
             self.activation,
             self.activation_param,
             self.backend,
+            residual=residual,
             memory_saving=self.memory_saving,
         )
 
@@ -149,10 +152,12 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
         backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
             reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
         memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
-            positive slope only; the weight must stay away from 0). Default: False.
+            positive slope only; the weight must stay away from 0; not with a residual). Default: False.
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)`
+        - Residual (optional, ``forward(input, residual)``): the input's shape and dtype, any strides; the
+          output is then ``act(BN(input) + residual)``
         - Output: the input's shape, dtype and strides
 
     Example::
@@ -187,10 +192,12 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
         backend: ``auto`` (the Triton kernels for CUDA tensors and under the Triton interpreter, the PyTorch
             reference otherwise), ``triton`` (never falls back) or ``torch``. Default: ``auto``.
         memory_saving: save the output instead of the input for backward (identity and leaky_relu with a
-            positive slope only; the weight must stay away from 0). Default: False.
+            positive slope only; the weight must stay away from 0; not with a residual). Default: False.
 
     Shape:
         - Input: :math:`(N, C, H, W)`, contiguous or channels_last
+        - Residual (optional, ``forward(input, residual)``): the input's shape and dtype, any strides or memory
+          format; the output is then ``act(BN(input) + residual)``
         - Output: the input's shape, dtype and memory format
 
     Example::

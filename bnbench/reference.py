@@ -1,4 +1,4 @@
-"""The plain PyTorch composition ``F.batch_norm`` then the activation.
+"""The plain PyTorch composition ``F.batch_norm``, the residual add (when given), then the activation.
 
 One source of truth for the math: the tests' float64 reference, the benchmark's ``eager`` provider and the
 ``backend="torch"`` path of :func:`bnbench.batch_norm_act` all call this function. Also the memory-saving
@@ -24,9 +24,13 @@ def batch_norm_act_reference(
     eps: float = 1e-5,
     activation: Activation = Activation.RELU,
     activation_param: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``activation(F.batch_norm(input, ...))``; updates the running statistics in place when training."""
+    """``activation(F.batch_norm(input, ...) + residual)`` (no add without a residual); updates the running
+    statistics in place when training."""
     z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
     return apply_activation(z, activation, activation_param)
 
 

@@ -57,7 +57,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @dataclasses.dataclass
 class Reference:
-    """Float64 outputs of BN + activation: y, the running statistics after the call, and gradients."""
+    """Float64 outputs of BN (+ residual) + activation: y, the running statistics after the call, and gradients."""
 
     y: torch.Tensor
     running_mean: torch.Tensor | None
@@ -65,6 +65,7 @@ class Reference:
     grad_input: torch.Tensor | None = None
     grad_weight: torch.Tensor | None = None
     grad_bias: torch.Tensor | None = None
+    grad_residual: torch.Tensor | None = None
 
 
 def _f64(t: torch.Tensor | None, requires_grad: bool = False) -> torch.Tensor | None:
@@ -86,19 +87,23 @@ def reference(
     activation: str | Activation = "relu",
     activation_param: float | None = None,
     grad_output: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> Reference:
-    """Run the float64 reference on copies (the inputs are not modified); gradients when grad_output is given."""
+    """Run the float64 reference on copies (the inputs are not modified); gradients when grad_output is given.
+    With ``residual``: y = act(BN(x) + residual), and ``grad_residual`` its gradient."""
     act, param = parse_activation(activation, activation_param)
     want_grad = grad_output is not None
     x64, w64, b64 = _f64(x, want_grad), _f64(weight, want_grad), _f64(bias, want_grad)
+    r64 = _f64(residual, want_grad)
     rm64, rv64 = _f64(running_mean), _f64(running_var)
-    y = batch_norm_act_reference(x64, rm64, rv64, w64, b64, training, momentum, eps, act, param)
+    y = batch_norm_act_reference(x64, rm64, rv64, w64, b64, training, momentum, eps, act, param, r64)
     ref = Reference(y.detach(), rm64, rv64)
     if want_grad:
         y.backward(grad_output.detach().double())
         ref.grad_input = x64.grad
         ref.grad_weight = None if w64 is None else w64.grad
         ref.grad_bias = None if b64 is None else b64.grad
+        ref.grad_residual = None if r64 is None else r64.grad
     return ref
 
 

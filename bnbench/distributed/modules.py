@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from bnbench.activations import Activation, describe, parse_activation
 from bnbench.convert import ConversionReport, convert_bn_act
 from bnbench.distributed.functional import sync_batch_norm_act
-from bnbench.functional import BACKENDS, batch_norm_act, resolve_backend
+from bnbench.functional import BACKENDS, batch_norm_act, check_residual, resolve_backend
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d, count_batch
 
 __all__ = ["SyncBatchNormAct", "convert_sync_bn_act"]
@@ -100,7 +100,8 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """act(BN(input)), or act(BN(input) + residual) given a residual of the input's shape, dtype and device."""
         factor = count_batch(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
@@ -109,12 +110,20 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
         group = self._group() if self.training else None  # eval (even with batch statistics) never synchronises
         if group is None:
             self._check_input_dim(input)
-            x = input.view(input.shape[0], input.shape[1], -1) if input.dim() == 5 else input
+            check_residual(input, residual)
+            x, r = input, residual
+            if input.dim() == 5:
+                x = input.view(input.shape[0], input.shape[1], -1)
+                r = None if residual is None else residual.view(x.shape)
             y = batch_norm_act(
                 x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                self.activation, self.activation_param, self.backend,
+                self.activation, self.activation_param, self.backend, residual=r,
             )  # fmt: skip
             return y.view(input.shape) if input.dim() == 5 else y
+        if residual is not None:
+            raise NotImplementedError(
+                "SyncBatchNormAct does not take a residual yet while synchronising over a process group"
+            )
         # Input checks that can differ between ranks travel in the forward collective (no rank raises alone), so the
         # backend follows the layer's device, not the input's (an input on another device is reported, not raised).
         anchor = next((t for t in (self.weight, self.running_mean) if t is not None), input)
