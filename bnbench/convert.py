@@ -37,6 +37,7 @@ from torch import fx, nn
 from bnbench.activations import Activation, describe
 from bnbench.convert_residual import (
     ModuleCalls,
+    ResidualAdd,
     match_add,
     record_module_inputs,
     residual_mismatch,
@@ -369,16 +370,14 @@ class _Converter:
             qual = prefix + name
             bn = getattr(module, name)
             nodes = calls.get(name, [])
-            reason = self._bn_blocker(bn)
-            use = None
+            reason, use = self._bn_blocker(bn), None
             if reason is None:
                 reason, use = self._traced_pattern(module, nodes)
             if reason is None and use.add is not None:
                 reason = self._residual_blocker(bn)
-            if reason is None and use.add is not None:
-                if shapes is None:
-                    shapes = tensor_shapes(self.calls, prefix[:-1], graph)
-                reason = _residual_reason(nodes[0], use.add.residual, *shapes)
+                if reason is None:
+                    shapes = shapes or tensor_shapes(self.calls, prefix[:-1], graph)
+                    reason = _residual_reason(nodes[0], use.add.residual, *shapes)
             if reason is not None:
                 self.report.skipped[qual] = reason
                 continue
@@ -386,20 +385,13 @@ class _Converter:
             if fused is None:
                 continue
             fused_children[name] = fused
-            if use.add is None:
-                use.act.replace_all_uses_with(nodes[0])
-                graph.erase_node(use.act)
-                continue
-            residual = use.add.residual
-            self.report.with_residual[qual] = residual.name
-            partner = self._residual_partner(module, prefix, residual, calls, qual)
-            if partner is not None:
-                fused_children[residual.target] = partner
-            with graph.inserting_before(use.add.add):  # where both the BatchNorm's input and r exist
-                fused_call = graph.call_module(name, (nodes[0].args[0], residual))
-            use.act.replace_all_uses_with(fused_call)
-            for node in (use.act, use.add.add, nodes[0]):
-                graph.erase_node(node)
+            if use.add is not None:
+                residual = use.add.residual
+                self.report.with_residual[qual] = residual.name
+                partner = self._residual_partner(module, prefix, residual, calls, qual)
+                if partner is not None:
+                    fused_children[residual.target] = partner
+            _rewrite(graph, name, nodes[0], use)
         if not fused_children:
             return module
         graph.lint()
@@ -498,7 +490,20 @@ class _Use:
 
     act: fx.Node
     found: tuple[Activation, float]
-    add: object | None  # bnbench.convert_residual.ResidualAdd
+    add: ResidualAdd | None
+
+
+def _rewrite(graph: fx.Graph, name: str, bn_node: fx.Node, use: _Use) -> None:
+    """Replace ``bn -> act`` by the fused child's call, ``bn -> add r -> act`` by ``name(x, r)``."""
+    if use.add is None:
+        use.act.replace_all_uses_with(bn_node)
+        graph.erase_node(use.act)
+        return
+    with graph.inserting_before(use.add.add):  # where both the BatchNorm's input and r exist
+        fused_call = graph.call_module(name, (bn_node.args[0], use.add.residual))
+    use.act.replace_all_uses_with(fused_call)
+    for node in (use.act, use.add.add, bn_node):
+        graph.erase_node(node)
 
 
 def _activation_use(
