@@ -156,3 +156,13 @@ def test_a_run_writes_the_residual_rows(tmp_path):
     sidecar = json.loads((out / "results.json").read_text())
     assert sidecar["run"]["op"] == "bn_add_act"
     assert sidecar["run"]["bytes_model_min_tensor_passes_residual"] == {"fwd": 3, "bwd": 4, "fwd_bwd": 7, "eval": 3}
+
+
+def test_the_headline_has_a_row_per_op_family_when_a_run_has_both():
+    from bnbench.report.bench import headline_table
+
+    both = [SMALL[0], c.Case("bn1d", "fwd_bwd", "relu", "fp32", "nchw", 16, 3)]
+    frame, _ = run_sweep(both, [PROVIDERS["eager"]], CTX)
+    table = headline_table(frame)
+    assert table["op_family"].tolist() == ["bn_add_act", "bn_act"] and (table["points"] == 1).all()
+    assert "op_family" not in headline_table(frame[frame["op"] == "bn1d"]).columns  # one family: as before
