@@ -269,3 +269,20 @@ def test_memory_saving_leaves_a_residual_add_alone():
     _, report = convert_bn_act(model, backend="torch", memory_saving=True, example_inputs=torch.randn(2, 3, 2, 2),
                                return_report=True)  # fmt: skip
     assert report.converted == {} and "memory_saving=True does not take a residual" in report.skipped["0.bn"]
+
+
+class KeywordCaller(nn.Module):
+    """Calls its residual block with a keyword argument: the recorded call cannot be replayed positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Residual("out += r")
+
+    def forward(self, x):
+        return self.block(x=x)
+
+
+def test_a_block_called_with_keywords_is_skipped_saying_so():
+    _, report = convert_bn_act(KeywordCaller(), backend="torch", example_inputs=torch.randn(2, 3, 2, 2),
+                               return_report=True)  # fmt: skip
+    assert report.converted == {} and "called with keyword arguments (x)" in report.skipped["block.bn"]
