@@ -5,6 +5,8 @@ Triton's real JIT path: the binder, the specialisation of every argument (dtypes
 equal to 1), the kernel cache, and the real compiler down to a cubin for the target (with the ptxas Triton
 ships). Only the last step, the launch, is replaced: :class:`RecordingLauncher` appends a :class:`Launch` to
 ``rec.launches`` and returns. No kernel runs and no output is written (outputs stay uninitialised memory).
+(The launchers take that path on the first call of each launch key; later calls launch the compiled kernel
+directly, ``_launch.py``, through the same launcher, so every launch is recorded either way.)
 
 A Triton driver, as ``JITFunction.run`` and ``CompiledKernel`` use it (same in Triton 3.6 and 3.9), provides:
 ``get_current_device`` (the key of the per-device kernel cache), ``get_current_stream``, ``get_current_target``

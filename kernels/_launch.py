@@ -19,8 +19,8 @@ have one Triton specialisation. It holds
 - the knobs Triton folds into its options on every call (``debug``, the instrumentation mode and, where it exists,
   the fp-sanitiser setting) and the JIT function's own ``debug``.
 
-An argument of any other type is refused with a TypeError (it would need more of Triton's specialisation than
-this key holds). The first call of a launch key goes through ``kernel[grid]`` (Triton binds, compiles or finds
+An argument of any other type, and a float constexpr passed by position, are refused with a TypeError (they
+would need more of Triton's specialisation than this key holds). The first call of a launch key goes through ``kernel[grid]`` (Triton binds, compiles or finds
 the kernel, and launches it) and the key then keeps the compiled kernel and the values Triton's binder gives the
 parameters after the positional ones (constexprs and defaults). Each call reads the current stream, the
 launch hooks and the grid afresh, and checks the kernel's used globals as Triton does. While the JIT function has
@@ -95,6 +95,8 @@ def _unsupported(kernel, args: tuple, kwargs: dict) -> str | None:
     for i, a in enumerate(args):
         if not isinstance(a, (torch.Tensor, *_ARG_TYPES)):
             return f"{names[i] if i < len(names) else f'argument {i}'} of type {type(a).__name__}"
+        if type(a) is float and i in kernel.constexprs:  # the key holds a float's type, a constexpr needs its value
+            return f"{names[i]}={a!r}, a float constexpr passed by position (pass it by keyword)"
     for name, value in kwargs.items():
         if not isinstance(value, _ARG_TYPES):
             return f"{name}={value!r} of type {type(value).__name__}"
@@ -104,6 +106,8 @@ def _unsupported(kernel, args: tuple, kwargs: dict) -> str | None:
 def _first_launch(kernel, grid, args: tuple, kwargs: dict, device) -> tuple | None:
     """Launch through Triton's JIT (the first call of a launch key) and return what later calls reuse, or None
     where Triton returned no compiled kernel yet (an asynchronous compile in flight: the next call retries)."""
+    if callable(grid):
+        raise TypeError(f"{kernel.fn.__name__}: the direct launch takes the grid as a tuple of ints, got a callable")
     bad = _unsupported(kernel, args, kwargs)
     if bad is not None:
         raise TypeError(

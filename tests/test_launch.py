@@ -19,6 +19,7 @@ import torch
 
 _SCRIPT = r"""
 import json, sys, torch, triton
+import triton.language as tl
 import triton.runtime.jit as jit
 from bnbench.kernels import KernelConfig, launchers
 from bnbench.kernels import _launch
@@ -85,6 +86,11 @@ CASES = {
                                               activation="relu"),
 }
 
+@triton.jit
+def _scale(x_ptr, SCALE: tl.constexpr):
+    offs = tl.arange(0, 16)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * SCALE)
+
 def same(a, b):
     return {f: getattr(a, f) == getattr(b, f) for f in
             ("kernel", "key", "grid", "num_warps", "num_stages", "constexprs", "signature", "args", "stream")}
@@ -129,6 +135,27 @@ with recording() as rec:
         out["list_arg"] = "accepted"
     except TypeError as e:
         out["list_arg"] = str(e)
+
+    # a float constexpr: by keyword its value is part of the key (each value its own kernel); by position, refused
+    x = torch.empty(16)
+    scaled = []
+    for value in (0.5, 2.0, 0.5):
+        _launch.launch(_scale, (1,), (x,), {"SCALE": value})
+        _scale[(1,)](x, SCALE=value)
+        fast, slow = rec.take()
+        scaled.append([fast.key, fast.key == slow.key])
+    out["float_constexpr"] = scaled
+    try:
+        _launch.launch(_scale, (1,), (x, 0.5), {})
+        out["float_constexpr_by_position"] = "accepted"
+    except TypeError as e:
+        out["float_constexpr_by_position"] = str(e)
+
+    try:
+        _launch.launch(_scale, lambda meta: (1,), (x,), {"SCALE": 3.0})
+        out["callable_grid"] = "accepted"
+    except TypeError as e:
+        out["callable_grid"] = str(e)
 
     # a Triton version whose launch convention was not checked: a clear error, no silent fallback
     _launch._triton.cache_clear()
@@ -190,12 +217,20 @@ def test_the_stream_is_read_on_every_launch(launched):
     assert launched["streams"] == [5, 7]
 
 
+def test_a_float_constexpr_is_keyed_by_its_value(launched):
+    (k1, same1), (k2, same2), (k3, same3) = launched["float_constexpr"]
+    assert same1 and same2 and same3  # the kernel Triton's JIT picks for each value
+    assert k1 != k2 and k1 == k3
+
+
 def test_refusals_are_clear(launched):
     assert "the direct launch keys tensors, int, float, bool, str and None" in launched["list_arg"]
     assert "of type list" in launched["list_arg"]
     message = launched["unsupported"]
     assert "triton 3.99.0 is installed" in message and "BNBENCH_TRITON_JIT_LAUNCH=1" in message
     assert "3.6, 3.9" in message
+    assert "SCALE=0.5, a float constexpr passed by position" in launched["float_constexpr_by_position"]
+    assert "takes the grid as a tuple of ints" in launched["callable_grid"]
 
 
 # the changes above, run natively: each case twice (the second call launches directly) against the reference
@@ -215,11 +250,22 @@ _GPU_CASES = {
 }
 
 
+def _test_kernels():
+    """tests/test_kernels.py as a module, for its input maker and reference check (pytest's importlib mode gives
+    test files no importable name)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_bnbench_test_kernels", Path(__file__).with_name("test_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("unaligned", [False, True], ids=["aligned", "unaligned"])
-def test_direct_launches_compute_the_reference_across_changes(unaligned, monkeypatch):
+def test_direct_launches_compute_the_reference_across_changes(unaligned, monkeypatch, device):
     import triton.runtime.jit as jit
-    from test_kernels import make_input, run_and_check
 
     from bnbench import kernels
     from bnbench.kernels import launchers
@@ -237,16 +283,17 @@ def test_direct_launches_compute_the_reference_across_changes(unaligned, monkeyp
 
     monkeypatch.setattr(launchers, "_launch", counted_launch)
     monkeypatch.setattr(jit.JITFunction, "run", counted_run)
+    helpers = _test_kernels()
     for label, (shape, dtype, layout, options) in _GPU_CASES.items():
         for call in range(2):
-            x = make_input(shape, dtype, "cuda", layout)
+            x = helpers.make_input(shape, dtype, device, layout)
             if unaligned:  # contiguous x moved one element into a larger buffer: its data pointer is not 16-aligned
-                buffer = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+                buffer = torch.empty(x.numel() + 1, dtype=dtype, device=device)
                 x = buffer[1:].view(x.shape).copy_(x) if layout == "contiguous" else x
             split = kernels.plan(x)[1].num_partials > 1
             assert split == (label == "split"), label  # the case exercises the path it is named after
             launches[0] = jit_runs[0] = 0
-            run_and_check(x, **options)
+            helpers.run_and_check(x, **options)
             assert launches[0] == (4 if split else 2), label  # forward and backward, on the Triton path
             if call == 1:
                 assert jit_runs[0] == 0, label  # second call: every launch was direct
