@@ -18,7 +18,7 @@ import pytest
 import torch
 
 _SCRIPT = r"""
-import json, sys, torch, triton
+import contextlib, json, sys, torch, triton
 import triton.language as tl
 import triton.runtime.jit as jit
 from bnbench.kernels import KernelConfig, launchers
@@ -120,6 +120,17 @@ with recording() as rec:
                           for l in fast],
         }
 
+    # the active driver is part of the key: the same arguments under a recording for sm_80, then sm_90 again
+    kernel, grid, args, kwargs = captured[0]
+    archs = []
+    for target in ("sm_80", "sm_80", None):
+        with (recording(target) if target else contextlib.nullcontext(rec)) as r:
+            _launch.launch(kernel, grid, args, kwargs)
+            kernel[grid](*args, **kwargs)
+            fast, slow = r.take()
+        archs.append([fast.compiled.metadata.target.arch, fast.key == slow.key, fast.key])
+    out["archs"] = archs
+
     # the stream is read on every call: the recording driver's current stream changes between two direct launches
     streams = iter([5, 7])
     rec.driver.get_current_stream = lambda device=None: next(streams)
@@ -211,6 +222,12 @@ def test_each_change_is_a_different_specialisation(launched):
     assert cases["base"]["unaligned"] == [[]]
     assert cases["unaligned < base"]["unaligned"] == [["x_ptr"]]  # the input view (y is allocated dense)
     assert cases["bwd unaligned < bwd"]["unaligned"] == [["x_ptr"]]
+
+
+def test_the_active_driver_and_its_target_are_part_of_the_key(launched):
+    (arch1, same1, key1), (arch2, same2, key2), (arch3, same3, key3) = launched["archs"]
+    assert (arch1, arch2, arch3) == (80, 80, 90) and same1 and same2 and same3
+    assert key1 == key2 != key3 == launched["cases"]["base"]["keys"][0]
 
 
 def test_the_stream_is_read_on_every_launch(launched):
