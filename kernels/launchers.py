@@ -22,6 +22,7 @@ from ._forward import (
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
+from ._launch import launch as _launch_compiled
 from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, geometry_of, next_pow2
 
 __all__ = [
@@ -54,8 +55,12 @@ def interpreter_active() -> bool:
 
 
 def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Every kernel launch goes through here (tests count launches per pass by patching it)."""
-    kernel[grid](*args, **kwargs)
+    """Every kernel launch goes through here (tests count launches per pass by patching it): the compiled kernel
+    launched directly, cached per launch key (:mod:`._launch`), or the interpreter through ``kernel[grid]``."""
+    if interpreter_active():
+        kernel[grid](*args, **kwargs)
+    else:
+        _launch_compiled(kernel, grid, args, kwargs)
 
 
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
