@@ -31,15 +31,16 @@ The recording driver (``_driver.py``) still sees every launch: the compiled kern
 driver made (a ``RecordingLauncher`` under a recording), called with exactly what Triton's JIT passes it.
 
 Version-specific: the launcher's calling convention and the layout of ``JITFunction.device_caches``, both read in
-the sources of the Triton versions in :data:`SUPPORTED_TRITON` (the only ones tested). Any other version raises a
-RuntimeError at the first launch; ``BNBENCH_TRITON_JIT_LAUNCH=1`` (read at import) makes every launch go through
-``kernel[grid]`` instead, by choice.
+the sources of the Triton versions in :data:`SUPPORTED_TRITON` (the only ones tested). Under any other version every
+launch goes through ``kernel[grid]`` (correct, slower on the host) and a RuntimeWarning says so once, at the first
+launch; ``BNBENCH_TRITON_JIT_LAUNCH=1`` (read at import) does the same by choice.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -66,7 +67,8 @@ def clear() -> None:
 @functools.cache
 def _triton():
     """The installed Triton's (driver, knobs, fp-sanitiser knob, stages-inspection hook, whether a launch hook
-    holds calls); a RuntimeError naming the version where its launch convention was not checked here."""
+    holds calls); None, with a RuntimeWarning naming the version, where its launch convention was not checked here
+    (every launch then goes through Triton's JIT)."""
     import triton
     from triton import knobs
     from triton.runtime.driver import driver
@@ -74,10 +76,14 @@ def _triton():
     version = tuple(int(p) for p in triton.__version__.split(".")[:2])
     if version not in SUPPORTED_TRITON:
         supported = ", ".join(f"{a}.{b}" for a, b in SUPPORTED_TRITON)
-        raise RuntimeError(
-            f"bnbench launches compiled Triton kernels directly, which was checked on triton {supported}; triton "
-            f"{triton.__version__} is installed. Set BNBENCH_TRITON_JIT_LAUNCH=1 to launch through Triton's JIT instead."
+        warnings.warn(
+            f"bnbench launches compiled Triton kernels directly only on the Triton versions whose launch convention "
+            f"it was checked against ({supported}); triton {triton.__version__} is installed, so every launch goes "
+            "through Triton's JIT (kernel[grid]: correct, with about 15 us more host time per launch)",
+            RuntimeWarning,
+            stacklevel=4,
         )
+        return None
     # 3.9 folds the fp-sanitiser setting into the options and may add a custom pipeline to the key; 3.6 has neither
     fpsan = (lambda: knobs.compilation.fpsan_homomorphic_casts) if version >= (3, 9) else (lambda: None)
     stages = (lambda: knobs.runtime.add_stages_inspection_hook) if version >= (3, 9) else (lambda: None)
@@ -141,7 +147,11 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
     if JIT_LAUNCH:
         kernel[grid](*args, **kwargs)
         return
-    driver, knobs, fpsan, stages, hooked = _triton()
+    checked = _triton()
+    if checked is None:  # a Triton version this module was not checked against (warned once): its JIT path
+        kernel[grid](*args, **kwargs)
+        return
+    driver, knobs, fpsan, stages, hooked = checked
     if kernel.pre_run_hooks or stages() is not None:  # hooks that must see every call: Triton's JIT path
         kernel[grid](*args, **kwargs)
         return

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 _SCRIPT = r"""
-import contextlib, json, sys, torch, triton
+import contextlib, json, sys, torch, triton, warnings
 import triton.language as tl
 import triton.runtime.jit as jit
 from bnbench.kernels import KernelConfig, launchers
@@ -168,15 +168,18 @@ with recording() as rec:
     except TypeError as e:
         out["callable_grid"] = str(e)
 
-    # a Triton version whose launch convention was not checked: a clear error, no silent fallback
+    # a Triton version whose launch convention was not checked: every call through the JIT, and a warning says so
     _launch._triton.cache_clear()
     real = triton.__version__
     triton.__version__ = "3.99.0"
     try:
-        _launch.launch(kernel, grid, args, kwargs)
-        out["unsupported"] = "launched"
-    except RuntimeError as e:
-        out["unsupported"] = str(e)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs = jit_runs[0]
+            for _ in range(2):  # the second call of a launch key too
+                _launch.launch(kernel, grid, args, kwargs)
+            out["unsupported"] = {"jit_runs": jit_runs[0] - runs, "launches": len(rec.take()),
+                                  "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
     finally:
         triton.__version__ = real
         _launch._triton.cache_clear()
@@ -243,9 +246,10 @@ def test_a_float_constexpr_is_keyed_by_its_value(launched):
 def test_refusals_are_clear(launched):
     assert "the direct launch keys tensors, int, float, bool, str and None" in launched["list_arg"]
     assert "of type list" in launched["list_arg"]
-    message = launched["unsupported"]
-    assert "triton 3.99.0 is installed" in message and "BNBENCH_TRITON_JIT_LAUNCH=1" in message
-    assert "3.6, 3.9" in message
+    unsupported = launched["unsupported"]
+    assert unsupported["jit_runs"] == 2 and unsupported["launches"] == 2  # both calls through Triton's JIT
+    (message,) = unsupported["warnings"]  # once
+    assert "triton 3.99.0 is installed" in message and "(3.6, 3.9)" in message and "Triton's JIT" in message
     assert "SCALE=0.5, a float constexpr passed by position" in launched["float_constexpr_by_position"]
     assert "takes the grid as a tuple of ints" in launched["callable_grid"]
 
