@@ -336,8 +336,8 @@ def _elementwise_grid(n_tiles: int, c_blocks: int, num_warps: int, sms: int) -> 
     - Fewer programs must still fill the machine: the grid keeps at least ``_ELEMENTWISE_MIN_WAVES`` full waves
       of programs, a wave being ``sms * (2048 // (32 * num_warps))`` programs, the most an SM holds by its thread
       limit. The compiled kernels reach at most that occupancy (registers and shared memory can only lower
-      it; the property tests hold them at <= 128 registers), so the real waves are at least that many, the grid
-      is never below the SM count, and the last partial wave costs at most 1/4 of the pass.
+      it; the property tests hold them at <= 128 registers), so the real waves are at least that many, a grid
+      of k > 1 is never below the SM count, and the last partial wave idles at most 1/5 of the pass.
     - k is a power of two, at most ``_ELEMENTWISE_MAX_TILES`` (the fixed cost is amortised to 1/8; more only
       lengthens the tail), and large enough for CUDA's grid limit on axis 0.
 
