@@ -26,6 +26,7 @@ from ._common import (
     _load_channel_affine,
     _load_channel_rstd,
     _load_channel_stats,
+    _next_tile,
     _offsets,
     _tile_rows,
 )
@@ -62,8 +63,18 @@ def _grad_tile(
     """(x_hat, dz) of one tile, in fp32, from x or (SAVED_OUTPUT) from y; both are 0 where the mask is off."""
     x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
     dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S, S_ALIGN)
-    saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)  # 0 off the mask, and so is dz
+    saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0)  # 0 off the mask, and so is dz
+    return _grad_of(saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION, SAVED_OUTPUT)
+
+
+@triton.jit
+def _grad_of(
+    saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
+):  # fmt: skip
+    """(x_hat, dz) in fp32 of a loaded tile of x (or y, SAVED_OUTPUT) and dy, each in its own dtype."""
+    saved = saved.to(tl.float32)
+    dy = dy.to(tl.float32)
     if SAVED_OUTPUT:
         z = _activation_inverse(saved, ACTIVATION, act_param)
     else:
@@ -113,26 +124,57 @@ def _reduce_tiles(
 
 
 @triton.jit
+def _dx_inputs(
+    x_ptr, dy_ptr, tile, c, c_mask, n_tiles_s, N, S, W,
+    stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """One tile of x (or y) and of dy, each in its own dtype, 0 off the mask."""
+    n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
+    mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
+    x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
+    dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S, S_ALIGN)
+    return tl.load(x_ptr + x_offs, mask=mask, other=0.0), tl.load(dy_ptr + dy_offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dx_tiles(
-    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
-    n_tiles_s, N, S, W, act_param,
+    saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin,
+    tile_end, n_tiles_s, N, S, W, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles."""
+    """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles [tile_begin, tile_end).
+    ``saved, dy`` are tile ``tile_begin``, loaded by the caller (:func:`_dx_inputs`) before the parameters.
+
+    PREFETCH: each next tile's loads are issued before the tile in hand is computed and stored (the compiler
+    cannot hoist a load above a store that may alias it), so a program always has a tile in flight while it
+    works. Otherwise after the store (one tile live).
+    """
     for tile in range(tile_begin, tile_end):
+        next_tile = _next_tile(tile, tile_end, n_tiles_s, N, BLOCK_SIZE_N)
+        if PREFETCH:
+            saved_next, dy_next = _dx_inputs(
+                x_ptr, dy_ptr, next_tile, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+                BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
-        x_hat, dz = _grad_tile(
-            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
-            stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SAVED_OUTPUT, SPLIT_S, S_ALIGN,
-        )  # fmt: skip
+        x_hat, dz = _grad_of(saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION, SAVED_OUTPUT)
         dx = (dz - mean_dz[None, :, None] - x_hat * mean_dz_xhat[None, :, None]) * (w * rstd)[None, :, None]
         dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S, S_ALIGN)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if not PREFETCH:
+            saved_next, dy_next = _dx_inputs(
+                x_ptr, dy_ptr, next_tile, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+                BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
+        saved, dy = saved_next, dy_next
 
 
 @triton.jit
@@ -242,6 +284,14 @@ def _bn_act_bwd_dx_kernel(
     """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
+    tile_begin = tl.program_id(0) * tiles_per_program
+    tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
+    # the data first, then the per-channel parameters (_bn_act_fwd_apply_kernel says what the SASS shows)
+    saved, dy = _dx_inputs(
+        x_ptr, dy_ptr, tile_begin, c, c_mask, n_tiles_s, N, S, W,
+        stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+        BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+    )  # fmt: skip
     mean, rstd, w, b, inv_w = _load_backward_params(
         mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c, c_mask, 0.0, min_abs_weight,
         False, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
@@ -249,14 +299,13 @@ def _bn_act_bwd_dx_kernel(
     inv_total = 1.0 / total
     mean_dz = tl.load(sum_dz_ptr + c, mask=c_mask, other=0.0) * inv_total
     mean_dz_xhat = tl.load(sum_dz_xhat_ptr + c, mask=c_mask, other=0.0) * inv_total
-    tile_begin = tl.program_id(0) * tiles_per_program
-    tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
     _dx_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
+        saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin,
+        tile_end,
         n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64, True,
     )  # fmt: skip
 
 
@@ -313,10 +362,16 @@ def _bn_act_bwd_fused_kernel(
                          HAS_WEIGHT, HAS_BIAS)  # fmt: skip
         if TRAINING:
             inv_total = 1.0 / total
+            saved, dy = _dx_inputs(
+                x_ptr, dy_ptr, 0, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
+                stride_dy_h, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
             _dx_tiles(
-                x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total, sum_dz_xhat * inv_total, c,
-                c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
+                saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total,
+                sum_dz_xhat * inv_total, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
                 stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
                 stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
                 ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+                False,  # no prefetch: the fused kernels keep one tile live (the forward spilled with two)
             )  # fmt: skip

@@ -62,6 +62,14 @@ def _tile_rows(
 
 
 @triton.jit
+def _next_tile(tile, tile_end, n_tiles_s, N, BLOCK_SIZE_N: tl.constexpr):
+    """The tile after ``tile`` when it is below ``tile_end``, else the tile just past the last of the tensor,
+    whose rows all lie at n >= N (:func:`_tile_rows` masks it whole): a prefetch past a program's own tiles
+    reads nothing."""
+    return tl.where(tile + 1 < tile_end, tile + 1, tl.cdiv(N, BLOCK_SIZE_N) * n_tiles_s)
+
+
+@triton.jit
 def _offsets(n, c, s, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr = 1):
     """Element offsets of a [BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S] tile (in the indices' integer type).
     S_ALIGN: a power of two the host guarantees divides stride_n and stride_c (:func:`_aligned`; 1 with SPLIT_S)."""

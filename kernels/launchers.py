@@ -23,7 +23,7 @@ from ._forward import (
     _bn_act_fwd_stats_kernel,
 )
 from ._launch import launch as _launch_compiled
-from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, geometry_of, next_pow2
+from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, elementwise_grid, geometry_of, next_pow2
 
 __all__ = [
     "MEMORY_SAVING_ACTIVATIONS",
@@ -42,7 +42,6 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
-_MAX_GRID_X = 2**31 - 1
 
 
 @functools.cache
@@ -122,12 +121,6 @@ def _tile_kwargs(cfg: KernelConfig, geom: Geometry) -> dict:
     }
 
 
-def _grid_tiles(n_tiles: int) -> tuple[int, int]:
-    """(programs along the tile axis, tiles per program) for an elementwise pass."""
-    tiles_per_program = cdiv(n_tiles, _MAX_GRID_X)
-    return cdiv(n_tiles, tiles_per_program), tiles_per_program
-
-
 def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         _check_channel_tensor(t, name, x)
@@ -177,7 +170,7 @@ def _batch_stats(x, geom, xs, cfg, out_a, out_b, running_mean, running_var, *, e
 
 def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_from_var, eps, act, act_param):
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    programs, tiles_per_program = _grid_tiles(n_tiles)
+    programs, tiles_per_program = elementwise_grid(cfg, geom, x.device)
     _launch(_bn_act_fwd_apply_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
         x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
@@ -382,7 +375,7 @@ def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weigh
 def _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *,
             act_param, min_abs_weight):  # fmt: skip
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    programs, tiles_per_program = _grid_tiles(n_tiles)
+    programs, tiles_per_program = elementwise_grid(cfg, geom, saved.device)
     _launch(_bn_act_bwd_dx_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
         saved, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         sum_dz, sum_dz_xhat,
