@@ -89,15 +89,16 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def triton36(session: nox.Session) -> None:
-    """The kernel tests (PyTorch's module samples among them) and the sm_90 compile check under triton 3.6, the
-    GPU image's version (whose interpreter needs numpy < 2.4): CI's guard that the kernels still build where they
-    are timed."""
+    """The kernel tests (PyTorch's module samples among them) and the sm_90 compile and property checks under
+    triton 3.6, the GPU image's version (whose interpreter needs numpy < 2.4): CI's guard that the kernels still
+    build, within their register ceilings, where they are timed."""
     _link_shared(session, CPU_TORCH)
     session.install("triton==3.6.0", "numpy<2.4")
     session.install(".[test]")
     session.run(
         "pytest",
         "tests/test_kernels_compile.py",
+        "tests/test_kernels_properties.py",  # registers, spills, LDGSTS and barriers as the GPU image compiles them
         "tests/test_kernels.py",
         "tests/test_memory_saving.py",
         "tests/test_inspect.py",  # the recording driver against Triton 3.6's driver interface

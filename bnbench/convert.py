@@ -8,11 +8,18 @@ Two passes, each converting only what it can prove safe:
 2. Every other module whose ``forward`` calls a BatchNorm child and then an activation: its ``forward`` is traced
    with ``torch.fx`` (children kept as leaves), the pattern is rewritten in the graph, and the module is replaced
    by the resulting ``fx.GraphModule`` (same children and state_dict keys; methods other than ``forward`` are not
-   carried over). This covers a torchvision-style ResNet basic block.
+   carried over). This covers a torchvision-style ResNet basic block and bottleneck.
+
+   With ``example_inputs``, the same pass also fuses a residual add (:mod:`bnbench.convert_residual`):
+   ``act(bn(x) + r)`` becomes ``bn(x, r)`` when one forward of the example showed ``r`` to have the BatchNorm
+   output's shape and dtype. When ``r`` is itself the output of a BatchNorm (a ResNet's downsample branch, or a
+   child called directly), that BatchNorm is converted too, with no activation, so every BatchNorm of a ResNet
+   runs fused.
 
 A BatchNorm is converted only when it is exactly ``nn.BatchNorm1d``/``nn.BatchNorm2d``, has no hooks, is used once
-in the model, and its output's only use is a supported activation (module or call) with constant arguments.
-Anything else (a BN output also used elsewhere, one feeding an add, a forward fx cannot trace) is left as it
+in the model, and its output's only use is a supported activation (module or call) with constant arguments, or
+a plain sum (no ``alpha``, no broadcasting, no type promotion) whose only use is such an activation.
+Anything else (a BN output also used elsewhere, a sum used twice, a forward fx cannot trace) is left as it
 was, with the reason in the :class:`ConversionReport`. Converted layers share the original parameter and buffer
 tensors (so an ``inplace=True`` conversion keeps an optimizer's references valid) and keep train/eval mode.
 """
@@ -21,14 +28,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import operator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from bnbench.activations import Activation, describe
-from bnbench.functional import BACKENDS, TRITON_DTYPES, memory_saving_unsupported
+from bnbench.convert_residual import (
+    ModuleCalls,
+    ResidualAdd,
+    match_add,
+    record_module_inputs,
+    residual_mismatch,
+    residual_refusal,
+    tensor_shapes,
+)
+from bnbench.functional import BACKENDS, RESIDUAL_MEMORY_SAVING_ERROR, TRITON_DTYPES, memory_saving_unsupported
 from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
 __all__ = ["ConversionReport", "convert_bn_act"]
@@ -43,10 +59,22 @@ class ConversionReport:
 
     converted: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the converted-with-residual BatchNorms (a subset of ``converted``): name -> the graph node of the residual
+    #: its fused layer adds before the activation (``act(bn(x) + r)``)
+    with_residual: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: BatchNorms converted without an activation (``identity`` in ``converted``) because their output is the
+    #: residual of a converted-with-residual one (a ResNet's downsample): name -> that BatchNorm's name
+    residual_of: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} BatchNorm + activation pair(s), skipped {len(self.skipped)}"]
-        lines += [f"  converted {name}: {act}" for name, act in self.converted.items()]
+        lines = [f"converted {len(self.converted)} BatchNorm + activation pair(s) ({len(self.with_residual)} with "
+                 f"a residual add), skipped {len(self.skipped)}"]  # fmt: skip
+        for name, act in self.converted.items():
+            if name in self.with_residual:
+                act = f"{act} after + residual ({self.with_residual[name]})"
+            elif name in self.residual_of:
+                act = f"{act} (the residual of {self.residual_of[name]})"
+            lines.append(f"  converted {name}: {act}")
         lines += [f"  skipped   {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -58,6 +86,7 @@ def convert_bn_act(
     backend: str = "auto",
     memory_saving: bool = False,
     return_report: bool = False,
+    example_inputs: torch.Tensor | Sequence | None = None,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     r"""Return ``model`` with every provably safe BatchNorm1d/2d + activation pair fused into BatchNormAct1d/2d.
 
@@ -65,7 +94,10 @@ def convert_bn_act(
     ``bn``'s output, found in an ``nn.Sequential`` or, through ``torch.fx``, in a ``forward``:
     ``act(bn(x))`` becomes ``BatchNormAct(x)`` computing the same
     :math:`\mathrm{act}((x - \mathrm{E}[x]) / \sqrt{\mathrm{Var}[x] + \epsilon} * \gamma + \beta)`, and the
-    activation's slot becomes ``nn.Identity``. The new layers share the original parameter and buffer tensors (an
+    activation's slot becomes ``nn.Identity``. Given ``example_inputs``, a residual sum in a forward,
+    ``act(bn(x) + r)``, ``act(r + bn(x))`` or ``out = bn(x); out += r; act(out)`` (torchvision's ResNet blocks), becomes
+    ``BatchNormAct(x, r)``, when the example showed ``r`` to have the BatchNorm output's shape and dtype; a
+    BatchNorm whose output is that ``r`` becomes a fused layer without activation. The new layers share the original parameter and buffer tensors (an
     optimizer built before keeps valid references) and keep train/eval mode; state_dict keys are unchanged.
     Anything not provably safe (a BatchNorm output used twice, hooks, shared modules, an unsupported activation) is
     left alone and the report says why.
@@ -79,7 +111,13 @@ def convert_bn_act(
         memory_saving: build the new layers with ``memory_saving=True``; a pair whose activation does not allow it
             is skipped, with the reason. Default: False.
         return_report: also return a :class:`ConversionReport` (``converted``: BatchNorm name -> fused activation;
-            ``skipped``: name -> reason). Default: False.
+            ``with_residual``: those that add a residual; ``skipped``: name -> reason). Default: False.
+        example_inputs: a tensor or a tuple of ``model``'s forward arguments. Residual adds are fused only with
+            it: a deep copy of the model runs it once (no gradients; the model's running statistics are not
+            touched) and each block is run again through its traced graph to read the shapes and dtypes of the
+            add's operands, every time the block is called. Use a batch of at least 2 (a batch of 1 cannot tell a
+            residual that broadcasts over the batch). Default: None (every BatchNorm feeding an add is skipped,
+            saying so).
 
     Returns:
         the converted model, or ``(model, ConversionReport)`` with ``return_report=True``.
@@ -95,9 +133,11 @@ def convert_bn_act(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
+    if example_inputs is not None:
+        example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inplace:
         model = copy.deepcopy(model)
-    converter = _Converter(model, backend, bool(memory_saving))
+    converter = _Converter(model, backend, bool(memory_saving), example_inputs)
     model = converter.run()
     return (model, converter.report) if return_report else model
 
@@ -193,7 +233,7 @@ class _LeafTracer(fx.Tracer):
 
 
 class _Converter:
-    def __init__(self, model: nn.Module, backend: str, memory_saving: bool) -> None:
+    def __init__(self, model: nn.Module, backend: str, memory_saving: bool, example_inputs: tuple | None) -> None:
         self.model = model
         self.backend = backend
         self.memory_saving = memory_saving
@@ -203,6 +243,10 @@ class _Converter:
             uses[id(module)] = uses.get(id(module), 0) + 1
         self.uses = uses
         self.all_bn = {name: m for name, m in model.named_modules() if _is_unfused_bn(m)}
+        self.calls: ModuleCalls | None = None  # the example forward's calls of every module that may be traced
+        if example_inputs is not None:
+            traced = [name for name, m in model.named_modules() if any(type(c) in _FUSED for c in m.children())]
+            self.calls = record_module_inputs(model, example_inputs, traced)
 
     def run(self) -> nn.Module:
         model = self._visit(self.model, "")
@@ -233,6 +277,20 @@ class _Converter:
                 f'and bfloat16); backend="auto" converts it and runs {dtype} through PyTorch'
             )
         return None
+
+    def _residual_blocker(self, bn: nn.Module) -> str | None:
+        """Why the fused layer could not take a residual here (None if it can): memory saving, or a backend that
+        refuses one on the BatchNorm's device (the Triton kernels, until they take a residual)."""
+        if self.memory_saving:
+            return f"its output feeds a residual add: {RESIDUAL_MEMORY_SAVING_ERROR}"
+        if self.backend == "torch":
+            return None
+        device = next((t.device for t in (bn.weight, bn.running_mean) if t is not None), torch.device("cpu"))
+        refusal = residual_refusal(self.backend, device)
+        if refusal is None:
+            return None
+        return (f"its output feeds a residual add, which backend={self.backend!r} refuses on {device}: {refusal} "
+                '(backend="torch" converts it)')  # fmt: skip
 
     def _fused(self, bn: nn.Module, act: Activation, param: float, name: str) -> nn.Module | None:
         """The fused layer sharing bn's tensors, or None (and a skip reason) when memory saving rules it out."""
@@ -304,23 +362,36 @@ class _Converter:
         for node in graph.nodes:
             if node.op == "call_module":
                 calls.setdefault(node.target, []).append(node)
+        shapes: tuple[str | None, list[dict[str, object]]] | None = None  # read once, at the first residual add
         fused_children: dict[str, nn.Module] = {}
         for name in bn_names:
+            if name in fused_children:  # already converted as the residual of another BatchNorm
+                continue
             qual = prefix + name
             bn = getattr(module, name)
             nodes = calls.get(name, [])
-            reason = self._bn_blocker(bn)
+            reason, use = self._bn_blocker(bn), None
             if reason is None:
-                reason, act_node, found = self._traced_pattern(module, nodes)
+                reason, use = self._traced_pattern(module, nodes)
+            if reason is None and use.add is not None:
+                reason = self._residual_blocker(bn)
+                if reason is None:
+                    shapes = shapes or tensor_shapes(self.calls, prefix[:-1], graph)
+                    reason = _residual_reason(nodes[0], use.add.residual, *shapes)
             if reason is not None:
                 self.report.skipped[qual] = reason
                 continue
-            fused = self._fused(bn, *found, qual)
+            fused = self._fused(bn, *use.found, qual)
             if fused is None:
                 continue
-            act_node.replace_all_uses_with(nodes[0])
-            graph.erase_node(act_node)
             fused_children[name] = fused
+            if use.add is not None:
+                residual = use.add.residual
+                self.report.with_residual[qual] = residual.name
+                partner = self._residual_partner(module, prefix, residual, calls, qual)
+                if partner is not None:
+                    fused_children[residual.target] = partner
+            _rewrite(graph, name, nodes[0], use)
         if not fused_children:
             return module
         graph.lint()
@@ -328,34 +399,141 @@ class _Converter:
         # module (inplace=True) keeps a consistent BatchNorm + activation, not a fused layer plus the activation.
         rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
         for name, fused in fused_children.items():
-            setattr(rewritten, name, fused)
+            if fused is not _IN_PLACE:
+                setattr(rewritten, name, fused)
+        _keep_order(rewritten, module)
         rewritten.train(module.training)
         return rewritten
 
-    def _traced_pattern(self, module: nn.Module, nodes: list[fx.Node]):
-        """(reason, activation node, (Activation, param)) for one BatchNorm child; reason is None when safe."""
+    def _traced_pattern(self, module: nn.Module, nodes: list[fx.Node]) -> tuple[str | None, _Use | None]:
+        """(reason, use) for one BatchNorm child: reason is None when its use is safe to fuse."""
         if not nodes:
-            return "never called in the traced forward", None, None
+            return "never called in the traced forward", None
         if len(nodes) > 1:
-            return f"called {len(nodes)} times in forward (shared statistics)", None, None
+            return f"called {len(nodes)} times in forward (shared statistics)", None
         (bn_node,) = nodes
         users = list(bn_node.users)
         if len(users) != 1:
-            return f"its output has {len(users)} uses in forward (needs exactly one, the activation)", None, None
+            return f"its output has {len(users)} uses in forward (needs exactly one, the activation)", None
         (user,) = users
-        if user.op == "call_module":
-            activation_module = module.get_submodule(user.target)
-            if _has_hooks(activation_module):
-                return _HOOKED_ACTIVATION, None, None
-            found = _module_activation(activation_module)
-            found = found if len(user.args) == 1 and not user.kwargs else None
-        elif user.op in ("call_function", "call_method"):
-            found = _call_activation(user, bn_node)
+        reason, add = match_add(bn_node, user)
+        if reason is not None:
+            return reason, None
+        if add is None:
+            reason, found = _activation_use(module, user, bn_node, "its output")
+            return (reason, None) if reason else (None, _Use(user, found, None))
+        if self.calls is None:
+            return ("its output feeds a residual add: convert_bn_act fuses one only given example_inputs (to check "
+                    "that the residual has the BatchNorm output's shape and dtype)"), None  # fmt: skip
+        if len(bn_node.args) != 1 or bn_node.kwargs:
+            return "called with more than its input, so the residual has no argument slot", None
+        sum_users = list(add.add.users)
+        if len(sum_users) != 1:
+            return (
+                f"its output feeds a residual add whose sum has {len(sum_users)} uses (needs one, the activation)",
+                None,
+            )
+        reason, found = _activation_use(module, sum_users[0], add.add, "its output feeds a residual add whose sum")
+        if reason is not None:
+            return reason, None
+        return None, _Use(sum_users[0], found, add)
+
+    def _residual_partner(
+        self, module: nn.Module, prefix: str, residual: fx.Node, calls: dict[str, list[fx.Node]], owner: str
+    ) -> nn.Module | None:
+        """When the residual ``r`` of a converted add is the output of a BatchNorm (a child called once, or the last
+        child of a child nn.Sequential: a ResNet's downsample), and ``r`` has no other use, convert that BatchNorm
+        without activation. Returns the fused child to install in the rewritten module (``_IN_PLACE`` when it was
+        set inside the Sequential), or None when there is no such BatchNorm or it must stay."""
+        if residual.op != "call_module" or len(residual.users) != 1 or len(calls.get(residual.target, ())) != 1:
+            return None
+        target = module.get_submodule(residual.target)
+        if type(target) in _FUSED:
+            holder, child_name, bn = None, residual.target, target
+        elif type(target) is nn.Sequential and len(target) and type(target[-1]) in _FUSED:
+            holder, (child_name, bn) = target, list(target.named_children())[-1]
         else:
-            found = None
-        if found is None:
-            what = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
-            if user.target in (operator.add, operator.iadd, torch.add):
-                return "its output feeds an add (a residual sum), not an activation", None, None
-            return f"its output feeds {what}, not a supported activation", None, None
-        return None, user, found
+            return None
+        qual = prefix + residual.target + ("" if holder is None else f".{child_name}")
+        if self._bn_blocker(bn) is not None:
+            return None
+        fused = self._fused(bn, Activation.IDENTITY, 0.0, qual)
+        if fused is None:
+            return None
+        self.report.skipped.pop(qual, None)  # the Sequential pass skipped it: its consumer was outside
+        self.report.residual_of[qual] = owner
+        if holder is None:
+            return fused
+        setattr(holder, child_name, fused)
+        return _IN_PLACE
+
+
+def _keep_order(rewritten: fx.GraphModule, module: nn.Module) -> None:
+    """Give ``rewritten`` the children, parameters and buffers in ``module``'s order. A GraphModule registers them
+    in the order the graph first uses them, and a fused residual call moves after its residual's computation;
+    the order decides ``parameters()`` (an optimizer's state is stored by that index) and ``state_dict()``."""
+    for attribute in ("_modules", "_parameters", "_buffers"):
+        original = list(getattr(module, attribute))
+        entries = getattr(rewritten, attribute)
+        ordered = sorted(entries.items(), key=lambda item: original.index(item[0]) if item[0] in original else 1 << 30)
+        entries.clear()
+        entries.update(ordered)
+
+
+#: a fused child already installed (inside a child nn.Sequential), not to be set on the rewritten module
+_IN_PLACE = nn.Identity()
+
+
+@dataclasses.dataclass
+class _Use:
+    """How a BatchNorm's output is used: through ``act`` (found: its Activation, parameter), after ``add`` if any."""
+
+    act: fx.Node
+    found: tuple[Activation, float]
+    add: ResidualAdd | None
+
+
+def _rewrite(graph: fx.Graph, name: str, bn_node: fx.Node, use: _Use) -> None:
+    """Replace ``bn -> act`` by the fused child's call, ``bn -> add r -> act`` by ``name(x, r)``."""
+    if use.add is None:
+        use.act.replace_all_uses_with(bn_node)
+        graph.erase_node(use.act)
+        return
+    with graph.inserting_before(use.add.add):  # where both the BatchNorm's input and r exist
+        fused_call = graph.call_module(name, (bn_node.args[0], use.add.residual))
+    use.act.replace_all_uses_with(fused_call)
+    for node in (use.act, use.add.add, bn_node):
+        graph.erase_node(node)
+
+
+def _activation_use(
+    module: nn.Module, user: fx.Node, source: fx.Node, subject: str
+) -> tuple[str | None, tuple[Activation, float] | None]:
+    """``(None, (Activation, param))`` when ``user`` is a supported activation of ``source`` alone, else the
+    reason, a sentence starting with ``subject`` ("its output feeds hardtanh, not a supported activation")."""
+    if user.op == "call_module":
+        activation_module = module.get_submodule(user.target)
+        if _has_hooks(activation_module):
+            return _HOOKED_ACTIVATION, None
+        found = _module_activation(activation_module)
+        found = found if len(user.args) == 1 and not user.kwargs else None
+    elif user.op in ("call_function", "call_method"):
+        found = _call_activation(user, source)
+    else:
+        found = None
+    if found is None:
+        what = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
+        return f"{subject} feeds {what}, not a supported activation", None
+    return None, found
+
+
+def _residual_reason(bn_node: fx.Node, residual: fx.Node, reason: str | None, shapes: list[dict]) -> str | None:
+    """Why the residual add of ``bn_node`` cannot fuse, from the example forward's shapes (None: it can)."""
+    if reason is not None:
+        return f"its output feeds a residual add, but {reason}"
+    for i, seen in enumerate(shapes):
+        mismatch = residual_mismatch(seen.get(bn_node.name), seen.get(residual.name))
+        if mismatch is not None:
+            call = f" (call {i + 1} of {len(shapes)})" if len(shapes) > 1 else ""
+            return f"its output feeds a residual add that cannot fuse{call}: {mismatch}"
+    return None

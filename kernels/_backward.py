@@ -29,8 +29,9 @@ from ._common import (
     _load_channel_affine,
     _load_channel_rstd,
     _load_channel_stats,
-    _load_residual,
+    _next_tile,
     _offsets,
+    _residual_tile,
     _store_tile,
     _tile_rows,
 )
@@ -69,18 +70,32 @@ def _grad_tile(
     HAS_RESIDUAL (from x only): z = x_hat * w + b + residual, the residual read through its own strides."""
     x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
     dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S, S_ALIGN)
-    saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)  # 0 off the mask, and so is dz
+    saved = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0)  # 0 off the mask, and so is dz
+    res = saved  # a stand-in without a residual (_grad_of reads it only with one)
+    if HAS_RESIDUAL:
+        res = _residual_tile(res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+                             SPLIT_S, S_ALIGN)  # fmt: skip
+    return _grad_of(saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION, SAVED_OUTPUT, res, HAS_RESIDUAL)
+
+
+@triton.jit
+def _grad_of(
+    saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
+    res=None, HAS_RESIDUAL: tl.constexpr = False,
+):  # fmt: skip
+    """(x_hat, dz) in fp32 of a loaded tile of x (or y, SAVED_OUTPUT) and dy, each in its own dtype; with a
+    residual (HAS_RESIDUAL, from x only) its loaded tile ``res``: z = x_hat * w + b + res."""
+    saved = saved.to(tl.float32)
+    dy = dy.to(tl.float32)
     if SAVED_OUTPUT:
         tl.static_assert(not HAS_RESIDUAL, "the backward from the output takes no residual")
         z = _activation_inverse(saved, ACTIVATION, act_param)
     else:
         x_hat = tl.where(mask, (saved - mean[None, :, None]) * rstd[None, :, None], 0.0)
         z = x_hat * w[None, :, None] + b[None, :, None]
-        z = _load_residual(
-            z, res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN,
-            HAS_RESIDUAL,
-        )  # fmt: skip
+        if HAS_RESIDUAL:
+            z += res.to(tl.float32)
     if ACTIVATION == "identity":
         dz = dy
     else:
@@ -132,33 +147,69 @@ def _reduce_tiles(
 
 
 @triton.jit
+def _dx_inputs(
+    x_ptr, dy_ptr, tile, c, c_mask, n_tiles_s, N, S, W,
+    stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """One tile of x (or y) and of dy, each in its own dtype, 0 off the mask."""
+    n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
+    mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
+    x_offs = _offsets(n, c, s, W, stride_x_n, stride_x_c, stride_x_s, stride_x_h, SPLIT_S, S_ALIGN)
+    dy_offs = _offsets(n, c, s, W, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h, SPLIT_S, S_ALIGN)
+    return tl.load(x_ptr + x_offs, mask=mask, other=0.0), tl.load(dy_ptr + dy_offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dx_tiles(
-    x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
-    n_tiles_s, N, S, W, act_param,
+    saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin,
+    tile_end, n_tiles_s, N, S, W, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
     stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
     ACTIVATION: tl.constexpr, SAVED_OUTPUT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
-    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr, PREFETCH: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr = False, res_ptr=None, stride_res_n=0, stride_res_c=0, stride_res_s=0, stride_res_h=0,
     dres_ptr=None, stride_dres_n=0, stride_dres_c=0, stride_dres_s=0, stride_dres_h=0,
 ):  # fmt: skip
-    """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles; with a residual
-    (HAS_RESIDUAL) also its gradient dz."""
+    """Training dx = w * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) over tiles [tile_begin, tile_end);
+    with a residual (HAS_RESIDUAL) also its gradient dz. ``saved, dy`` are tile ``tile_begin``, loaded by the
+    caller (:func:`_dx_inputs`) before the parameters.
+
+    PREFETCH: each next tile's loads are issued before the tile in hand is computed and stored (the compiler
+    cannot hoist a load above a store that may alias it), so a program always has a tile in flight while it
+    works. Otherwise after the store (one tile live). The residual's tile is the one in hand's, loaded where z
+    is formed (in flight with the next tile's loads when prefetching; never a prefetched tile of its own).
+    """
     for tile in range(tile_begin, tile_end):
+        next_tile = _next_tile(tile, tile_end, n_tiles_s, N, BLOCK_SIZE_N)
+        if PREFETCH:
+            saved_next, dy_next = _dx_inputs(
+                x_ptr, dy_ptr, next_tile, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+                BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
-        x_hat, dz = _grad_tile(
-            x_ptr, dy_ptr, n, c, s, mask, W, mean, rstd, w, b, inv_w, act_param,
-            stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-            ACTIVATION, SAVED_OUTPUT, SPLIT_S, S_ALIGN,
-            HAS_RESIDUAL, res_ptr, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
-        )  # fmt: skip
+        res = saved  # a stand-in without a residual (_grad_of reads it only with one)
+        if HAS_RESIDUAL:
+            res = _residual_tile(res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+                                 SPLIT_S, S_ALIGN)  # fmt: skip
+        x_hat, dz = _grad_of(saved, dy, mask, mean, rstd, w, b, inv_w, act_param, ACTIVATION, SAVED_OUTPUT, res,
+                             HAS_RESIDUAL)  # fmt: skip
         if HAS_RESIDUAL:
             _store_tile(dres_ptr, dz, n, c, s, mask, W, stride_dres_n, stride_dres_c, stride_dres_s, stride_dres_h,
                         SPLIT_S, S_ALIGN)  # fmt: skip
         dx = (dz - mean_dz[None, :, None] - x_hat * mean_dz_xhat[None, :, None]) * (w * rstd)[None, :, None]
         dx_offs = _offsets(n, c, s, W, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, SPLIT_S, S_ALIGN)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if not PREFETCH:
+            saved_next, dy_next = _dx_inputs(
+                x_ptr, dy_ptr, next_tile, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+                BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
+        saved, dy = saved_next, dy_next
 
 
 @triton.jit
@@ -256,11 +307,13 @@ def _store_grad_sums(
 
 @triton.jit
 def _bn_act_bwd_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
-    N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, total, act_param, min_abs_weight,
+    x_ptr, dy_ptr, dx_ptr, res_ptr, dres_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sum_dz_ptr,
+    sum_dz_xhat_ptr, N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, total, act_param, min_abs_weight,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
-    stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
+    stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+    stride_dres_n, stride_dres_c, stride_dres_s, stride_dres_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
@@ -269,9 +322,19 @@ def _bn_act_bwd_dx_kernel(
 
     sum_dz[C] and sum_dz_xhat[C] are the fp32 sums over ``total`` elements per channel (all ranks together);
     ``x_ptr`` holds x, or y when SAVED_OUTPUT (``mean_ptr`` is then unused); mean, rstd, weight, bias are [C].
+    HAS_RESIDUAL: z = x_hat * w + b + residual (``res_ptr``), and the residual's gradient dz is written into
+    ``dres_ptr`` (both [N, C, S] through their own strides; unused otherwise).
     """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
+    tile_begin = tl.program_id(0) * tiles_per_program
+    tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
+    # the data first, then the per-channel parameters (_bn_act_fwd_apply_kernel says what the SASS shows)
+    saved, dy = _dx_inputs(
+        x_ptr, dy_ptr, tile_begin, c, c_mask, n_tiles_s, N, S, W,
+        stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
+        BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+    )  # fmt: skip
     mean, rstd, w, b, inv_w = _load_backward_params(
         mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c, c_mask, 0.0, min_abs_weight,
         False, HAS_WEIGHT, HAS_BIAS, SAVED_OUTPUT,
@@ -279,14 +342,15 @@ def _bn_act_bwd_dx_kernel(
     inv_total = 1.0 / total
     mean_dz = tl.load(sum_dz_ptr + c, mask=c_mask, other=0.0) * inv_total
     mean_dz_xhat = tl.load(sum_dz_xhat_ptr + c, mask=c_mask, other=0.0) * inv_total
-    tile_begin = tl.program_id(0) * tiles_per_program
-    tile_end = tl.minimum(tile_begin + tiles_per_program, n_tiles)
     _dx_tiles(
-        x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin, tile_end,
+        saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, mean_dz, mean_dz_xhat, c, c_mask, tile_begin,
+        tile_end,
         n_tiles_s, N, S, W, act_param,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s, stride_dy_h,
         stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
-        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+        ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64, True,
+        HAS_RESIDUAL, res_ptr, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+        dres_ptr, stride_dres_n, stride_dres_c, stride_dres_s, stride_dres_h,
     )  # fmt: skip
 
 
@@ -351,12 +415,18 @@ def _bn_act_bwd_fused_kernel(
                          HAS_WEIGHT, HAS_BIAS)  # fmt: skip
         if TRAINING:
             inv_total = 1.0 / total
+            saved, dy = _dx_inputs(
+                x_ptr, dy_ptr, 0, c, c_mask, n_tiles_s, N, S, W,
+                stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
+                stride_dy_h, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+            )  # fmt: skip
             _dx_tiles(
-                x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total, sum_dz_xhat * inv_total, c,
-                c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
+                saved, dy, x_ptr, dy_ptr, dx_ptr, mean, rstd, w, b, inv_w, sum_dz * inv_total,
+                sum_dz_xhat * inv_total, c, c_mask, 0, n_tiles, n_tiles_s, N, S, W, act_param,
                 stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_dy_n, stride_dy_c, stride_dy_s,
                 stride_dy_h, stride_dx_n, stride_dx_c, stride_dx_s, stride_dx_h,
                 ACTIVATION, SAVED_OUTPUT, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
+                False,  # no prefetch: the fused kernels keep one tile live (the forward spilled with two)
                 HAS_RESIDUAL, res_ptr, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
                 dres_ptr, stride_dres_n, stride_dres_c, stride_dres_s, stride_dres_h,
             )  # fmt: skip

@@ -62,6 +62,14 @@ def _tile_rows(
 
 
 @triton.jit
+def _next_tile(tile, tile_end, n_tiles_s, N, BLOCK_SIZE_N: tl.constexpr):
+    """The tile after ``tile`` when it is below ``tile_end``, else the tile just past the last of the tensor,
+    whose rows all lie at n >= N (:func:`_tile_rows` masks it whole): a prefetch past a program's own tiles
+    reads nothing."""
+    return tl.where(tile + 1 < tile_end, tile + 1, tl.cdiv(N, BLOCK_SIZE_N) * n_tiles_s)
+
+
+@triton.jit
 def _offsets(n, c, s, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr = 1):
     """Element offsets of a [BLOCK_SIZE_N, BLOCK_SIZE_C, BLOCK_SIZE_S] tile (in the indices' integer type).
     S_ALIGN: a power of two the host guarantees divides stride_n and stride_c (:func:`_aligned`; 1 with SPLIT_S)."""
@@ -184,15 +192,27 @@ def _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR: tl.con
 
 
 @triton.jit
+def _residual_tile(
+    res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """One tile of the residual (through its own strides, in its dtype, 0 off the mask). Called under a
+    HAS_RESIDUAL constexpr only, so that a kernel without one loads nothing and compiles as it did before it took
+    a residual argument."""
+    offs = _offsets(n, c, s, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN)
+    return tl.load(res_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_residual(
     z, res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
     SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    """z + residual over one tile (the residual read through its own strides, in fp32), or z unchanged without one
-    (HAS_RESIDUAL False: nothing is loaded, and the kernel compiles as it does without a residual argument)."""
+    """z + residual over one tile (:func:`_residual_tile`, added in fp32), or z unchanged without one."""
     if HAS_RESIDUAL:
-        offs = _offsets(n, c, s, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN)
-        return z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        res = _residual_tile(res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+                             SPLIT_S, S_ALIGN)  # fmt: skip
+        return z + res.to(tl.float32)
     else:
         return z
 

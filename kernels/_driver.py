@@ -5,6 +5,8 @@ Triton's real JIT path: the binder, the specialisation of every argument (dtypes
 equal to 1), the kernel cache, and the real compiler down to a cubin for the target (with the ptxas Triton
 ships). Only the last step, the launch, is replaced: :class:`RecordingLauncher` appends a :class:`Launch` to
 ``rec.launches`` and returns. No kernel runs and no output is written (outputs stay uninitialised memory).
+(The launchers take that path on the first call of each launch key; later calls launch the compiled kernel
+directly, ``_launch.py``, through the same launcher, so every launch is recorded either way.)
 
 A Triton driver, as ``JITFunction.run`` and ``CompiledKernel`` use it (same in Triton 3.6 and 3.9), provides:
 ``get_current_device`` (the key of the per-device kernel cache), ``get_current_stream``, ``get_current_target``
@@ -71,6 +73,7 @@ class Launch:
     signature: dict[str, str]  # Triton type of every argument ("*fp32", "i32", "constexpr", ...)
     args: dict[str, Any]  # every argument's value as passed (tensors as TensorArg); {} if not kept
     compiled: Any = dataclasses.field(compare=False, repr=False)  # triton CompiledKernel: asm, metadata
+    stream: int = 0  # the stream the launcher was given (the driver's current stream at the launch)
 
     @property
     def programs(self) -> int:
@@ -96,13 +99,13 @@ class Recorder:
         self.target = target
         self.keep_args = keep_args
         self.driver = RecordingDriver(target)
-        self._raw: list[tuple] = []  # (RecordingLauncher, grid) of launches recorded without their arguments
+        self._raw: list[tuple] = []  # (RecordingLauncher, grid, stream) of launches recorded without arguments
         self._launches: list[Launch] = []
 
     @property
     def launches(self) -> list[Launch]:
         if self._raw:
-            self._launches += [launcher.describe(grid, None) for launcher, grid in self._raw]
+            self._launches += [launcher.describe(grid, None, stream) for launcher, grid, stream in self._raw]
             self._raw.clear()
         return self._launches
 
@@ -145,11 +148,11 @@ class RecordingLauncher:
             raise RuntimeError("a kernel compiled for a recording was launched outside bnbench's recording()")
         recorder = _STACK[-1]
         if recorder.keep_args:  # the arguments follow packed metadata, launch metadata and the two hooks
-            recorder._launches.append(self.describe((grid_x, grid_y, grid_z), rest[4:]))
+            recorder._launches.append(self.describe((grid_x, grid_y, grid_z), rest[4:], stream))
         else:
-            recorder._raw.append((self, (grid_x, grid_y, grid_z)))
+            recorder._raw.append((self, (grid_x, grid_y, grid_z), stream))
 
-    def describe(self, grid: tuple, values: tuple | None) -> Launch:
+    def describe(self, grid: tuple, values: tuple | None, stream: int = 0) -> Launch:
         """The :class:`Launch` of one recorded call (``values`` None: arguments not kept)."""
         names = self.arg_names
         if values is not None and len(values) != len(names):  # a caller passing only the runtime arguments
@@ -169,6 +172,7 @@ class RecordingLauncher:
             signature=dict(self.src.signature),
             args=args,
             compiled=self._owner(),
+            stream=int(stream),
         )
 
     def _owner(self):

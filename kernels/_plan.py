@@ -14,7 +14,16 @@ import torch
 
 from ._driver import recording_target
 
-__all__ = ["Geometry", "KernelConfig", "Strides", "cdiv", "default_config", "geometry_of", "next_pow2"]
+__all__ = [
+    "Geometry",
+    "KernelConfig",
+    "Strides",
+    "cdiv",
+    "default_config",
+    "elementwise_grid",
+    "geometry_of",
+    "next_pow2",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +206,9 @@ def _cuda_sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-#: CUDA's limit on grid axes 1 and 2 (the launchers put channel blocks on axis 1)
+#: CUDA's limit on grid axes 1 and 2 (the launchers put channel blocks on axis 1), and on axis 0
 _MAX_GRID_Y = 65535
+_MAX_GRID_X = 2**31 - 1
 #: elements per channel block and tile that keep a program's working set in registers
 _TILE_ELEMENTS = {1: 2048, 2: 2048, 4: 2048, 8: 1024}
 #: the fused single-launch kernels are used while one program's share of the input stays this small
@@ -298,3 +308,44 @@ def _default_config(geom: Geometry, x_strides: Strides, element_size: int, sms: 
     partials = max(2, min(n_tiles, cdiv(4 * sms, c_blocks)))
     partials = cdiv(n_tiles, cdiv(n_tiles, partials))  # so that every program gets at least one tile
     return KernelConfig(block_n, block_c, block_s, num_partials=partials, num_warps=num_warps)
+
+
+#: resident threads per SM on sm_80 and later (2048): the most programs of ``32 * num_warps`` threads an SM can hold
+_THREADS_PER_SM = 2048
+#: full waves of programs an elementwise pass keeps (counted at that most programs per SM)
+_ELEMENTWISE_MIN_WAVES = 4
+#: most tiles one program of an elementwise pass walks
+_ELEMENTWISE_MAX_TILES = 8
+
+
+def elementwise_grid(cfg: KernelConfig, geom: Geometry, device: torch.device) -> tuple[int, int]:
+    """(programs along the tile axis, tiles per program) of an elementwise pass (the forward's apply, the
+    backward's dx) on the device's SMs: :func:`_elementwise_grid`."""
+    n_tiles, _ = cfg.tiles(geom)
+    return _elementwise_grid(n_tiles, cdiv(geom.C, cfg.block_size_c), cfg.num_warps, _sm_count(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _elementwise_grid(n_tiles: int, c_blocks: int, num_warps: int, sms: int) -> tuple[int, int]:
+    """Tiles per program k of an elementwise pass, from this model:
+
+    - A program pays a fixed cost before its first tile streams: the per-channel parameter loads (mean, rstd,
+      weight, bias; the sums in the backward), their layout conversions, the tile's index math and the program's
+      launch. k tiles per program pay it once; each next tile's load is issued before the tile in hand is
+      stored, so a program with k > 1 also keeps a tile in flight of its own.
+    - Fewer programs must still fill the machine: the grid keeps at least ``_ELEMENTWISE_MIN_WAVES`` full waves
+      of programs, a wave being ``sms * (2048 // (32 * num_warps))`` programs, the most an SM holds by its thread
+      limit. The compiled kernels reach at most that occupancy (registers and shared memory can only lower
+      it; the property tests hold them at <= 128 registers), so the real waves are at least that many, a grid
+      of k > 1 is never below the SM count, and the last partial wave idles at most 1/5 of the pass.
+    - k is a power of two, at most ``_ELEMENTWISE_MAX_TILES`` (the fixed cost is amortised to 1/8; more only
+      lengthens the tail), and large enough for CUDA's grid limit on axis 0.
+
+    k = 1 wherever k = 2 would leave fewer than those waves (small and mid-sized inputs).
+    """
+    wave = sms * max(1, _THREADS_PER_SM // (32 * num_warps))
+    k = 1
+    while k < _ELEMENTWISE_MAX_TILES and cdiv(n_tiles, 2 * k) * c_blocks >= _ELEMENTWISE_MIN_WAVES * wave:
+        k *= 2
+    k = max(k, cdiv(n_tiles, _MAX_GRID_X))
+    return cdiv(n_tiles, k), k

@@ -9,6 +9,7 @@ Training forward, 3T of Z/Y traffic (T = one pass over the [M, N] output):
 Eval forward: the matmul without statistics, then ``bn_act_fwd_eval`` (3T; Z is kept for the backward).
 Inference (no gradient wanted): ``_gemm_bn_act_eval_kernel`` applies BatchNorm and the activation in the
 matmul's epilogue (1T: only Y is written).
+Every launch goes through ``launchers._launch`` (the direct launch of the compiled kernel, ``_launch.py``).
 
 No autograd here (``bnbench.linear_bn`` wraps these). X is read through its strides (no copy); Z and Y are
 contiguous [M, N], which for a convolution is the channels_last layout of [batch, N, H, W].
@@ -165,7 +166,7 @@ def gemm_bn_stats(
     else:
         count = part_mean = part_m2 = z  # not touched
     grid = (P * cdiv(N, cfg.block_size_n),)
-    _gemm_bn_stats_kernel[grid](
+    _bn._launch(_gemm_bn_stats_kernel, grid,
         x, weight, z, count, part_mean, part_m2,
         M, N, K, H, W, sn, sh, sw, sk, weight.stride(0), weight.stride(1), z.stride(0), z.stride(1),
         STATS=stats, SPLIT_ROWS=split, INPUT_PRECISION=input_precision,
@@ -191,7 +192,7 @@ def _merge_groups(partials, rows: int):
     out_count = torch.empty(groups, device=count.device, dtype=torch.float32)
     out_mean = torch.empty((groups, N), device=count.device, dtype=torch.float32)
     out_m2 = torch.empty((groups, N), device=count.device, dtype=torch.float32)
-    _gemm_partials_merge_kernel[(groups, cdiv(N, block_c))](
+    _bn._launch(_gemm_partials_merge_kernel, (groups, cdiv(N, block_c)),
         count, part_mean, part_m2, out_count, out_mean, out_m2, P, N, rows,
         BLOCK_SIZE_R=block_r, BLOCK_SIZE_C=block_c, num_warps=8,
     )  # fmt: skip
@@ -321,7 +322,7 @@ def linear_bn_act_infer(
         return y
     cfg = config or default_gemm_config(M, N, K, x.element_size(), x.device, input_precision, bn_act_epilogue=True)
     grid = (cdiv(M, cfg.block_size_m) * cdiv(N, cfg.block_size_n),)
-    _gemm_bn_act_eval_kernel[grid](
+    _bn._launch(_gemm_bn_act_eval_kernel, grid,
         x, weight, y, running_mean, running_var,
         bn_weight if bn_weight is not None else running_mean, bn_bias if bn_bias is not None else running_mean,
         M, N, K, H, W, float(eps), float(act_param),

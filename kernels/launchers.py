@@ -23,7 +23,8 @@ from ._forward import (
     _bn_act_fwd_fused_kernel,
     _bn_act_fwd_stats_kernel,
 )
-from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, geometry_of, next_pow2
+from ._launch import launch as _launch_compiled
+from ._plan import Geometry, KernelConfig, Strides, cdiv, default_config, elementwise_grid, geometry_of, next_pow2
 
 __all__ = [
     "MEMORY_SAVING_ACTIVATIONS",
@@ -42,7 +43,6 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
-_MAX_GRID_X = 2**31 - 1
 
 
 @functools.cache
@@ -55,8 +55,12 @@ def interpreter_active() -> bool:
 
 
 def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Every kernel launch goes through here (tests count launches per pass by patching it)."""
-    kernel[grid](*args, **kwargs)
+    """Every kernel launch goes through here (tests count launches per pass by patching it): the compiled kernel
+    launched directly, cached per launch key (:mod:`._launch`), or the interpreter through ``kernel[grid]``."""
+    if interpreter_active():
+        kernel[grid](*args, **kwargs)
+    else:
+        _launch_compiled(kernel, grid, args, kwargs)
 
 
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
@@ -147,12 +151,6 @@ def _tile_kwargs(cfg: KernelConfig, geom: Geometry) -> dict:
     }
 
 
-def _grid_tiles(n_tiles: int) -> tuple[int, int]:
-    """(programs along the tile axis, tiles per program) for an elementwise pass."""
-    tiles_per_program = cdiv(n_tiles, _MAX_GRID_X)
-    return cdiv(n_tiles, tiles_per_program), tiles_per_program
-
-
 def _check_channel_tensors(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         _check_channel_tensor(t, name, x)
@@ -200,19 +198,18 @@ def _batch_stats(x, geom, xs, cfg, out_a, out_b, running_mean, running_var, *, e
     )  # fmt: skip
 
 
-def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, res, *, rstd_from_var, eps, act, act_param):
-    """One launch of the elementwise pass; ``res`` is the residual's (pointers, strides) from :func:`_layout` and
-    ``res[0][0] is not x`` when there is one."""
-    if res[0][0] is not x:
-        raise NotImplementedError("the split path's apply kernel does not take a residual yet")
+def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, res, *, has_residual, rstd_from_var, eps, act,
+           act_param):  # fmt: skip
+    """One launch of the elementwise pass; ``res`` is the residual's (pointers, strides) from :func:`_layout`."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    programs, tiles_per_program = _grid_tiles(n_tiles)
+    programs, tiles_per_program = elementwise_grid(cfg, geom, x.device)
     _launch(_bn_act_fwd_apply_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
-        x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        x, y, *res[0], mean, var_or_rstd, weight if weight is not None else mean,
+        bias if bias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *xs.args(), *ys.args(),
+        *xs.args(), *ys.args(), *res[1],
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=rstd_from_var,
-        **_tile_kwargs(cfg, geom),
+        HAS_RESIDUAL=has_residual, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y
 
@@ -256,7 +253,7 @@ def bn_act_fwd_train(
         _batch_stats(x, geom, xs, cfg, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
         _apply(
             x, y, geom, xs, ys, cfg, mean, rstd, weight, bias, (res, res_strides),
-            rstd_from_var=False, eps=eps, act=act, act_param=act_param,
+            has_residual=residual is not None, rstd_from_var=False, eps=eps, act=act, act_param=act_param,
         )  # fmt: skip
         return y, mean, rstd
     has_running = running_mean is not None
@@ -300,7 +297,7 @@ def bn_act_fwd_eval(
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     return _apply(
         x, y, geom, xs, ys, cfg, running_mean, running_var, weight, bias, (res, res_strides),
-        rstd_from_var=True, eps=eps, act=act, act_param=act_param,
+        has_residual=residual is not None, rstd_from_var=True, eps=eps, act=act, act_param=act_param,
     )  # fmt: skip
 
 
@@ -346,7 +343,7 @@ def bn_act_apply(
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     return _apply(
         x, y, geom, xs, ys, cfg, mean, rstd, weight, bias, (res, res_strides),
-        rstd_from_var=False, eps=0.0, act=act, act_param=act_param,
+        has_residual=residual is not None, rstd_from_var=False, eps=0.0, act=act, act_param=act_param,
     )  # fmt: skip
 
 
@@ -439,16 +436,15 @@ def _bwd_sums(saved, dy, launch, mean, rstd_or_var, weight, bias, dweight, dbias
 
 def _bwd_dx(saved, dy, launch, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *, act_param, min_abs_weight):
     """One launch of the training dx pass (which also writes the residual's gradient)."""
-    if launch.dres is not None:
-        raise NotImplementedError("the split path's dx kernel does not take a residual yet")
     geom, cfg = launch.geom, launch.cfg
     n_tiles, n_tiles_s = cfg.tiles(geom)
-    programs, tiles_per_program = _grid_tiles(n_tiles)
+    programs, tiles_per_program = elementwise_grid(cfg, geom, saved.device)
     _launch(_bn_act_bwd_dx_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
-        saved, dy, launch.dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
-        sum_dz, sum_dz_xhat,
+        saved, dy, launch.dx, *launch.res, mean, rstd, weight if weight is not None else mean,
+        bias if bias is not None else mean, sum_dz, sum_dz_xhat,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
-        float(min_abs_weight), *launch.strides, **launch.flags, **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *launch.strides, *launch.res_strides, HAS_RESIDUAL=launch.dres is not None,
+        **launch.flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return launch.dx
 

@@ -80,7 +80,9 @@ _MATMUL = {
 # the backward reduce kernel also writes dx and no dx kernel runs).
 KERNELS: tuple[KernelSpec, ...] = (
     KernelSpec(_bn_act_fwd_stats_kernel, "forward", 1, {**_TILES, **_MERGE, "HAS_RUNNING": True, "FINALIZE": True}),
-    KernelSpec(_bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, "RSTD_FROM_VAR": False}),
+    KernelSpec(
+        _bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, **_NO_RESIDUAL, "RSTD_FROM_VAR": False}, _RESIDUAL
+    ),
     KernelSpec(
         _bn_act_fwd_fused_kernel,
         "forward",
@@ -95,7 +97,7 @@ KERNELS: tuple[KernelSpec, ...] = (
         {**_BACKWARD, **_MERGE, **_NO_RESIDUAL, "TRAINING": True},
         {**_FROM_OUTPUT, **_RESIDUAL},
     ),
-    KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, dict(_BACKWARD), _FROM_OUTPUT),
+    KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, {**_BACKWARD, **_NO_RESIDUAL}, {**_FROM_OUTPUT, **_RESIDUAL}),
     KernelSpec(
         _bn_act_bwd_fused_kernel,
         "backward",

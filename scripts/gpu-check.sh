@@ -10,6 +10,8 @@
 #              time on its own (statistics, combine, apply), launches per call, GPU vs wall time
 #   step       bnbench step: ResNet-50, batch 128, bf16 autocast, channels_last, eager / compile / fused /
 #              fused-compile
+#   residual   bnbench bench --op bn_add_act on ResNet-50's 4 residual-add shapes (its 16 block-final BatchNorms)
+#              at batch 128, bf16 channels_last, fwd and fwd_bwd: act(BN(x) + residual) fused vs eager / compile
 #   gemm       bnbench bench --op linear_bn_act / conv1x1_bn_act: the matmul + BatchNorm layers vs their chains
 #   gpu-tests  pytest -m gpu (the tests that need CUDA: determinism hammer, CUDA graphs, >2**31 elements, ...)
 #   tests      the rest of the suite, natively on the GPU
@@ -83,6 +85,9 @@ done
 step step 150 "$py" -m bnbench step --model resnet50 --batch 128 --dtype bf16 --layout channels_last \
     --providers eager,compile,fused,fused-compile --steps 10 --warmup 3 --profile-steps 1 --no-progress \
     --out "$work/step-resnet50"
+step residual 90 "$py" -m bnbench bench --op bn_add_act --from-model resnet50 --batch 128 --dtype bf16 \
+    --layout channels_last --pass fwd,fwd_bwd --providers eager,compile,triton --no-progress \
+    --out "$work/bench-residual"
 step gemm 60 "$py" -m bnbench bench --op linear_bn_act,conv1x1_bn_act --providers eager,compile,triton \
     --no-progress --out "$work/bench-gemm"
 step gpu-tests 90 "$py" -P -m pytest -q -ra -m gpu --junitxml="$work/pytest-gpu.xml"
@@ -100,7 +105,8 @@ fi
     head -n 3 "$work/env.txt" 2>/dev/null
     echo
     column -t -s $'\t' "$steps" 2>/dev/null || cat "$steps"
-    for f in "$work/bench/summary.md" "$work/step-resnet50/summary.md" "$work/bench-gemm/summary.md"; do
+    for f in "$work/bench/summary.md" "$work/step-resnet50/summary.md" "$work/bench-residual/summary.md" \
+        "$work/bench-gemm/summary.md"; do
         [ -f "$f" ] && { echo; echo "== ${f#"$work"/}"; head -n 40 "$f"; }
     done
     for f in "$work"/pytest-gpu.xml "$work"/pytest.xml; do

@@ -100,11 +100,17 @@ def test_baseline_preset_is_the_measuring_md_baseline_table_and_standard_holds_i
 #: ResNet-50 (v1.5) BN layers as (C, H=W, activation after the BN, count), worked out by hand from the
 #: architecture: stem 64 at 112x112; each stage's first block reduces 1x1 at the input resolution, strides in
 #: the 3x3, expands 4x, and its downsample branch has its own BN; bn3 and the downsample BNs feed the residual add
+#: (op, C, H, activation, count): the last BatchNorm of each bottleneck is fused with the residual add (bn2d_add),
+#: the downsample's runs alone (identity), as convert_bn_act converts ResNet-50
 RESNET50_BN_LAYERS = (
-    (64, 112, "relu", 1), (64, 56, "relu", 6), (256, 56, "identity", 4),
-    (128, 56, "relu", 1), (128, 28, "relu", 7), (512, 28, "identity", 5),
-    (256, 28, "relu", 1), (256, 14, "relu", 11), (1024, 14, "identity", 7),
-    (512, 14, "relu", 1), (512, 7, "relu", 5), (2048, 7, "identity", 4),
+    ("bn2d", 64, 112, "relu", 1), ("bn2d", 64, 56, "relu", 6), ("bn2d_add", 256, 56, "relu", 3),
+    ("bn2d", 256, 56, "identity", 1),
+    ("bn2d", 128, 56, "relu", 1), ("bn2d", 128, 28, "relu", 7), ("bn2d_add", 512, 28, "relu", 4),
+    ("bn2d", 512, 28, "identity", 1),
+    ("bn2d", 256, 28, "relu", 1), ("bn2d", 256, 14, "relu", 11), ("bn2d_add", 1024, 14, "relu", 6),
+    ("bn2d", 1024, 14, "identity", 1),
+    ("bn2d", 512, 14, "relu", 1), ("bn2d", 512, 7, "relu", 5), ("bn2d_add", 2048, 7, "relu", 3),
+    ("bn2d", 2048, 7, "identity", 1),
 )  # fmt: skip
 
 
@@ -112,15 +118,16 @@ def test_resnet50_preset_is_read_off_the_model_and_covers_its_53_bn_layers():
     from bnbench.bench.model_cases import model_call_table
 
     table = model_call_table("resnet50")
-    got = sorted((int(g["sample_shape"].split("x")[0]), int(g["sample_shape"].split("x")[1]), g["activation"],
-                  g["count"]) for g in table["calls"])  # fmt: skip
+    got = sorted((g["op"], int(g["sample_shape"].split("x")[0]), int(g["sample_shape"].split("x")[1]),
+                  g["activation"], g["count"]) for g in table["calls"])  # fmt: skip
     assert got == sorted(RESNET50_BN_LAYERS)
     assert sum(count for *_, count in RESNET50_BN_LAYERS) == 53
     cases = c.preset_cases("resnet50")
     assert {x.N for x in cases} == {64, 128, 256}
     assert {x.layout for x in cases} == {"channels_last"} and {x.dtype for x in cases} == {"bf16", "fp32"}
     assert len(cases) == len(RESNET50_BN_LAYERS) * 3 * 2 * 2
-    assert {(x.C, x.H, x.activation) for x in cases} == {(C, H, act) for C, H, act, _ in RESNET50_BN_LAYERS}
+    assert {(x.op, x.C, x.H, x.activation) for x in cases} == {(op, C, H, a) for op, C, H, a, _ in RESNET50_BN_LAYERS}
+    assert {x.family for x in cases if x.op == "bn2d_add"} == {"bn_add_act"}  # measured with a residual
 
 
 def test_select_cases_filters_a_preset_or_builds_a_grid():

@@ -68,7 +68,7 @@ def test_cases_from_model_and_the_call_table():
     assert {(c.N, c.dtype, c.layout, c.pass_) for c in cases} == {(256, "bf16", "channels_last", "fwd_bwd")}
     assert len(cases) == len(table["calls"])
     mlp = cases_from_model("mlp", batch=[64])  # BN1d only: nchw
-    assert {c.op for c in mlp} == {"bn1d"} and {c.layout for c in mlp} == {"nchw"}
+    assert {c.op for c in mlp} == {"bn1d", "bn1d_add"} and {c.layout for c in mlp} == {"nchw"}  # res_bn: + add
     with pytest.raises(ValueError, match="drop --width"):
         cases_from_model("resnet18", width="64")
     assert run_call_table("resnet50", None)["model"] == "resnet50" and run_call_table("quick", None) is None
@@ -88,7 +88,8 @@ def test_bench_from_model_writes_the_call_table_and_the_weighted_total(tmp_path,
     summary = (out / "summary.md").read_text()
     assert "BN + activation time per training step" in summary
     frame = pd.read_csv(out / "results.csv")
-    assert sorted(frame["activation"]) == ["identity", "relu"] and set(frame["shape"]) == {"16x128"}
+    assert sorted(frame["op"]) == ["bn1d", "bn1d_add"] and set(frame["shape"]) == {"16x128"}  # both ops by default
+    assert set(frame["activation"]) == {"relu"}  # the residual Linear's BN fuses its add and the ReLU after it
     report = results_report([load_result(out)])
     assert "per training step" in to_markdown(report.sections)
     capsys.readouterr()
@@ -96,4 +97,5 @@ def test_bench_from_model_writes_the_call_table_and_the_weighted_total(tmp_path,
     assert "drop --preset" in capsys.readouterr().err
     assert main(["bench", "--from-model", "resnet34", "--dry-run"]) == 2
     assert main(["bench", "--from-model", "resnet50", "--batch", "256", "--dry-run"]) == 0
-    assert "144 point(s)" in capsys.readouterr().out  # 12 shapes x (bf16, fp32) x (fwd, fwd_bwd) x 3 providers
+    # 16 calls (12 BN + activation, 4 BN + add + activation) x (bf16, fp32) x (fwd, fwd_bwd) x 3 providers
+    assert "192 point(s)" in capsys.readouterr().out

@@ -3,6 +3,7 @@ with the real CLI, so a renamed flag shows here, on CPU, instead of wasting a le
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ def commands(tmp_path_factory) -> dict[str, list[str]]:
 def test_steps_run_most_valuable_first(commands):
     names = list(commands)
     assert names[0] == "headline" and names.index("step") < names.index("gpu-tests") < names.index("tests")
+    assert names.index("step") < names.index("residual") < names.index("gemm")  # issue 15's op, after the step
     assert [n for n in names if n.startswith("kernels-")] == [
         "kernels-32768x1024",
         "kernels-401408x64",
@@ -61,3 +63,19 @@ def _marker(argv: list[str]) -> str:
 
 def test_pytest_steps_select_by_the_gpu_marker(commands):
     assert _marker(commands["gpu-tests"]) == "gpu" and _marker(commands["tests"]) == "not gpu"
+
+
+def test_the_residual_step_lists_resnet50s_add_shapes_in_bf16_channels_last(commands, capsys):
+    """Its dry run on CPU: ResNet-50's 4 residual-add shapes (16 calls) x fwd, fwd_bwd x 3 providers, all bf16
+    channels_last act(BN(x) + residual) at batch 128."""
+    from bnbench.cli import main
+
+    argv = commands["residual"]
+    args = argv[argv.index("bnbench") + 1 :]
+    args = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
+    assert main([*args, "--dry-run"]) == 0
+    points = re.findall(r"\+residual (\w+) (\w+) (\w+) (\S+) (\w+)", capsys.readouterr().out)
+    assert len(points) == 4 * 2 * 3
+    assert {shape for *_, shape, _ in points} == {"128x256x56x56", "128x512x28x28", "128x1024x14x14", "128x2048x7x7"}
+    assert {(dtype, act, layout) for _, dtype, act, _, layout in points} == {("bf16", "relu", "channels_last")}
+    assert {pass_ for pass_, *_ in points} == {"fwd", "fwd_bwd"}

@@ -1,11 +1,19 @@
 """Deterministic speed properties of the launch plans and the compiled kernels (no timings, no GPU needed).
 
 For MEASURE.md's baseline shapes and ResNet-50's BatchNorm shapes at batch 256 (NCHW and channels_last, fp32 and
-bf16), planned for a 132-SM Hopper part: the launchers run on ``meta`` tensors with the launch itself recorded
-instead of executed, which gives the launches per pass and the exact arguments of each. Each distinct launch is
-then compiled for sm_90 by Triton's real compiler with the specialisation Triton would give it (pointers 16-byte
-aligned, integer arguments equal to 1 or divisible by 16 marked as such), and ptxas and the SASS are read:
-registers, spills, pipelined loads (LDGSTS inside the reduction loops) and barriers inside those loops.
+bf16), planned for a 132-SM Hopper part. Three readings, each checking what only it can see:
+
+1. **Plans.** The launchers run on ``meta`` tensors with the launch itself recorded instead of executed: the
+   launches per pass (1 each way on the small path, 2 on the split path), CUDA's grid limits, and the
+   elementwise passes' programs and tiles per program (``_plan._elementwise_grid``'s model).
+2. **Compiled kernels.** Each distinct recorded launch is compiled for sm_90 by Triton's real compiler with the
+   specialisation Triton would give it (pointers 16-byte aligned, integer arguments equal to 1 or divisible by
+   16 marked as such; other integers typed i64), and ptxas and the SASS are read: registers (<= 128 in the
+   kernels that stream the activation tensor), spills (none), pipelined loads (LDGSTS inside the reduction
+   loops), barriers inside those loops, and the load widths of NCHW with a small S.
+3. **``bnbench inspect``** end to end (its launch recorder, Triton's binder and cache, its JSON): every pass
+   planned and compiled, no spills, launches per pass, the forward launching no ATen kernel, fwd_bwd = fwd then
+   bwd.
 
 The cp.async pipeline of a ``tl.range(..., num_stages=...)`` loop hands its shared-memory stage from the copying
 threads to the reading ones with a CTA barrier: that handoff (2 BAR.SYNC per iteration) is what remains of the
@@ -16,15 +24,15 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 
 import pytest
 import torch
 import triton.language as tl
 
 from bnbench.bench.model_cases import model_cases
-from bnbench.kernels import _plan, launchers
+from bnbench.kernels import _plan, _sass, launchers
 
+SMS = 132
 BASELINE = [(256, 1024), (32768, 1024), (262144, 256), (401408, 64), (16384, 8192), (128, 256, 28, 28)]
 #: ResNet-50's BatchNorm inputs at batch 256, (channels, spatial side), read off the model as the resnet50 preset is
 RESNET50 = sorted({c.shape[1:3] for c in model_cases("resnet50", [256], ["fp32"], ["nchw"], ["fwd"])})
@@ -32,20 +40,32 @@ CASES = [(shape, layout, dtype) for shape in BASELINE for layout in ("nchw", "ch
 CASES = [c for c in CASES if len(c[0]) == 4 or c[1] == "nchw"]  # 2-D inputs have one layout
 CASES += [((256, c, s, s), layout, dtype) for c, s in RESNET50 for layout in ("nchw", "channels_last")
           for dtype in ("float32", "bfloat16")]  # fmt: skip
-#: a representative subset compiled in the default run (the rest is marked slow): both paths, both layouts
+#: a representative subset compiled in the default run (the rest is marked slow): both paths, both layouts, and
+#: the elementwise passes with one tile per program (256x512x7x7 channels_last) and with several (the others;
+#: 256x64x112x112 channels_last bf16 holds the most registers, 8 tiles per program)
 DEFAULT = [((256, 1024), "nchw", "float32"), ((32768, 1024), "nchw", "float32"),
            ((128, 256, 28, 28), "nchw", "float32"), ((128, 256, 28, 28), "channels_last", "float32"),
-           ((256, 512, 7, 7), "channels_last", "bfloat16")]  # fmt: skip
+           ((256, 512, 7, 7), "channels_last", "bfloat16"), ((256, 64, 112, 112), "channels_last", "bfloat16")]  # fmt: skip
 #: the kernels that stream the activation tensor; the reduction ones loop over tiles
 HOT = {"_bn_act_fwd_stats_kernel", "_bn_act_fwd_apply_kernel", "_bn_act_bwd_reduce_kernel", "_bn_act_bwd_dx_kernel",
        "_bn_act_fwd_fused_kernel", "_bn_act_bwd_fused_kernel"}  # fmt: skip
 REDUCTIONS = {"_bn_act_fwd_stats_kernel", "_bn_act_bwd_reduce_kernel"}
+ELEMENTWISE = {"_bn_act_fwd_apply_kernel", "_bn_act_bwd_dx_kernel"}
 MAX_REGISTERS = 128
 
 
+def _case_id(case) -> str:
+    shape, layout, dtype = case
+    return f"{'x'.join(map(str, shape))}-{layout}-{dtype}"
+
+
+# --- 1. plans -----------------------------------------------------------------------------------------------------
+
+
 def _record(shape, layout, dtype, monkeypatch) -> dict[str, list[dict]]:
-    """Launches of a training forward and backward, by pass: kernel, grid, warps and the compile arguments."""
-    monkeypatch.setattr(_plan, "_sm_count", lambda device: 132)
+    """Launches of a training forward and backward, by pass: kernel, grid, warps, the compile arguments and (in
+    ``args``, not a compile argument) the tile counts."""
+    monkeypatch.setattr(_plan, "_sm_count", lambda device: SMS)
     passes: dict[str, list[dict]] = {"forward": [], "backward": []}
     current = passes["forward"]
 
@@ -59,6 +79,7 @@ def _record(shape, layout, dtype, monkeypatch) -> dict[str, list[dict]]:
             "ones": sorted(k for k, v in ints.items() if v == 1),
             "divisible": sorted(k for k, v in ints.items() if v != 1 and v % 16 == 0),
             "constexprs": {k: v for k, v in constexprs.items()}, "element_size": torch.empty((), dtype=element).element_size(),
+            "args": {k: ints[k] for k in ("n_tiles", "tiles_per_program") if k in ints},
         })  # fmt: skip
 
     monkeypatch.setattr(launchers, "_launch", record)
@@ -76,11 +97,6 @@ def _record(shape, layout, dtype, monkeypatch) -> dict[str, list[dict]]:
     return passes
 
 
-def _case_id(case) -> str:
-    shape, layout, dtype = case
-    return f"{'x'.join(map(str, shape))}-{layout}-{dtype}"
-
-
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_launches_per_pass(case, monkeypatch):
     shape, layout, dtype = case
@@ -95,6 +111,54 @@ def test_launches_per_pass(case, monkeypatch):
         assert all(0 < g <= 65535 for g in launch["grid"][1:]), launch  # CUDA's limit on grid axes 1 and 2
 
 
+def _elementwise_launches(case, monkeypatch) -> list[dict]:
+    passes = _record(*case, monkeypatch)
+    return [launch for p in passes.values() for launch in p if launch["name"] in ELEMENTWISE]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_elementwise_passes_amortise_tiles_and_keep_full_waves(case, monkeypatch):
+    """The model of ``_plan._elementwise_grid``: k tiles per program (a power of two, at most 8), as many as keep
+    at least 4 full waves of programs at the most an SM holds by its thread limit (so the grid never falls
+    below the SM count), and k = 1 only where k = 2 would break that."""
+    for launch in _elementwise_launches(case, monkeypatch):
+        n_tiles, k = launch["args"]["n_tiles"], launch["args"]["tiles_per_program"]
+        programs, c_blocks = launch["grid"]
+        wave = SMS * (2048 // (32 * launch["num_warps"]))
+        what = (launch["name"], launch["grid"], n_tiles, k, wave)
+        assert k & (k - 1) == 0 and 1 <= k <= 8, what
+        assert programs == -(-n_tiles // k), what  # every tile has one program; no program is empty
+        if k > 1:
+            assert programs * c_blocks >= 4 * wave >= SMS, what
+        if k < 8:
+            assert -(-n_tiles // (2 * k)) * c_blocks < 4 * wave, what  # doubling k would leave fewer waves
+
+
+#: (programs, tiles per program) of the apply pass on baseline and ResNet-50 shapes (the dx pass plans the same)
+PLANNED = {
+    ((32768, 1024), "nchw", "float32"): (1024, 2),  # 2048 tiles x 8 channel blocks: 15.5 waves at k = 1
+    ((262144, 256), "nchw", "float32"): (4096, 4),
+    ((401408, 64), "nchw", "float32"): (6272, 2),  # one channel block: 12544 tiles
+    ((16384, 8192), "nchw", "float32"): (128, 8),  # 64 channel blocks: 62 waves at k = 1, 7.8 at the cap
+    ((128, 256, 28, 28), "nchw", "float32"): (416, 2),
+    ((128, 256, 28, 28), "channels_last", "float32"): (3136, 2),
+    ((256, 64, 112, 112), "channels_last", "bfloat16"): (12544, 8),
+    ((256, 1024, 14, 14), "nchw", "bfloat16"): (104, 4),
+    ((256, 256, 14, 14), "nchw", "float32"): (416, 1),  # 6656 programs: 6.3 waves at k = 1, 3.2 at k = 2
+    ((256, 512, 7, 7), "channels_last", "bfloat16"): (1568, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLANNED), ids=_case_id)
+def test_elementwise_plan_of_baseline_and_resnet50_shapes(case, monkeypatch):
+    launches = _elementwise_launches(case, monkeypatch)
+    assert [launch["name"] for launch in launches] == sorted(ELEMENTWISE, reverse=True)  # apply, then dx
+    for launch in launches:
+        assert (launch["grid"][0], launch["args"]["tiles_per_program"]) == PLANNED[case], launch
+
+
+# --- 2. compiled kernels ------------------------------------------------------------------------------------------
+
 _SCRIPT = r"""
 import json, sys, torch
 from bnbench.kernels.aot import compile_kernel
@@ -108,23 +172,16 @@ print(json.dumps(out))
 
 
 def _loops(sass: str) -> list[dict]:
-    """Per backward branch (a loop): LDGSTS, BAR.SYNC and LDG counts between its target and the branch."""
-    code = []
-    for line in sass.splitlines():
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if m:
-            code.append((int(m.group(1), 16), m.group(2)))
-    loops = []
-    for address, text in code:
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < address:
-            body = [t for a, t in code if int(target.group(1), 16) <= a <= address]
-            loops.append({
-                "ldgsts": sum("LDGSTS" in t for t in body),
-                "bar_sync": sum("BAR.SYNC" in t for t in body),
-                "ldg128": sum(bool(re.search(r"LDG(STS)?\.E[.\w]*\.128", t)) for t in body),
-            })  # fmt: skip
-    return loops
+    """Per loop (a backward branch, :mod:`bnbench.kernels._sass`): its LDGSTS and BAR.SYNC counts."""
+    code = _sass.parse_sass(sass)
+    facts = []
+    for loop in _sass.loops(code):
+        body = [ins for ins in code if loop.contains(ins)]
+        facts.append({
+            "ldgsts": sum(ins.base == "LDGSTS" for ins in body),
+            "bar_sync": sum(ins.opcode.startswith("BAR.SYNC") for ins in body),
+        })  # fmt: skip
+    return facts
 
 
 def _compile_cases(cases, run_python, monkeypatch) -> list[tuple[dict, dict]]:
@@ -133,7 +190,7 @@ def _compile_cases(cases, run_python, monkeypatch) -> list[tuple[dict, dict]]:
     for case in cases:
         for p in _record(*case, monkeypatch).values():
             for launch in p:
-                key = json.dumps({k: v for k, v in launch.items() if k != "grid"}, sort_keys=True)
+                key = json.dumps({k: v for k, v in launch.items() if k not in ("grid", "args")}, sort_keys=True)
                 launches[key] = launch  # one compile per specialisation
     todo = list(launches.values())
     result = run_python(
@@ -152,15 +209,18 @@ def _check_compiled(compiled):
         if launch["name"] in HOT:  # every launch, NCHW with a small S (14x14, 7x7) included (issue 12 item 5)
             assert r["registers"] <= MAX_REGISTERS, what
         if launch["name"] in REDUCTIONS and r["sass"]:
-            loops = _loops(r["sass"])
-            tile_loops = [loop for loop in loops if loop["ldgsts"]]
+            tile_loops = [loop for loop in _loops(r["sass"]) if loop["ldgsts"]]
             assert tile_loops, ("no pipelined (LDGSTS) loop", what)
             for loop in tile_loops:  # only the cp.async stage handoff, no per-tile cross-warp reduction
                 assert loop["bar_sync"] <= 2, (loop, what)
 
 
 def test_compiled_kernels_of_representative_shapes(run_python, monkeypatch):
-    _check_compiled(_compile_cases(DEFAULT, run_python, monkeypatch))
+    compiled = _compile_cases(DEFAULT, run_python, monkeypatch)
+    _check_compiled(compiled)
+    # the elementwise passes were compiled both ways: one tile per program (specialised to 1: no loop) and several
+    loops = {(launch["name"], "tiles_per_program" in launch["ones"]) for launch, _ in compiled}
+    assert {(name, one) for name in ELEMENTWISE for one in (True, False)} <= loops, loops
 
 
 @pytest.mark.slow
@@ -177,14 +237,11 @@ def test_nchw_small_spatial_loads_and_padding(run_python, monkeypatch):
     128-bit for fp32 (64-bit for bf16: 196 % 8 != 0). 7x7: S = 49 is odd, so no load along S can be wider than
     one element; (n, s) run as one row axis instead (flattened rows, one tile of rows spans images), with 32-bit
     (fp32) and 16-bit (bf16) loads and at most 1/8 padding. Both: <= 128 registers, no spills."""
-    from bnbench.kernels._plan import default_config, geometry_of
-    from bnbench.kernels._sass import summarize
-
-    monkeypatch.setattr(_plan, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_plan, "_sm_count", lambda device: SMS)
     for shape, _, dtype in SMALL_S:
         x = torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
-        geom, (strides,) = geometry_of(x)
-        cfg = default_config(geom, strides, x.element_size(), x.device)
+        geom, (strides,) = _plan.geometry_of(x)
+        cfg = _plan.default_config(geom, strides, x.element_size(), x.device)
         n_tiles, _ = cfg.tiles(geom)
         padded = n_tiles * cfg.block_size_n * cfg.block_size_s
         assert padded * 8 <= geom.rows * 9, (shape, dtype, cfg.describe())  # padding <= 1/8
@@ -195,7 +252,7 @@ def test_nchw_small_spatial_loads_and_padding(run_python, monkeypatch):
     for launch, r in compiled:
         if r["registers"] is None or not r["sass"] or launch["name"] not in HOT:
             continue
-        bits = summarize(r["sass"]).main_load_bits
+        bits = _sass.summarize(r["sass"]).main_load_bits
         what = (launch["name"], launch["dtype"], launch["constexprs"], bits)
         if launch["constexprs"]["SPLIT_S"]:  # 7x7, flattened rows: one element per load, no padding per image
             assert launch["constexprs"]["BLOCK_SIZE_N"] == 1 and launch["constexprs"]["S_ALIGN"] == 1, what
@@ -206,3 +263,46 @@ def test_nchw_small_spatial_loads_and_padding(run_python, monkeypatch):
             assert launch["constexprs"]["S_ALIGN"] == 4 and bits in (32, 64), what
             if launch["name"] in REDUCTIONS:
                 assert bits == 64, what
+
+
+# --- 3. bnbench inspect -------------------------------------------------------------------------------------------
+
+
+def _check_inspect(doc: dict) -> None:
+    by_case: dict[tuple, list[dict]] = {}
+    for row in doc["launches"]:
+        assert row["spill_bytes"] == 0, row  # no spills anywhere
+        by_case.setdefault((row["shape"], row["dtype"], row["layout"], row["pass"]), []).append(row)
+    passes = {(p["shape"], p["dtype"], p["layout"], p["pass"]): p for p in doc["passes"]}
+    for (shape, dtype, layout, pass_), p in passes.items():
+        assert p["status"] == "ok", p
+        assert len(by_case[(shape, dtype, layout, pass_)]) == p["triton_launches"]
+        if pass_ == "eval":
+            assert p["triton_launches"] == 1, p
+        elif pass_ in ("fwd", "bwd"):
+            assert p["triton_launches"] == (1 if p["path"] == "fused" else 2), p  # the split merges in-kernel
+        else:  # fwd_bwd is the forward's launches then the backward's
+            fwd, bwd = (passes.get((shape, dtype, layout, q)) for q in ("fwd", "bwd"))
+            if fwd and bwd:
+                kernels = [r["kernel"] for r in by_case[(shape, dtype, layout, pass_)]]
+                assert kernels == fwd["kernels"].split(";") + bwd["kernels"].split(";"), p
+                assert p["aten_kernel_launches"] == fwd["aten_kernel_launches"] + bwd["aten_kernel_launches"], p
+        if pass_ in ("fwd", "eval"):
+            assert p["aten_kernel_launches"] == 0, p  # forward passes launch only bnbench's kernels
+
+
+def test_inspect_small_and_large_baseline_shapes():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    from bnbench.inspect.testing import inspect_json
+
+    doc = inspect_json("--preset", "baseline", "--batch", "256,401408", "--dtype", "fp32")
+    assert {p["path"] for p in doc["passes"]} >= {"fused", "split"}
+    _check_inspect(doc)
+
+
+@pytest.mark.slow  # compiles every distinct kernel variant of about 190 cases: minutes on 2 cores
+def test_inspect_baseline_and_resnet50_batch256_shapes():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    from bnbench.inspect.testing import inspect_json
+
+    _check_inspect(inspect_json("--preset", "report"))

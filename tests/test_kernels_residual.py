@@ -57,12 +57,7 @@ PATHS = {
 }
 
 
-#: the paths whose kernels take a residual so far (the split path's apply and dx kernels, and so eval, not yet)
-READY = ["resident", "looping"]
-TRAININGS = [True]
-
-
-@pytest.fixture(params=READY)
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
     forced = PATHS[request.param]
     if forced is not None:
@@ -151,7 +146,7 @@ def _assert_ran(kernels_ran, path, training):
         assert all(switches) if name in RESIDUAL_KERNELS else switches == [None] * len(switches), (name, switches)
 
 
-@pytest.mark.parametrize("training", TRAININGS)
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_every_activation(activation, training, path, kernels_ran):
     # (N, C, L) with a residual of other strides than x (a strided view): every path reads it through its own
@@ -159,7 +154,7 @@ def test_every_activation(activation, training, path, kernels_ran):
     _assert_ran(kernels_ran, path, training)
 
 
-@pytest.mark.parametrize("training", TRAININGS)
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
     ("shape", "x_layout", "r_layout"),
     [
@@ -175,7 +170,7 @@ def test_layouts(shape, x_layout, r_layout, training, path, kernels_ran):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("training", TRAININGS)
+@pytest.mark.parametrize("training", [True, False])
 def test_low_precision(dtype, training, path, kernels_ran):
     # fp32 statistics and math, the input's dtype for y and both input gradients (tolerances of bnbench.testing)
     check(make((2, 3, 3, 4), "channels_last", dtype), make((2, 3, 3, 4), "contiguous", dtype), activation="gelu",
@@ -196,7 +191,7 @@ def test_gradients_are_bitwise_reproducible(path, kernels_ran):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-@pytest.mark.parametrize("training", TRAININGS)
+@pytest.mark.parametrize("training", [True, False])
 def test_residual_gradient_takes_the_residual_layout(training, path, kernels_ran):
     """The launcher writes dz once into a tensor laid out as the residual (channels_last here, x contiguous)."""
     from bnbench import kernels
@@ -259,7 +254,7 @@ def test_memory_held_for_backward():
     assert eager >= 2 * tensor
 
 
-@pytest.mark.parametrize("training", TRAININGS)
+@pytest.mark.parametrize("training", [True, False])
 def test_second_derivatives_and_jvp_match_the_torch_path(training, kernels_ran):
     """create_graph=True (backward as differentiable PyTorch ops, residual included) and forward-mode AD give the
     torch backend's values."""

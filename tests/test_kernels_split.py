@@ -119,6 +119,54 @@ def test_planner_keeps_small_inputs_register_resident_on_narrow_channel_blocks(m
     assert geom.flat_rows and cfg.num_warps == 8
 
 
+#: the elementwise passes' addressing variants: (N, C) rows, NCHW tiles along S, channels_last (rows merged) and
+#: NCHW with a small S flattened into rows (S = 12 pads a 16-wide tile by 1/4)
+_MULTI_TILE_SHAPES = [((11, 5), False), ((5, 3, 4, 4), False), ((5, 3, 4, 4), True), ((5, 3, 3, 4), False)]
+
+
+@pytest.mark.parametrize("tiles_per_program", [2, 4])  # 4: some shapes end on a program with fewer tiles
+@pytest.mark.parametrize(("shape", "channels_last"), _MULTI_TILE_SHAPES)
+def test_elementwise_passes_walk_several_tiles_per_program(shape, channels_last, tiles_per_program, monkeypatch,
+                                                           device):  # fmt: skip
+    """The apply and dx kernels with k tiles per program (the planner gives k > 1 only on inputs too large for the
+    interpreter): every element written once (outputs are poisoned with NaN), results as with one tile each."""
+    from bnbench.kernels import _plan
+
+    k = tiles_per_program
+    planned = []  # (tiles, programs) of each elementwise launch
+
+    def grid(n_tiles, c_blocks, warps, sms):
+        planned.append((n_tiles, -(-n_tiles // k)))
+        return planned[-1][1], k
+
+    monkeypatch.setattr(_plan, "_elementwise_grid", grid)
+    monkeypatch.setattr(launchers, "_alloc_like", lambda t: torch.full_like(t, float("nan")))
+    grids = []
+    original = launchers._launch
+
+    def recorded(kernel, grid, *args, **kwargs):
+        if kernel.__name__ in ("_bn_act_fwd_apply_kernel", "_bn_act_bwd_dx_kernel"):
+            grids.append(grid[0])
+        return original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launchers, "_launch", recorded)
+    x = torch.randn(shape, device=device) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    cfg = _split(block_s=1 if len(shape) == 2 else 4)
+    for training in (True, False):
+        out = _fwd_bwd(x, cfg, training=training)
+        rm = None if training else out["rm"]
+        rv = None if training else out["rv"]
+        ref = reference(x, rm, rv, out["weight"], out["bias"], training=training, activation="relu",
+                        grad_output=out["dy"])  # fmt: skip
+        assert rel_err(out["y"], ref.y) < tolerance(x.dtype), training
+        assert rel_err(out["dx"], ref.grad_input) < tolerance(x.dtype), training
+    # apply and dx in training, apply in eval: each ran with k tiles per program over more than k tiles
+    assert len(grids) == 3 and grids == [programs for _, programs in planned], (grids, planned)
+    assert all(n_tiles > k for n_tiles, _ in planned), planned
+
+
 def test_arrival_counters_are_left_at_zero_and_running_stats_update_once(device):
     x = torch.randn(10, 5, device=device) * 3 - 2
     out = _fwd_bwd(x, _split())

@@ -16,17 +16,18 @@ from bnbench.models.bn_calls import group_calls, model_bn_calls, record_bn_calls
 PARAMETERS = {"resnet18": 11_689_512, "resnet50": 25_557_032}
 
 
-def _reference_bn_layers(name: str, resolution: int) -> list[tuple[int, int, str]]:
-    """(channels, spatial size, activation after it) of every BatchNorm, worked out from the architecture: stem
-    7x7/2 then maxpool /2; stages of width 64..512 with strides 1, 2, 2, 2; BasicBlock [2,2,2,2] (stride on its
-    first 3x3) or Bottleneck [3,4,6,3] (stride on its 3x3, expansion 4); a downsample BN on each stage's first
-    block when the resolution or width changes; the last BN of a block and the downsample BN feed the add."""
+def _reference_bn_layers(name: str, resolution: int) -> list[tuple[int, int, str, str]]:
+    """(channels, spatial size, op, activation after it) of every BatchNorm, worked out from the architecture:
+    stem 7x7/2 then maxpool /2; stages of width 64..512 with strides 1, 2, 2, 2; BasicBlock [2,2,2,2] (stride on
+    its first 3x3) or Bottleneck [3,4,6,3] (stride on its 3x3, expansion 4); a downsample BN on each stage's first
+    block when the resolution or width changes; the last BN of a block and the downsample BN feed the add, then
+    the ReLU: convert_bn_act fuses the last BN with the add and the ReLU (bn2d_add), the downsample BN alone."""
 
     def down(h: int, k: int, s: int, p: int) -> int:
         return (h + 2 * p - k) // s + 1
 
     h = down(resolution, 7, 2, 3)
-    layers = [(64, h, "relu")]
+    layers = [(64, h, "bn2d", "relu")]
     h = down(h, 3, 2, 1)
     bottleneck = name == "resnet50"
     blocks = (3, 4, 6, 3) if bottleneck else (2, 2, 2, 2)
@@ -37,11 +38,15 @@ def _reference_bn_layers(name: str, resolution: int) -> list[tuple[int, int, str
             out_h = down(h, 3, stride, 1)
             out_ch = width * (4 if bottleneck else 1)
             if b == 0 and (stride != 1 or in_ch != out_ch):
-                layers.append((out_ch, out_h, "identity"))  # downsample BN
+                layers.append((out_ch, out_h, "bn2d", "identity"))  # downsample BN
             if bottleneck:
-                layers += [(width, h, "relu"), (width, out_h, "relu"), (out_ch, out_h, "identity")]
+                layers += [
+                    (width, h, "bn2d", "relu"),
+                    (width, out_h, "bn2d", "relu"),
+                    (out_ch, out_h, "bn2d_add", "relu"),
+                ]
             else:
-                layers += [(width, out_h, "relu"), (width, out_h, "identity")]
+                layers += [(width, out_h, "bn2d", "relu"), (width, out_h, "bn2d_add", "relu")]
             h, in_ch = out_h, out_ch
     return layers
 
@@ -62,9 +67,9 @@ def test_resnet_has_the_published_parameter_count(name):
 @pytest.mark.parametrize("name,resolution", [("resnet18", 224), ("resnet50", 224), ("resnet18", 32), ("resnet50", 64)])
 def test_bn_calls_match_the_reference_architecture(name, resolution):
     calls = model_bn_calls(name, 2, resolution=resolution, source="bnbench")
-    got = sorted((c.shape[1], c.shape[2], c.activation) for c in calls)
+    got = sorted((c.shape[1], c.shape[2], c.op, c.activation) for c in calls)
     assert got == sorted(_reference_bn_layers(name, resolution))
-    assert all(c.shape[0] == 2 and c.shape[2] == c.shape[3] and c.op == "bn2d" for c in calls)
+    assert all(c.shape[0] == 2 and c.shape[2] == c.shape[3] for c in calls)
     assert len(calls) == {"resnet18": 20, "resnet50": 53}[name]
     assert len({c.layer for c in calls}) == len(calls)  # every BN module is called once per forward
 
@@ -80,10 +85,11 @@ def test_conversion_report_of_the_resnets():
 def test_grouped_counts_at_a_tiny_resolution():
     groups = group_calls(model_bn_calls("resnet18", 4, resolution=32, dtype="bf16", layout="channels_last",
                                         source="bnbench"))  # fmt: skip
-    table = {(g.shape, g.activation): g.count for g in groups}
-    assert table[((4, 64, 16, 16), "relu")] == 1  # stem
-    assert table[((4, 64, 8, 8), "relu")] == 2 and table[((4, 64, 8, 8), "identity")] == 2
-    assert table[((4, 512, 1, 1), "identity")] == 3  # two bn2 and the downsample
+    table = {(g.op, g.shape, g.activation): g.count for g in groups}
+    assert table[("bn2d", (4, 64, 16, 16), "relu")] == 1  # stem
+    assert table[("bn2d", (4, 64, 8, 8), "relu")] == 2 and table[("bn2d_add", (4, 64, 8, 8), "relu")] == 2
+    assert table[("bn2d_add", (4, 512, 1, 1), "relu")] == 2  # the two bn2, fused with the residual add
+    assert table[("bn2d", (4, 512, 1, 1), "identity")] == 1  # the downsample, the residual of the first
     assert sum(table.values()) == 20
     assert {(g.dtype, g.layout) for g in groups} == {("bf16", "channels_last")}
 

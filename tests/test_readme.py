@@ -24,3 +24,4 @@ def test_the_api_example_runs_as_written(run_python):
     done = run_python("-c", _api_example(), drop=("TRITON_INTERPRET",), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "converted 1 BatchNorm + activation pair(s)" in done.stdout
+    assert "after + residual (x)" in done.stdout or "refuses" in done.stdout  # the block: fused, or why not

@@ -2,7 +2,8 @@
 
 T is one full read or write of the activation tensor (numel * element size). A pass that kept everything on chip
 would move: training forward 2T (read x, write y), backward 3T (read x and dy, write dx), forward+backward 5T,
-eval forward 2T. Effective bandwidth = minimal bytes / time, so a kernel that moves more than the minimum shows
+eval forward 2T. With a residual added before the activation (``bn_add_act``) the residual is one more read
+forward and its gradient one more write backward: 3T, 4T, 7T and 3T. Effective bandwidth = minimal bytes / time, so a kernel that moves more than the minimum shows
 up as a lower fraction of the copy bandwidth; a fraction over 1 means cache effects (flag it, do not celebrate).
 """
 
@@ -17,6 +18,7 @@ __all__ = [
     "MATMUL_BN_ACT_BWD_PASSES",
     "MATMUL_BN_ACT_FWD_PASSES",
     "MIN_TENSOR_PASSES",
+    "RESIDUAL_MIN_TENSOR_PASSES",
     "bytes_min",
     "frac_of_copy",
     "gbps",
@@ -25,18 +27,23 @@ __all__ = [
 
 #: minimal full-tensor passes (reads + writes) per pass kind
 MIN_TENSOR_PASSES = {"fwd": 2, "bwd": 3, "fwd_bwd": 5, "eval": 2}
+#: the same for act(BN(x) + residual): the forward also reads the residual, the backward also writes its gradient
+#: (act'(z) taken from a 1-bit mask or the output's sign, not counted, as the per-channel vectors are not)
+RESIDUAL_MIN_TENSOR_PASSES = {"fwd": 3, "bwd": 4, "fwd_bwd": 7, "eval": 3}
 
 
-def bytes_min(pass_: str, numel: int, dtype: str) -> int:
-    """Minimal bytes moved by ``pass_`` over a tensor of ``numel`` elements of ``dtype`` (per-channel vectors
-    are ignored: they are C elements against N*C*S)."""
+def bytes_min(pass_: str, numel: int, dtype: str, residual: bool = False) -> int:
+    """Minimal bytes moved by ``pass_`` over a tensor of ``numel`` elements of ``dtype``, with a residual
+    added before the activation when ``residual`` (per-channel vectors are ignored: they are C elements against
+    N*C*S)."""
     if pass_ not in MIN_TENSOR_PASSES:
         raise ValueError(f"unknown pass {pass_!r}; valid passes are: {', '.join(MIN_TENSOR_PASSES)}")
     if dtype not in ELEMENT_SIZE:
         raise ValueError(f"unknown dtype {dtype!r}; valid dtypes are: {', '.join(ELEMENT_SIZE)}")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    return MIN_TENSOR_PASSES[pass_] * numel * ELEMENT_SIZE[dtype]
+    passes = RESIDUAL_MIN_TENSOR_PASSES if residual else MIN_TENSOR_PASSES
+    return passes[pass_] * numel * ELEMENT_SIZE[dtype]
 
 
 def gbps(nbytes: float, ms: float) -> float:

@@ -1,6 +1,7 @@
 """Benchmark cases: what one point measures, the presets, and parsing of the sweep axes given on the command line.
 
-A :class:`Case` is one (op, pass, activation, dtype, layout, N, C, H, W); a point is a case times a provider.
+A :class:`Case` is one (op, pass, activation, dtype, layout, N, C, H, W); a point is a case times a provider. A
+:class:`ResidualCase` is the same with a residual added before the activation (``bench --op bn_add_act``).
 Everything here is plain data: no tensors are made and no device is touched (the ``resnet50`` preset runs the
 network on one CPU input, its BatchNorms replaced by probes, to read their shapes).
 """
@@ -17,11 +18,13 @@ from bnbench.activations import parse_activation
 from bnbench.schema import DTYPE_ALIASES, DTYPES, POINT_KEY
 
 __all__ = [
+    "BN_OPS",
     "GRID_DEFAULTS",
     "LAYOUTS",
     "PASSES",
     "PRESETS",
     "Case",
+    "ResidualCase",
     "filter_cases",
     "grid",
     "parse_activations",
@@ -32,7 +35,11 @@ __all__ = [
     "parse_spatial",
     "preset_cases",
     "select_cases",
+    "with_ops",
 ]
+
+#: the BatchNorm ops of ``bnbench bench --op``: act(BN(x)) and act(BN(x) + residual); the matmul ops are elsewhere
+BN_OPS = ("bn_act", "bn_add_act")
 
 #: fwd: training forward (updates running stats); bwd: backward only, given a saved forward; eval: running stats
 PASSES = ("fwd", "bwd", "fwd_bwd", "eval")
@@ -48,7 +55,9 @@ class Case:
     #: the op family (``bnbench bench --op``): BatchNorm + activation here; the matmul ops have their own case
     #: class (bnbench.bench.gemm_workload.MatmulCase). Not a dataclass field: rows and keys are unchanged.
     family: ClassVar[str] = "bn_act"
-    op: str  # "bn1d" (N, C) or "bn2d" (N, C, H, W)
+    #: the values of ``op``: BatchNorm1d on (N, C), BatchNorm2d on (N, C, H, W)
+    OPS: ClassVar[tuple[str, str]] = ("bn1d", "bn2d")
+    op: str  # OPS[0] (N, C) or OPS[1] (N, C, H, W)
     pass_: str
     activation: str
     dtype: str
@@ -59,16 +68,16 @@ class Case:
     W: int = 1
 
     def __post_init__(self) -> None:
-        if self.op not in ("bn1d", "bn2d"):
-            raise ValueError(f"op must be 'bn1d' or 'bn2d', got {self.op!r}")
+        if self.op not in self.OPS:
+            raise ValueError(f"op must be {self.OPS[0]!r} or {self.OPS[1]!r}, got {self.op!r}")
         if self.pass_ not in PASSES:
             raise ValueError(f"unknown pass {self.pass_!r}; valid passes are: {', '.join(PASSES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes are: {', '.join(DTYPES)}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; valid layouts are: {', '.join(LAYOUTS)}")
-        if self.op == "bn1d" and (self.H, self.W, self.layout) != (1, 1, "nchw"):
-            raise ValueError(f"a bn1d case has no spatial size or channels_last layout, got {self}")
+        if self.is_1d and (self.H, self.W, self.layout) != (1, 1, "nchw"):
+            raise ValueError(f"a {self.op} case has no spatial size or channels_last layout, got {self}")
         for name in ("N", "C", "H", "W"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -76,6 +85,11 @@ class Case:
         if self.training and self.N * self.S < 2:
             raise ValueError(f"a training pass needs more than 1 value per channel, got N={self.N}, S={self.S}")
         parse_activation(self.activation)
+
+    @property
+    def is_1d(self) -> bool:
+        """BatchNorm1d on (N, C) input."""
+        return self.op == self.OPS[0]
 
     @property
     def S(self) -> int:
@@ -91,7 +105,7 @@ class Case:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.N, self.C) if self.op == "bn1d" else (self.N, self.C, self.H, self.W)
+        return (self.N, self.C) if self.is_1d else (self.N, self.C, self.H, self.W)
 
     @property
     def shape_str(self) -> str:
@@ -107,7 +121,7 @@ class Case:
         return self.training
 
     def label(self) -> str:
-        layout = "" if self.op == "bn1d" else f" {self.layout}"
+        layout = "" if self.is_1d else f" {self.layout}"
         return f"{self.pass_} {self.dtype} {self.activation} {self.shape_str}{layout}"
 
     def columns(self) -> dict[str, object]:
@@ -122,6 +136,24 @@ class Case:
         """What identifies the case in a results file: its :data:`bnbench.schema.POINT_KEY` columns, as text."""
         columns = self.columns()
         return tuple(str(columns[c]) for c in POINT_KEY)
+
+    def with_residual(self) -> ResidualCase:
+        """The same case with a residual added before the activation."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return ResidualCase(**{**fields, "op": ResidualCase.OPS[0 if self.is_1d else 1]})
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ResidualCase(Case):
+    """act(BN(x) + residual), the tail of a ResNet block: the residual has x's shape, dtype and layout, and its
+    gradient is an output of the backward. Its ops are ``bn1d_add`` and ``bn2d_add``, so its rows and keys never
+    meet a :class:`Case`'s of the same shape."""
+
+    family: ClassVar[str] = "bn_add_act"
+    OPS: ClassVar[tuple[str, str]] = ("bn1d_add", "bn2d_add")
+
+    def label(self) -> str:
+        return f"+residual {super().label()}"
 
 
 def _case(N: int, C: int, spatial: tuple[int, int] | None, dtype: str, activation: str, pass_: str, layout: str):
@@ -238,7 +270,7 @@ def filter_cases(cases: Sequence[Case], **axes: Sequence | None) -> list[Case]:
     getters = {
         "batch": lambda c: c.N,
         "width": lambda c: c.C,
-        "spatial": lambda c: None if c.op == "bn1d" else (c.H, c.W),
+        "spatial": lambda c: None if c.is_1d else (c.H, c.W),
         "dtypes": lambda c: c.dtype,
         "activations": lambda c: c.activation,
         "passes": lambda c: c.pass_,
@@ -295,12 +327,13 @@ def _standard() -> list[Case]:
 
 
 def _resnet50() -> list[Case]:
-    """Every distinct BN call of ResNet-50 (with the activation that follows it), read off the model's forward
-    pass (:mod:`bnbench.bench.model_cases`), at batch 64, 128 and 256, channels_last, bf16 and fp32, training
-    forward and forward+backward."""
+    """Every distinct BN call of ResNet-50 (with the activation that follows it; the last of each block with its
+    residual add, a ResidualCase), read off the model's forward pass as convert_bn_act fuses it
+    (:mod:`bnbench.bench.model_cases`), at batch 64, 128 and 256, channels_last, bf16 and fp32, training forward
+    and forward+backward."""
     from bnbench.bench.model_cases import model_cases  # runs the network on one CPU input
 
-    return model_cases("resnet50")  # its default axes are this preset's
+    return model_cases("resnet50", residual=True)  # its default axes are this preset's
 
 
 PRESETS = {"quick": _quick, "baseline": _baseline, "standard": _standard, "resnet50": _resnet50}
@@ -349,3 +382,15 @@ def select_cases(preset: str | None, **axes: Sequence | None) -> list[Case]:
         ) else ""  # fmt: skip
         raise ValueError(f"no benchmark case left in {where}{hint}")
     return cases
+
+
+def with_ops(cases: Sequence[Case], ops: Sequence[str], *, from_model: bool) -> list[Case]:
+    """The cases of a run measuring ``ops`` (names in :data:`BN_OPS`). A network's cases (``from_model``) are its
+    BatchNorm calls, each already of its op (a BN feeding a residual add is a :class:`ResidualCase`): those of
+    the ops asked are kept. Any other case is measured once per op asked."""
+    unknown = [op for op in ops if op not in BN_OPS]
+    if unknown:
+        raise ValueError(f"unknown BatchNorm op(s) {unknown}; valid: {', '.join(BN_OPS)}")
+    if from_model:
+        return [case for case in cases if case.family in ops]
+    return _unique(case if op == "bn_act" else case.with_residual() for case in cases for op in ops)

@@ -43,6 +43,14 @@ recorded as skipped, saying why.
 With --world-size K under torchrun the same sweep runs on every rank with synchronised BatchNorm (see
 docs/measuring.md).
 
+--op bn_add_act measures act(BN(x) + residual) instead, the tail of a ResNet block (the residual like x: same
+shape, dtype and layout): eager is F.batch_norm + add + activation, compile that composition compiled, triton
+bnbench.batch_norm_act(..., residual=...); the float64 check covers the residual's gradient, and bytes_min counts
+its read and its gradient's write (3T forward, 7T forward+backward). It takes every axis and preset of bn_act;
+'--op bn_act,bn_add_act' measures each case both ways. With --preset resnet50 or --from-model the cases are the
+network's BatchNorm calls as convert_bn_act fuses them: bn_act for a BatchNorm + activation, bn_add_act for the
+last BatchNorm of a block with its residual add; --op defaults to both there (one op keeps its calls only).
+
 --op linear_bn_act / conv1x1_bn_act (or both, comma-separated) measure Linear / 1x1 Conv2d + BatchNorm +
 activation instead (the fused op with the statistics in the matmul's epilogue against the eager module chain and
 torch.compile; training fwd and fwd_bwd; bytes_min is the fused op's traffic, 3T of the matmul output forward plus
@@ -61,19 +69,39 @@ input, 130 interrupted (the finished points are kept; --resume continues)."""
 FINISHED_STATUSES = ("ok", "incorrect", "skipped")
 
 
-#: --op's values: the BatchNorm + activation op, and the matmul + BatchNorm ops (bnbench.bench.gemm_cases.GEMM_OPS)
-OPS = ("bn_act", "linear_bn_act", "conv1x1_bn_act")
+#: --op's values in its two groups: the BatchNorm ops (bnbench.bench.cases.BN_OPS: + activation, + residual add +
+#: activation) and the matmul + BatchNorm ops (bnbench.bench.gemm_cases.GEMM_OPS); one run measures one group
+OP_GROUPS = (("bn_act", "bn_add_act"), ("linear_bn_act", "conv1x1_bn_act"))
+OPS = tuple(op for group in OP_GROUPS for op in group)
 
 
 def _ops(text: str) -> str:
-    """--op: one op, or a comma list of the matmul ops (one run measures one family); normalised to its text."""
+    """--op: one op, or a comma list of ops of one group; normalised to its text."""
     ops = list(dict.fromkeys(o.strip() for o in text.split(",") if o.strip()))
     unknown = [o for o in ops if o not in OPS]
     if not ops or unknown:
         raise argparse.ArgumentTypeError(f"unknown op(s) {unknown or [text]}; valid: {', '.join(OPS)}")
-    if len(ops) > 1 and "bn_act" in ops:
-        raise argparse.ArgumentTypeError("bn_act is measured on its own: a comma list takes the matmul ops only")
+    if not any(set(ops) <= set(group) for group in OP_GROUPS):
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(ops)}: one run measures the BatchNorm ops ({', '.join(OP_GROUPS[0])}) or the matmul ops "
+            f"({', '.join(OP_GROUPS[1])}), not both"
+        )
     return ",".join(ops)
+
+
+def is_matmul_op(op: str) -> bool:
+    """Whether a (resolved) --op value names the matmul + BatchNorm ops."""
+    return op.split(",")[0] in OP_GROUPS[1]
+
+
+def resolve_op(args) -> str:
+    """--op as the run measures it: as given, else bn_act, or both BatchNorm ops when the cases are a network's
+    BatchNorm calls (--preset resnet50, --from-model), which are of both."""
+    if args.op is not None:
+        return args.op
+    from bnbench.bench.model_cases import MODEL_PRESETS
+
+    return ",".join(OP_GROUPS[0]) if args.from_model or args.preset in MODEL_PRESETS else "bn_act"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -81,10 +109,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cases.add_argument(
         "--op",
         type=_ops,
-        default="bn_act",
+        default=None,
         metavar="OP",
-        help="bn_act: BatchNorm + activation; linear_bn_act, conv1x1_bn_act (or both, comma-separated): Linear / "
-        "1x1 conv + BatchNorm + activation (presets quick, mlp, resnet50, standard; see above)",
+        help="bn_act: BatchNorm + activation (the default); bn_add_act: BatchNorm + residual add + activation (or "
+        "both, comma-separated; both by default with --preset resnet50 and --from-model); linear_bn_act, "
+        "conv1x1_bn_act (or both): Linear / 1x1 conv + BatchNorm + activation (presets quick, mlp, resnet50, "
+        "standard; see above)",
     )
     cases.add_argument(
         "--preset",
@@ -181,10 +211,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _select(args):
     from bnbench.bench import cases as c
 
-    if args.op != "bn_act":  # the matmul + BatchNorm ops: their cases live in gemm_cases
+    if is_matmul_op(args.op):  # the matmul + BatchNorm ops: their cases live in gemm_cases
         from bnbench.bench.gemm_workload import select_cases_from_args
 
         return select_cases_from_args(args)
+    from bnbench.bench.model_cases import MODEL_PRESETS
+
+    from_model = args.from_model is not None or args.preset in MODEL_PRESETS
+    cases = c.with_ops(_bn_cases(args), args.op.split(","), from_model=from_model)
+    if not cases:
+        raise ValueError(f"no {args.op} case left: the network's BatchNorm calls are of the other op only")
+    return cases
+
+
+def _bn_cases(args):
+    """The BatchNorm + activation cases of the axes and presets (before --op makes them its ops' cases)."""
+    from bnbench.bench import cases as c
+
     if args.preset == "mlp":
         raise ValueError("--preset mlp is a preset of --op linear_bn_act (for an MLP's BatchNorm calls as "
                          "bn_act cases: --from-model mlp)")  # fmt: skip
@@ -354,7 +397,12 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
     running, the points planned), the copy bandwidth record (``bnbench.bench.machine.copy_record``)."""
     import torch
 
-    from bnbench.bench.bytes_model import MATMUL_BN_ACT_BWD_PASSES, MATMUL_BN_ACT_FWD_PASSES, MIN_TENSOR_PASSES
+    from bnbench.bench.bytes_model import (
+        MATMUL_BN_ACT_BWD_PASSES,
+        MATMUL_BN_ACT_FWD_PASSES,
+        MIN_TENSOR_PASSES,
+        RESIDUAL_MIN_TENSOR_PASSES,
+    )
     from bnbench.bench.model_cases import run_call_table
     from bnbench.bench.record import options_record
     from bnbench.bench.runner import plan_points
@@ -372,7 +420,9 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
             "timing": timing,
             "tolerance_max_rel_err": {d: tolerance(d) for d in DTYPES},
             "op": args.op,
-            **({"bytes_model_min_tensor_passes": MIN_TENSOR_PASSES} if args.op == "bn_act" else {
+            **({"bytes_model_min_tensor_passes": MIN_TENSOR_PASSES,
+                "bytes_model_min_tensor_passes_residual": RESIDUAL_MIN_TENSOR_PASSES}
+               if not is_matmul_op(args.op) else {
                 # passes over the matmul's [M, N] output by implementation (bytes_min: the fused op's), and the
                 # fused backward's; the matmul's operands are counted besides (bytes_model.matmul_bn_act_bytes)
                 "bytes_model_matmul_output_passes": {"fwd": MATMUL_BN_ACT_FWD_PASSES,
@@ -384,7 +434,7 @@ def _sidecar(args, info: dict, run_id: str, started, device, providers, cases, t
         "previous_runs": old_sidecar.get("previous_runs", [])
         + ([{**old_sidecar["run"], "machine": old_sidecar.get("machine")}] if "run" in old_sidecar else []),
         # the network's BN call table, None unless the cases came from one (--from-model, --preset resnet50)
-        "model_bn_calls": run_call_table(args.preset, args.from_model) if args.op == "bn_act" else None,
+        "model_bn_calls": None if is_matmul_op(args.op) else run_call_table(args.preset, args.from_model),
     }  # fmt: skip
 
 
@@ -423,12 +473,14 @@ def _check_run_options(args) -> None:
         raise ValueError(f"--cpu-budget-s and --rep-ms must be > 0, got {args.cpu_budget_s} and {args.rep_ms}")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out: the folder of the run to continue")
-    if args.op != "bn_act":
+    if is_matmul_op(args.op):
         for flag, given in (("--world-size", args.world_size is not None), ("--from-model", args.from_model)):
             if given:
                 raise ValueError(
                     f"{flag} is for --op bn_act only: --op {args.op} has no synchronised or per-network sweep"
                 )
+    if args.world_size is not None and args.op != "bn_act":
+        raise ValueError(f"--world-size measures --op bn_act only (synchronised BatchNorm), not --op {args.op}")
     if args.world_size is None:
         return
     if args.out is None:
@@ -447,12 +499,13 @@ def run(args) -> int:
     from bnbench.bench.providers import DEFAULT_PROVIDERS, get_providers
     from bnbench.interpreter import switch_triton_interpreter_on
 
+    args.op = resolve_op(args)  # recorded resolved: --resume compares what was measured
     _check_run_options(args)
     device = _device(args.device)
     if device.type == "cpu" and not args.no_interpret:
         switch_triton_interpreter_on()  # before anything imports triton (a model's cases import it)
     cases = _select(args)
-    if args.op != "bn_act":
+    if is_matmul_op(args.op):
         from bnbench.bench.gemm_workload import DEFAULT_GEMM_PROVIDERS, get_gemm_providers
 
         providers = get_gemm_providers(args.providers or ",".join(DEFAULT_GEMM_PROVIDERS))

@@ -28,12 +28,15 @@ MODEL_PRESETS = {"resnet50": "resnet50"}
 
 @functools.lru_cache(maxsize=8)
 def _groups(name: str, resolution: int | None, source: str):
-    """The model's BN call groups for one fp32 NCHW input on the CPU (counts and per-sample shapes do not depend
-    on the batch, dtype or layout; the bench axes set those). Not on meta: that would import triton, before the
-    bench CLI switches the Triton interpreter on. ResNet-50 at 224x224 takes well under a second."""
+    """The model's BN call groups for a batch of 2 fp32 NCHW inputs on the CPU (counts and per-sample shapes do
+    not depend on the batch, dtype or layout; the bench axes set those; 2, not 1: convert_bn_act's example forward
+    trains BatchNorm1d, which needs 2 values per channel, and a batch of 1 would hide a residual that broadcasts
+    over the batch). Not on meta: that would import triton, before the bench CLI switches the Triton interpreter
+    on. ResNet-50 at 224x224: 3-6 s on one loaded CPU core (three forwards: the probes', and convert_bn_act's
+    two to read the residual adds' shapes)."""
     from bnbench.models.bn_calls import group_calls, model_bn_calls
 
-    return tuple(group_calls(model_bn_calls(name, 1, resolution=resolution, source=source, device="cpu")))
+    return tuple(group_calls(model_bn_calls(name, 2, resolution=resolution, source=source, device="cpu")))
 
 
 def model_call_table(name: str, *, resolution: int | None = None, source: str = "auto") -> dict[str, object]:
@@ -63,15 +66,22 @@ def model_cases(
     *,
     resolution: int | None = None,
     source: str = "auto",
+    residual: bool = False,
 ) -> list[Case]:
     """Every distinct BatchNorm call of ``name`` (with the activation that follows it) as a case, for each batch,
-    dtype, layout and pass. BN1d calls (2-D input) keep the nchw layout only."""
+    dtype, layout and pass. A call convert_bn_act fuses with the residual add after it (op ``bn2d_add``) is, with
+    ``residual``, a :class:`~bnbench.bench.cases.ResidualCase` (what the benchmark measures); without, the
+    BatchNorm alone (a Case with activation identity: its shape, for callers that measure kernels without a
+    residual, e.g. ``bnbench inspect``). BN1d calls (2-D input) keep the nchw layout only."""
     cases: list[Case] = []
     for N in batch:
         for g in _groups(name, resolution, source):
             C, *spatial = g.shape[1:]
-            sp = [None] if g.op == "bn1d" else [tuple(spatial)]
-            cases += grid([N], [C], sp, dtypes, [g.activation], passes, layouts)
+            sp = [None] if len(g.shape) == 2 else [tuple(spatial)]
+            fused_add = g.op.endswith("_add")
+            activation = "identity" if fused_add and not residual else g.activation
+            found = grid([N], [C], sp, dtypes, [activation], passes, layouts)
+            cases += [c.with_residual() for c in found] if fused_add and residual else found
     return list(dict.fromkeys(cases))
 
 
@@ -105,6 +115,7 @@ def cases_from_model(
         dtypes or MODEL_DEFAULTS["dtypes"],
         layouts or MODEL_DEFAULTS["layouts"],
         passes or MODEL_DEFAULTS["passes"],
+        residual=True,
     )
     if not cases:
         raise ValueError(f"--from-model {name}: no case left (channels_last needs 4-D activations)")

@@ -1,13 +1,17 @@
 """Providers: the implementations a case is measured with, in a registry the CLI reads and tests can extend.
 
 Each provider turns a :class:`~bnbench.bench.cases.Case` into a callable with ``F.batch_norm``'s signature plus
-the activation, ``fn(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)``:
+the activation, ``fn(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)``,
+and for a :class:`~bnbench.bench.cases.ResidualCase` (``bn_add_act``) a keyword ``residual``:
 
-- ``eager``: :func:`bnbench.reference.batch_norm_act_reference` (``F.batch_norm`` then the activation);
+- ``eager``: :func:`bnbench.reference.batch_norm_act_reference` (``F.batch_norm`` then the activation; with a
+  residual ``F.batch_norm``, the add, the activation: what a ResNet block's tail runs);
 - ``compile``: ``torch.compile`` of that composition, ``dynamic=False``, built fresh for every case after
   ``torch._dynamo.reset()`` (after 8 recompiles Dynamo silently falls back to eager);
 - ``compile-max-autotune``: the same with ``mode="max-autotune"`` (optional; not in the default list);
-- ``triton``: :func:`bnbench.batch_norm_act` with ``backend="triton"`` (the fused kernels). Without CUDA it runs
+- ``triton``: :func:`bnbench.batch_norm_act` with ``backend="triton"`` (the fused kernels; the residual passed
+  through, so it is added inside them; skipped, saying why, while bnbench's kernels refuse a residual). Without CUDA
+  it runs
   only under ``TRITON_INTERPRET=1``, as a correctness check of tiny cases (timer ``interpreter``);
 - ``triton-compile``: that fused call under ``torch.compile(dynamic=False)`` (optional): shows whether the
   custom-op registration costs anything when a model using the layer is compiled.
@@ -65,7 +69,7 @@ class Provider:
 def _make_eager(case: Case) -> BNFunction:
     from bnbench.reference import batch_norm_act_reference
 
-    return batch_norm_act_reference
+    return batch_norm_act_reference  # with residual=: F.batch_norm, the add, the activation
 
 
 def _make_compiled(case: Case, mode: str | None = None) -> BNFunction:
@@ -80,10 +84,11 @@ def _make_compiled(case: Case, mode: str | None = None) -> BNFunction:
 def _make_triton(case: Case) -> BNFunction:
     from bnbench.functional import batch_norm_act
 
-    def fused(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
+    def fused(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, **residual):
         return batch_norm_act(
-            x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, backend="triton"
-        )
+            x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param,
+            backend="triton", **residual,
+        )  # fmt: skip
 
     return fused
 
@@ -99,7 +104,7 @@ def triton_skip_reason(case: Case, device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
-        return None
+        return _residual_skip(case, device)
     if not interpreter_active():
         return (
             "no CUDA device in use: on CPU tensors the Triton kernels run only in the interpreter; set "
@@ -110,7 +115,16 @@ def triton_skip_reason(case: Case, device: torch.device) -> str | None:
             f"Triton interpreter: case has {case.numel} elements, more than the {INTERPRETER_MAX_NUMEL} the "
             "interpreter checks (it simulates every program in numpy)"
         )
-    return None
+    return _residual_skip(case, device)
+
+
+def _residual_skip(case: Case, device: torch.device) -> str | None:
+    if case.family != "bn_add_act":
+        return None
+    from bnbench.convert_residual import residual_refusal
+
+    refusal = residual_refusal("triton", device)
+    return None if refusal is None else f"bnbench's Triton kernels refuse a residual here: {refusal}"
 
 
 def triton_timer(device: torch.device) -> str | None:

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from bnbench.bench import workload
-from bnbench.bench.bytes_model import bytes_min, frac_of_copy, gbps
-from bnbench.bench.cases import Case
+from bnbench.bench.bytes_model import frac_of_copy, gbps
+from bnbench.bench.cases import BN_OPS, Case
 from bnbench.bench.providers import Provider
 from bnbench.bench.timing import Timing, interpreter_timing, time_cuda_events, time_cuda_graph, time_wall
 from bnbench.device import synchronize
@@ -120,9 +120,9 @@ def _now() -> str:
 
 
 def _workload(case):
-    """The module that builds, runs and checks the case's op: :mod:`workload` for BatchNorm + activation,
-    :mod:`gemm_workload` for the matmul + BatchNorm ops (``case.family``)."""
-    if case.family == "bn_act":
+    """The module that builds, runs and checks the case's op: :mod:`workload` for BatchNorm + activation (with
+    or without a residual), :mod:`gemm_workload` for the matmul + BatchNorm ops (``case.family``)."""
+    if case.family in BN_OPS:
         return workload
     from bnbench.bench import gemm_workload
 
@@ -130,8 +130,6 @@ def _workload(case):
 
 
 def _bytes_min(case) -> int:
-    if case.family == "bn_act":
-        return bytes_min(case.pass_, case.numel, case.dtype)
     return _workload(case).bytes_min_of(case)
 
 

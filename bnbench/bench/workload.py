@@ -2,7 +2,9 @@
 
 Inputs: x in the case's dtype and layout (standard normal plus a mean offset of 0.5, so a statistics bug that
 ignores the mean shows), fp32 weight, bias and running statistics (as nn.BatchNorm keeps them under autocast), and
-an upstream gradient ``dy`` like x. Outputs are checked against the tolerance table of :mod:`bnbench.testing`. Training passes run with autograd on (x, weight and bias require grad), as in
+an upstream gradient ``dy`` like x; for a :class:`~bnbench.bench.cases.ResidualCase` (``bn_add_act``) also a
+residual like x (drawn last: x and dy are those of the same case without it), whose gradient is checked too.
+Outputs are checked against the tolerance table of :mod:`bnbench.testing`. Training passes run with autograd on (x, weight and bias require grad), as in
 training; eval runs under ``torch.no_grad``.
 
 Pass semantics (docs/measuring.md): fwd = training forward (updates running stats); bwd = the backward alone, of a
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bnbench.activations import Activation, apply_activation, parse_activation
+from bnbench.bench.bytes_model import bytes_min
 from bnbench.bench.cases import Case
 from bnbench.schema import torch_dtype
 from bnbench.testing import tolerance
@@ -33,6 +36,7 @@ __all__ = [
     "PassRun",
     "batch_statistics",
     "build_pass",
+    "bytes_min_of",
     "make_inputs",
     "max_rel_err",
     "outputs",
@@ -45,7 +49,8 @@ MOMENTUM, EPS = 0.1, 1e-5
 
 @dataclasses.dataclass
 class Inputs:
-    """One point's tensors. ``running_mean``/``running_var`` are updated in place by training passes."""
+    """One point's tensors. ``running_mean``/``running_var`` are updated in place by training passes;
+    ``residual`` is None unless the case adds one."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -53,9 +58,10 @@ class Inputs:
     running_mean: torch.Tensor
     running_var: torch.Tensor
     dy: torch.Tensor
+    residual: torch.Tensor | None = None
 
     def params(self) -> list[torch.Tensor]:
-        return [self.x, self.weight, self.bias]
+        return [self.x, self.weight, self.bias] + ([] if self.residual is None else [self.residual])
 
     def zero_grads(self) -> None:
         for t in self.params():
@@ -85,6 +91,8 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
         running_var=tensor(C, scale=1.0, offset=0.5, uniform=True),
         dy=dy,
     )
+    if case.family == "bn_add_act":
+        inputs.residual = tensor(*case.shape).to(dtype=dtype, memory_format=memory_format)
     if case.needs_grad:
         for t in inputs.params():
             t.requires_grad_(True)
@@ -106,8 +114,12 @@ def build_pass(case: Case, fn: Callable[..., torch.Tensor], inp: Inputs) -> Pass
     act, param = parse_activation(case.activation)
     state: dict[str, torch.Tensor | None] = {"y": None}
 
+    extra = {} if inp.residual is None else {"residual": inp.residual}
+
     def forward(training: bool) -> torch.Tensor:
-        return fn(inp.x, inp.running_mean, inp.running_var, inp.weight, inp.bias, training, MOMENTUM, EPS, act, param)
+        return fn(
+            inp.x, inp.running_mean, inp.running_var, inp.weight, inp.bias, training, MOMENTUM, EPS, act, param, **extra
+        )
 
     def nothing() -> None:
         return None
@@ -151,6 +163,8 @@ def outputs(case: Case, inp: Inputs, y: torch.Tensor | None) -> dict[str, torch.
         out["y"] = y
     if case.pass_ in ("bwd", "fwd_bwd"):
         out.update(dx=inp.x.grad, dweight=inp.weight.grad, dbias=inp.bias.grad)
+        if inp.residual is not None:
+            out["dresidual"] = inp.residual.grad
     if case.pass_ in ("fwd", "fwd_bwd"):
         out.update(running_mean=inp.running_mean, running_var=inp.running_var)
     return out
@@ -174,20 +188,24 @@ def reference_outputs(
     :data:`KINK_BAND` of 0 (relative to its size), the implementation's own rounding decides which side an
     element is on, so the reference takes the side the implementation's output ``y_got`` shows. Without this a
     single element at z = -7e-8 that fp32 puts at +7e-8 flips a whole dy into dbias (seen with torch.compile).
+    With a residual r, z = BN(x) + r and the size it is measured against includes |r|.
     """
     act, param = parse_activation(case.activation)
     with torch.enable_grad():
         x = inp.x.detach().double().requires_grad_(case.needs_grad)
         w = inp.weight.detach().double().requires_grad_(case.needs_grad)
         b = inp.bias.detach().double().requires_grad_(case.needs_grad)
+        r = None if inp.residual is None else inp.residual.detach().double().requires_grad_(case.needs_grad)
         rm, rv = running_mean0.double(), running_var0.double()
         z = F.batch_norm(x, rm, rv, w, b, case.training, MOMENTUM, EPS)
+        size = (z.detach() - b.detach().view(_channel_view(case))).abs() + b.detach().abs().view(_channel_view(case))
+        if r is not None:
+            z = z + r
+            size = size + r.detach().abs()
         if act in (Activation.RELU, Activation.LEAKY_RELU):
             positive = z.detach() > 0
             if y_got is not None:
-                zd = z.detach()
-                scale = (zd - b.detach().view(_channel_view(case))).abs() + b.detach().abs().view(_channel_view(case))
-                ambiguous = zd.abs() <= KINK_BAND[case.dtype] * scale
+                ambiguous = z.detach().abs() <= KINK_BAND[case.dtype] * size
                 positive = torch.where(ambiguous, y_got.detach().double() > 0, positive)
             y = torch.where(positive, z, z * param)  # relu: param is 0.0
         else:
@@ -196,11 +214,19 @@ def reference_outputs(
         if case.pass_ != "bwd":
             ref["y"] = y.detach()
         if case.pass_ in ("bwd", "fwd_bwd"):
-            dx, dw, db = torch.autograd.grad(y, (x, w, b), inp.dy.double())
-            ref.update(dx=dx, dweight=dw, dbias=db)
+            wrt = (x, w, b) if r is None else (x, w, b, r)
+            grads = torch.autograd.grad(y, wrt, inp.dy.double())
+            ref.update(dx=grads[0], dweight=grads[1], dbias=grads[2])
+            if r is not None:
+                ref["dresidual"] = grads[3]
     if case.pass_ in ("fwd", "fwd_bwd"):
         ref.update(running_mean=rm, running_var=rv)
     return ref
+
+
+def bytes_min_of(case: Case) -> int:
+    """A point's minimal bytes (:func:`bnbench.bench.bytes_model.bytes_min`; the runner asks each workload module)."""
+    return bytes_min(case.pass_, case.numel, case.dtype, residual=case.family == "bn_add_act")
 
 
 #: the running statistics are fp32 whatever the input dtype: they are checked at fp32's tolerance

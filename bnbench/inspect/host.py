@@ -2,8 +2,9 @@
 
 Both run the benchmark's own pass (:func:`bnbench.bench.workload.build_pass`) on the same small CPU input. Eager
 runs its CPU kernels, so its time includes a little compute. Without CUDA the Triton path runs under the
-recording driver: everything on the host happens (argument checks, planning, allocation, autograd, Triton's
-binder and specialisation) but the launch itself is recorded, not made, so its time excludes the CUDA driver's
+recording driver: everything on the host happens (argument checks, planning, allocation, autograd, the launch
+key of the direct launch, ``kernels/_launch.py``: Triton's binder and specialisation ran on the first call of each
+key, in the warm-up) but the launch itself is recorded, not made, so its time excludes the CUDA driver's
 launch call (a few microseconds per kernel on a GPU machine) and all GPU work; recording a launch there costs
 under a microsecond (kernel and grid only, no argument kept). Times are the median of many calls
 after warm-up, with ``perf_counter_ns`` around each call; they are measured here, on this CPU.

@@ -5,8 +5,10 @@ are built from this, so their shapes are the model's, not a hand-typed table.
 The forward runs on the ``meta`` device (no memory, no compute), every BatchNorm module replaced by a probe that
 records its input. Meta convolutions return contiguous outputs whatever the input's memory format (CUDA's and oneDNN's keep
 channels_last through convolution, BatchNorm, ReLU and the residual add), so on meta the layout of a 4-D call is
-the layout the network runs in, given by the caller; a forward on a real device observes it. The activation of a call is the one :func:`bnbench.convert_bn_act` would fuse into it ("identity" for a
-BatchNorm it leaves alone, e.g. one feeding a residual add: no activation follows it directly).
+the layout the network runs in, given by the caller; a forward on a real device observes it. The activation of a
+call is the one :func:`bnbench.convert_bn_act` (given the example input) would fuse into it ("identity" for a
+BatchNorm it leaves alone or converts without one, e.g. a ResNet's downsample); a BatchNorm it converts with the
+residual add that follows it (the last of a ResNet block) is a call of op ``bn2d_add`` (``bn1d_add`` on 2-D input).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 @dataclasses.dataclass(frozen=True)
 class BNCall:
-    """One call of one BatchNorm module: its qualified name, op (bn1d on (N, C), bn2d on (N, C, H, W)), input
-    shape, layout ("nchw" or "channels_last"), dtype name and the activation that follows it."""
+    """One call of one BatchNorm module: its qualified name, op (bn1d on (N, C), bn2d on (N, C, H, W); bn1d_add
+    and bn2d_add when a residual is added before the activation), input shape, layout ("nchw" or
+    "channels_last"), dtype name and the activation that follows it."""
 
     layer: str
     op: str
@@ -71,8 +74,9 @@ def _layout(x: torch.Tensor) -> str:
     )
 
 
-def _activations(model: nn.Module) -> dict[str, str]:
-    """BatchNorm name -> the activation convert_bn_act fuses into it (its name; "identity" when it is left alone)."""
+def _fusions(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, str], set[str]]:
+    """BatchNorm name -> the activation convert_bn_act fuses into it (its name; "identity" when it is left alone),
+    and the names it converts with a residual add."""
     from bnbench.convert import convert_bn_act
     from bnbench.modules import BatchNormAct1d, BatchNormAct2d
 
@@ -80,12 +84,12 @@ def _activations(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, (BatchNormAct1d, BatchNormAct2d)):
             out[name] = module.activation.value
-    _, report = convert_bn_act(model, backend="torch", return_report=True)
+    _, report = convert_bn_act(model, backend="torch", return_report=True, example_inputs=example)
     for name, described in report.converted.items():
         out[name] = parse_activation(described.split("(")[0])[0].value  # "leaky_relu(0.1)" -> "leaky_relu"
     for name in report.skipped:
         out[name] = "identity"
-    return out
+    return out, set(report.with_residual)
 
 
 class _Probe(nn.Module):
@@ -109,8 +113,20 @@ def record_bn_calls(
     """Run a copy of ``model`` on ``example`` without gradients, each BatchNorm replaced by a probe, and return
     every BatchNorm call in call order. The layout of a 4-D call is observed from its input's strides, or
     ``layout`` when given (for meta tensors). With ``run_on``, the copy of a meta model is given uninitialised
-    storage on that device first (values do not matter: only shapes are read). ``model`` is not changed."""
-    activations = _activations(model)
+    storage on that device first (values do not matter: only shapes are read). ``model`` is not changed. Besides
+    that forward, convert_bn_act runs the model on ``example`` (about twice) to find its residual adds."""
+    threads = torch.get_num_threads()
+    try:  # one input, one thread: on a shared machine a CPU thread pool can stall for whole scheduler ticks
+        torch.set_num_threads(1)
+        return _record(model, example, layout, run_on)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _record(model: nn.Module, example: torch.Tensor, layout: str | None, run_on: str | None) -> list[BNCall]:
+    if run_on is not None:
+        model = copy.deepcopy(model).to_empty(device=run_on)
+    activations, with_residual = _fusions(model, example)
     calls: list[BNCall] = []
 
     def recorder(name: str):
@@ -121,8 +137,8 @@ def record_bn_calls(
             dtype = _DTYPE_NAMES.get(x.dtype)
             if dtype is None:
                 raise ValueError(f"BatchNorm {name} got an input of dtype {x.dtype}: no benchmark dtype for it")
-            op = "bn1d" if x.dim() == 2 else "bn2d"
-            lay = layout if layout is not None and op == "bn2d" else _layout(x)
+            op = ("bn1d" if x.dim() == 2 else "bn2d") + ("_add" if name in with_residual else "")
+            lay = layout if layout is not None and x.dim() == 4 else _layout(x)
             calls.append(BNCall(name, op, tuple(x.shape), lay, dtype, activations.get(name, "identity")))
 
         return record
@@ -132,15 +148,8 @@ def record_bn_calls(
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             parent_name, _, child = name.rpartition(".")
             setattr(probed.get_submodule(parent_name), child, _Probe(recorder(name)))
-    if run_on is not None:
-        probed = probed.to_empty(device=run_on)
-    threads = torch.get_num_threads()
-    try:  # one input, one thread: on a shared machine a CPU thread pool can stall for whole scheduler ticks
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            probed(example)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        probed(example)
     return calls
 
 

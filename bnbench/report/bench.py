@@ -27,6 +27,7 @@ __all__ = [
     "headline_table",
     "interpreter_table",
     "not_ok_points",
+    "op_family",
     "over_copy_bandwidth",
     "points_table",
     "sidecar_environment",
@@ -78,14 +79,31 @@ def environment_table(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -
     return pd.concat([table, sidecar_environment(meta, skip=_SHOWN)], ignore_index=True)
 
 
+def op_family(op: str) -> str:
+    """The ``bnbench bench --op`` an ``op`` value belongs to: bn1d/bn2d are bn_act's, bn1d_add/bn2d_add (a residual
+    added before the activation, bnbench.bench.cases.ResidualCase) bn_add_act's; the matmul ops are their own."""
+    op = str(op)
+    if op in ("bn1d", "bn2d"):
+        return "bn_act"
+    return "bn_add_act" if op in ("bn1d_add", "bn2d_add") else op
+
+
 def headline_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per dtype, pass, provider and timer: geometric-mean (and worst) speedup vs eager and vs compile, and the
-    median and largest fraction of the copy bandwidth reached. One row per group of timed points."""
+    median and largest fraction of the copy bandwidth reached. One row per group of timed points; per op family
+    too (a leading column ``op_family``, :func:`op_family`) when the run measured more than one."""
     timed = timed_points(df)
     columns = [
         "dtype", "pass", "provider", "timer", "points", "geomean_vs_eager", "geomean_vs_compile", "min_vs_eager",
         "min_vs_compile", "median_frac_copy_bw", "max_frac_copy_bw",
     ]  # fmt: skip
+    families = timed["op"].map(op_family) if len(timed) else pd.Series(dtype=object)
+    if families.nunique() > 1:
+        return pd.concat(
+            [headline_table(df[df["op"].map(op_family) == family]).assign(op_family=family)
+             for family in dict.fromkeys(families)],
+            ignore_index=True,
+        )[["op_family", *columns]]  # fmt: skip
     rows = []
     for (dtype, pass_, provider, timer), group in timed.groupby(["dtype", "pass", "provider", "timer"], sort=False):
         vs_eager = pd.to_numeric(group["speedup_vs_eager"], errors="coerce")

@@ -34,7 +34,7 @@ __all__ = ["bench_figures", "plot_bandwidth", "plot_speedup_heatmap", "plot_time
 #: case dimensions that may vary inside one panel; when they do, each value gets its own line style
 _EXTRA_DIMS = ("op", "activation", "bn_mode", "layout", "S", "timer")
 #: display names of the ops in panel titles
-_OP_NAMES = {"bn1d": "BN1d", "bn2d": "BN2d"}
+_OP_NAMES = {"bn1d": "BN1d", "bn2d": "BN2d", "bn1d_add": "BN1d + add", "bn2d_add": "BN2d + add"}
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 

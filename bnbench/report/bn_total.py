@@ -46,16 +46,17 @@ def call_weighted_totals(frame: pd.DataFrame, calls: Sequence[Mapping]) -> pd.Da
     ms = {
         tuple(key): float(value) for *key, value in timed[[*key_columns, "ms_p50"]].itertuples(index=False, name=None)
     }
-    layouts = set(mine.loc[mine["op"] == "bn2d", "layout"]) or {"nchw"}
+    is_2d = mine["op"].astype(str).str.startswith("bn2d")  # bn2d, and bn2d_add (with the residual add)
+    layouts = set(mine.loc[is_2d, "layout"]) or {"nchw"}
     rows = []
-    groups = mine[mine["op"] == "bn2d"] if (mine["op"] == "bn2d").any() else mine
+    groups = mine[is_2d] if is_2d.any() else mine
     groups = groups[groups["timer"].isin(SPEED_TIMERS)]  # interpreter and skipped points are never timed
     for N, dtype, layout, pass_, provider, timer in groups[_GROUP].drop_duplicates().itertuples(index=False):
         if layout not in layouts:
             continue
         total, measured = 0.0, 0
         for (op, act, sample), count in counts.items():
-            lay = "nchw" if op == "bn1d" else layout
+            lay = "nchw" if op.startswith("bn1d") else layout
             value = ms.get((op, act, sample, lay, N, dtype, pass_, provider, timer))
             if value is not None:
                 total, measured = total + count * value, measured + 1

@@ -83,7 +83,7 @@ def _measure(case, provider, device, settings, batch, reference: Reference, row)
     model, source = build(case, device, settings)
     row["network_source"] = source
     row["bn_layers"] = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    prepared = provider.prepare(model, settings.fused_backend)
+    prepared = provider.prepare(model, settings.fused_backend, batch.x[:2])
     row.update(fused_backend=prepared.fused_backend, bn_fused=prepared.bn_fused, bn_unfused=prepared.bn_unfused)
     row["bn_unfused_reasons"] = "; ".join(f"{n} x {why}" for why, n in prepared.unfused_reasons.items())
     trainer = Trainer(prepared.model, case, device, batch, settings.lr)

@@ -3,9 +3,10 @@
 - ``eager``: the network as built (``nn.BatchNorm`` then the activation);
 - ``compile``: ``torch.compile(model, dynamic=False)``, after ``torch._dynamo.reset()`` (no recompile budget
   shared between configurations);
-- ``fused``: :func:`bnbench.convert_bn_act` on the network: every BatchNorm whose only use is a supported
-  activation becomes a fused ``BatchNormAct``; the others are left alone and counted (in a ResNet, the BN before
-  each residual add: residual-add fusion does not exist yet);
+- ``fused``: :func:`bnbench.convert_bn_act` on the network, given two images of the step's batch as its example:
+  every BatchNorm whose only use is a supported activation, or a residual add and then one, becomes a fused
+  ``BatchNormAct`` (in a ResNet every BatchNorm: the downsample's without activation, as the residual of the
+  block's last); any left alone are counted, with the reason;
 - ``fused-compile``: the fused network under ``torch.compile(dynamic=False)``.
 
 The fused layers run ``backend`` ("triton": the kernels; "torch": the layer's PyTorch reference, what runs on a
@@ -39,7 +40,8 @@ class Prepared:
 
 @dataclasses.dataclass(frozen=True)
 class StepProvider:
-    """``prepare(model, backend)`` returns the :class:`Prepared` model (it may edit ``model`` in place)."""
+    """``prepare(model, backend, example)`` returns the :class:`Prepared` model (it may edit ``model`` in place);
+    ``example`` is a small batch of the step's input (what convert_bn_act reads the residual adds' shapes from)."""
 
     name: str
     is_baseline: bool
@@ -58,24 +60,24 @@ def _compile(model: nn.Module) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
-def _eager(model: nn.Module, backend: str) -> Prepared:
+def _eager(model: nn.Module, backend: str, example) -> Prepared:
     return Prepared(model, compiled=False, bn_unfused=_bn_count(model))
 
 
-def _compiled(model: nn.Module, backend: str) -> Prepared:
+def _compiled(model: nn.Module, backend: str, example) -> Prepared:
     return Prepared(_compile(model), compiled=True, bn_unfused=_bn_count(model))
 
 
-def _fused(model: nn.Module, backend: str) -> Prepared:
+def _fused(model: nn.Module, backend: str, example) -> Prepared:
     from bnbench.convert import convert_bn_act
 
-    fused, report = convert_bn_act(model, inplace=True, backend=backend, return_report=True)
+    fused, report = convert_bn_act(model, inplace=True, backend=backend, return_report=True, example_inputs=example)
     reasons = collections.Counter(report.skipped.values())
     return Prepared(fused, False, backend, len(report.converted), len(report.skipped), dict(reasons))
 
 
-def _fused_compiled(model: nn.Module, backend: str) -> Prepared:
-    prepared = _fused(model, backend)
+def _fused_compiled(model: nn.Module, backend: str, example) -> Prepared:
+    prepared = _fused(model, backend, example)
     return dataclasses.replace(prepared, model=_compile(prepared.model), compiled=True)
 
 
