@@ -431,7 +431,7 @@ def batch_norm_act(
         and any(t is not None and t.requires_grad for t in (input, weight, bias))
     ):
         check_memory_saving_precision(input, weight, bias)
-    if use_triton and input.device.type == "cpu":  # the Triton interpreter
+    if use_triton and input.device.type == "cpu" and not _recording():  # the interpreter (a recording runs none)
         warn_if_large(input.numel())
     if training and running_mean is not None and isinstance(momentum, Tensor):
         # A factor held on the device: take the batch statistics into fresh buffers (momentum 1 copies them
