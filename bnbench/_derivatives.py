@@ -1,4 +1,4 @@
-"""Derivatives of act(BN(x)) beyond the fused first-order backward: what the autograd Functions call when asked
+"""Derivatives of act(BN(x) [+ residual]) beyond the fused first-order backward: what the autograd Functions call when asked
 for a second derivative (``create_graph=True``) or for forward-mode AD (a jvp).
 
 - :func:`backward_through_torch`: (dx, dweight, dbias) as differentiable PyTorch ops (the batch statistics
@@ -8,7 +8,9 @@ for a second derivative (``create_graph=True``) or for forward-mode AD (a jvp).
   cannot be rebuilt from y: first-order gradients are returned as computed, wrapped in a node (tied to the saved
   tensors, so every path to the inputs goes through it) that raises a clear error when differentiated (never a
   silently dropped term).
-- :func:`bn_act_jvp`: the forward-mode tangent of y from the tangents of x, weight and bias.
+- :func:`bn_act_jvp`: the forward-mode tangent of y from the tangents of x, weight, bias and the residual.
+
+With a residual r, z = BN(x) + r: its gradient is dy * act'(z) and its tangent enters z as it is.
 
 All in fp32 whatever the input dtype (the kernels' statistics are fp32 too).
 """
@@ -40,30 +42,35 @@ def backward_through_torch(
     bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    needs_input_grad: tuple[bool, bool, bool],
+    needs_input_grad: tuple[bool, ...],
     *,
     training: bool,
     eps: float,
     activation: Activation,
     act_param: float,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dx, dweight, dbias) of y = act(BN(x)) for ``grad_out``, as a graph of differentiable PyTorch ops.
+    residual: Tensor | None = None,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias[, dresidual]) of y = act(BN(x) [+ residual]) for ``grad_out``, as a graph of
+    differentiable PyTorch ops.
 
     Training recomputes the batch statistics from x; eval uses ``running_mean``/``running_var`` as constants.
-    ``needs_input_grad`` says which of (x, weight, bias) want a gradient (None is returned for the others).
+    ``needs_input_grad`` says which of (x, weight, bias) or (x, weight, bias, residual) want a gradient: as many
+    gradients are returned, None for those not wanted.
     """
-    wanted = [t for t, need in zip((x, weight, bias), needs_input_grad, strict=True) if need and t is not None]
+    inputs = (x, weight, bias, residual)[: len(needs_input_grad)]
+    wanted = [t for t, need in zip(inputs, needs_input_grad, strict=True) if need and t is not None]
     if grad_out is None or not wanted:
-        return None, None, None
+        return (None,) * len(inputs)
     with torch.enable_grad():
         stats = (None, None) if training else (running_mean.float(), running_var.float())
         z = F.batch_norm(x.float(), *stats, _f32(weight), _f32(bias), training, 0.0, eps)
+        if residual is not None:
+            z = z + residual.float()
         y = apply_activation(z, activation, act_param)
         grads = torch.autograd.grad(y, wanted, grad_out.float(), create_graph=True, materialize_grads=True)
     found = iter(grads)
     return tuple(  # type: ignore[return-value]
-        next(found) if need and t is not None else None
-        for t, need in zip((x, weight, bias), needs_input_grad, strict=True)
+        next(found) if need and t is not None else None for t, need in zip(inputs, needs_input_grad, strict=True)
     )
 
 
@@ -102,21 +109,23 @@ def bn_act_jvp(
     bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    tangents: tuple[Tensor | None, ...],
     *,
     training: bool,
     eps: float,
     activation: Activation,
     act_param: float,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """The tangent of y = act(BN(x)) (fp32 math, returned in x's dtype) given the tangents of (x, weight, bias)
-    (None for none). The running statistics are constants (a tangent on them is refused before this runs:
+    """The tangent of y = act(BN(x) [+ residual]) (fp32 math, returned in x's dtype) given the tangents of
+    (x, weight, bias) or (x, weight, bias, residual) (None for none). The running statistics are constants (a tangent on them is refused before this runs:
     :data:`RUNNING_STATS_TANGENT_ERROR`).
 
     With x_hat = (x - mean) * rstd: in training (batch statistics) dx_hat = rstd * (dx - mean(dx) - x_hat *
     mean(x_hat * dx)); in eval dx_hat = rstd * dx. Then dz = dx_hat * w + x_hat * dw + db and dy = act'(z) dz.
     """
-    tx, tw, tb = tangents
+    tx, tw, tb, *tr = tangents
+    tr = tr[0] if tr and residual is not None else None
     if x.numel() == 0:
         return torch.zeros_like(x)
     C = x.shape[1]
@@ -143,11 +152,15 @@ def bn_act_jvp(
         t_z = t_z + x_hat * tw.float().view(shape)
     if tb is not None:
         t_z = t_z + tb.float().view(shape)
+    if tr is not None:
+        t_z = t_z + tr.float()
     if activation is Activation.IDENTITY:
         return t_z.to(x.dtype)
     z = x_hat if w is None else x_hat * w
     if bias is not None:
         z = z + bias.float().view(shape)
+    if residual is not None:
+        z = z + residual.float()
     # act is elementwise: its Jacobian is diagonal, so the vector-Jacobian product with t_z is the jvp
     with torch.enable_grad():
         z = z.detach().requires_grad_()

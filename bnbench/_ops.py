@@ -7,6 +7,9 @@ kernel. Callers use :func:`fwd_train`, :func:`fwd_eval`, :func:`bwd` and :func:`
 through the dispatcher only while torch.compile traces (an opaque node); in eager mode they call the launcher
 directly, since the dispatcher would only add host overhead (tens of microseconds a call, as much as a small
 input's whole kernel time). ``bnbench.kernels`` (and so triton) is imported on the first call.
+
+The training and eval forwards and the backward from x take an optional ``residual`` (y = act(BN(x) + residual));
+the backward then returns its gradient as a fourth tensor (an empty one without a residual).
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ def _fwd_train_impl(
     eps: float,
     activation: str,
     act_param: float,
+    residual: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from bnbench import kernels
 
     return kernels.bn_act_fwd_train(
         x, weight, bias, running_mean, running_var,
-        momentum=momentum, eps=eps, activation=activation, act_param=act_param,
+        momentum=momentum, eps=eps, activation=activation, act_param=act_param, residual=residual,
     )  # fmt: skip
 
 
@@ -44,7 +48,7 @@ _fwd_train = torch.library.custom_op("bnbench::bn_act_fwd_train", mutates_args=(
 
 
 @_fwd_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, activation, act_param, residual):
     stats = x.new_empty(x.shape[1], dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -58,19 +62,21 @@ def _fwd_eval_impl(
     eps: float,
     activation: str,
     act_param: float,
+    residual: Tensor | None,
 ) -> Tensor:
     from bnbench import kernels
 
     return kernels.bn_act_fwd_eval(
-        x, running_mean, running_var, weight, bias, eps=eps, activation=activation, act_param=act_param
-    )
+        x, running_mean, running_var, weight, bias, eps=eps, activation=activation, act_param=act_param,
+        residual=residual,
+    )  # fmt: skip
 
 
 _fwd_eval = torch.library.custom_op("bnbench::bn_act_fwd_eval", mutates_args=())(_fwd_eval_impl)
 
 
 @_fwd_eval.register_fake
-def _(x, running_mean, running_var, weight, bias, eps, activation, act_param):
+def _(x, running_mean, running_var, weight, bias, eps, activation, act_param, residual):
     return torch.empty_like(x)
 
 
@@ -96,22 +102,23 @@ def _bwd_impl(
     eps: float,
     activation: str,
     act_param: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from bnbench import kernels
 
-    dx, dweight, dbias = kernels.bn_act_bwd(
+    dx, dweight, dbias, *dresidual = kernels.bn_act_bwd(
         grad_out, x, mean, rstd_or_var, weight, bias,
-        training=training, eps=eps, activation=activation, act_param=act_param,
+        training=training, eps=eps, activation=activation, act_param=act_param, residual=residual,
     )  # fmt: skip
-    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+    return dx, _or_empty(dweight, x), _or_empty(dbias, x), dresidual[0] if dresidual else x.new_empty(0)
 
 
 _bwd = torch.library.custom_op("bnbench::bn_act_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
-def _(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation, act_param):
-    return _fake_grads(x, weight, bias)
+def _(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation, act_param, residual):
+    return *_fake_grads(x, weight, bias), x.new_empty(0) if residual is None else torch.empty_like(residual)
 
 
 def _bwd_from_output_impl(
@@ -150,18 +157,19 @@ def _op(op, impl):
 
 def fwd_train(*args) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd) = fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation,
-    act_param); updates the running statistics in place."""
+    act_param, residual); updates the running statistics in place."""
     return _op(_fwd_train, _fwd_train_impl)(*args)
 
 
 def fwd_eval(*args) -> Tensor:
-    """y = fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param)."""
+    """y = fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param, residual)."""
     return _op(_fwd_eval, _fwd_eval_impl)(*args)
 
 
-def bwd(*args) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) = bwd(grad_out, x, mean, rstd_or_var, weight, bias, training, eps, activation,
-    act_param); dweight/dbias are empty tensors for a missing parameter."""
+def bwd(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual) = bwd(grad_out, x, mean, rstd_or_var, weight, bias, training, eps,
+    activation, act_param, residual); dweight/dbias/dresidual are empty tensors for a missing parameter or
+    residual."""
     return _op(_bwd, _bwd_impl)(*args)
 
 

@@ -119,9 +119,10 @@ def resolve_backend(backend: str, input: Tensor) -> str:
 
 
 class _BatchNormActFunction(torch.autograd.Function):
-    """One autograd path for the Triton backend. Saves x, weight, bias and fp32 mean/rstd (training) or the
-    running statistics (eval); backward recomputes the pre-activation. With ``memory_saving`` it saves the
-    output y (not x) and rstd (or the running variance), and backward rebuilds x_hat from y.
+    """One autograd path for the Triton backend. Saves x, weight, bias, the residual (when given) and fp32
+    mean/rstd (training) or the running statistics (eval); backward recomputes the pre-activation z = x_hat * w +
+    b (+ residual). With ``memory_saving`` (no residual) it saves the output y (not x) and rstd (or the running
+    variance), and backward rebuilds x_hat from y.
 
     Returns y only: mean and rstd stay inside (saved for backward), so autograd has no non-differentiable
     outputs to materialise zero gradients for, and a backward launches bnbench's kernels and nothing else.
@@ -129,18 +130,19 @@ class _BatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, act_param, memory_saving
-    ):
+        ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation, act_param,
+        memory_saving,
+    ):  # fmt: skip
         if training:
             y, mean, rstd = _ops.fwd_train(x, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                           act_param)  # fmt: skip
+                                           act_param, residual)  # fmt: skip
         else:
-            y = _ops.fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param)
+            y = _ops.fwd_eval(x, running_mean, running_var, weight, bias, eps, activation, act_param, residual)
             mean, rstd = running_mean, running_var
-        if memory_saving:
+        if memory_saving:  # batch_norm_act refuses a residual here
             ctx.save_for_backward(y, weight, bias, rstd)
         else:
-            ctx.save_for_backward(x, weight, bias, mean, rstd)
+            ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
         ctx.config = (training, eps, activation, act_param, memory_saving)
         return y
 
@@ -153,19 +155,22 @@ class _BatchNormActFunction(torch.autograd.Function):
                                                       act_param)  # fmt: skip
             grads = (dx, dweight if weight is not None else None, dbias if bias is not None else None)
             # under create_graph=True: the same values, and a clear error if they are differentiated
-            return *refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE), *([None] * 8)
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+            grads = refuse_second_derivative(grads, (y, weight, bias, grad_out), _NO_SECOND_DERIVATIVE)
+            return *grads, None, *([None] * 8)
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients PyTorch can differentiate again, from x
             grads = backward_through_torch(
-                grad_out, x, weight, bias, mean, rstd, ctx.needs_input_grad[:3], training=training, eps=eps,
-                activation=Activation(activation), act_param=act_param,
+                grad_out, x, weight, bias, mean, rstd, ctx.needs_input_grad[:4], training=training, eps=eps,
+                activation=Activation(activation), act_param=act_param, residual=residual,
             )  # fmt: skip
             return *grads, *([None] * 8)
-        dx, dweight, dbias = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation, act_param)
+        dx, dweight, dbias, dresidual = _ops.bwd(grad_out, x, mean, rstd, weight, bias, training, eps, activation,
+                                                 act_param, residual)  # fmt: skip
         return (
             dx,
             dweight if weight is not None else None,
             dbias if bias is not None else None,
+            dresidual if residual is not None else None,
             *([None] * 8),
         )
 
@@ -176,17 +181,18 @@ class _BatchNormActJvpFunction(_BatchNormActFunction):
     tangent (memory saving or not)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, *config):
-        ctx.save_for_forward(x, weight, bias, running_mean, running_var)
-        return _BatchNormActFunction.forward(ctx, x, weight, bias, running_mean, running_var, *config)
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, *config):
+        ctx.save_for_forward(x, weight, bias, running_mean, running_var, residual)
+        return _BatchNormActFunction.forward(ctx, x, weight, bias, residual, running_mean, running_var, *config)
 
     @staticmethod
-    def jvp(ctx, tx, tw, tb, *_):
+    def jvp(ctx, tx, tw, tb, tr, *_):
         # tangents arrive materialised (zeros where none); the running statistics have none (batch_norm_act)
         training, eps, activation, act_param, _ = ctx.config
+        *saved, residual = ctx.saved_tensors
         return bn_act_jvp(
-            *ctx.saved_tensors, (tx, tw, tb), training=training, eps=eps, activation=Activation(activation),
-            act_param=act_param,
+            *saved, (tx, tw, tb, tr), training=training, eps=eps, activation=Activation(activation),
+            act_param=act_param, residual=residual,
         )  # fmt: skip
 
 
@@ -412,13 +418,8 @@ def batch_norm_act(
     if memory_saving and residual is not None:
         raise ValueError(RESIDUAL_MEMORY_SAVING_ERROR)
     use_triton = resolve_backend(backend, input) == "triton"
-    if use_triton and residual is not None:
-        raise NotImplementedError(
-            f'backend={backend!r} chose the Triton kernels, which do not take a residual yet; use backend="torch" '
-            "for act(BN(x) + residual)"
-        )
     if _has_tangent(running_mean, running_var):  # forward-mode AD: F.batch_norm's rule, on every path
-        if _has_tangent(input, weight, bias):
+        if _has_tangent(input, weight, bias, residual):
             raise RuntimeError(RUNNING_STATS_TANGENT_ERROR)
         # a tangent on the running statistics alone leaves the output without one (their values still update)
         running_mean, running_var = (
@@ -454,12 +455,12 @@ def _dispatch(input, running_mean, running_var, weight, bias, training, momentum
               memory_saving, residual):  # fmt: skip
     """Run one backend with a float momentum."""
     training = bool(training)
-    forward_mode = _has_tangent(input, weight, bias)
+    forward_mode = _has_tangent(input, weight, bias, residual)
     if use_triton:
         function = _BatchNormActJvpFunction if forward_mode else _BatchNormActFunction
         y = function.apply(
-            input, weight, bias, running_mean, running_var, training, momentum, float(eps), act.value, param,
-            memory_saving,
+            input, weight, bias, residual, running_mean, running_var, training, momentum, float(eps), act.value,
+            param, memory_saving,
         )  # fmt: skip
         return y
     if memory_saving:

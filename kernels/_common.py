@@ -189,3 +189,39 @@ def _load_channel_stats(mean_ptr, var_ptr, c, c_mask, eps, RSTD_FROM_VAR: tl.con
     """fp32 mean and rstd of a channel block; ``var_ptr`` holds rstd, or the variance when RSTD_FROM_VAR."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     return mean, _load_channel_rstd(var_ptr, c, c_mask, eps, RSTD_FROM_VAR)
+
+
+@triton.jit
+def _residual_tile(
+    res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """One tile of the residual (through its own strides, in its dtype, 0 off the mask). Called under a
+    HAS_RESIDUAL constexpr only, so that a kernel without one loads nothing and compiles as it did before it took
+    a residual argument."""
+    offs = _offsets(n, c, s, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN)
+    return tl.load(res_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_residual(
+    z, res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+    SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """z + residual over one tile (:func:`_residual_tile`, added in fp32), or z unchanged without one."""
+    if HAS_RESIDUAL:
+        res = _residual_tile(res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
+                             SPLIT_S, S_ALIGN)  # fmt: skip
+        return z + res.to(tl.float32)
+    else:
+        return z
+
+
+@triton.jit
+def _store_tile(
+    ptr, value, n, c, s, mask, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S: tl.constexpr,
+    S_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Store an fp32 tile into ``ptr`` (through its strides), rounded to its dtype."""
+    offs = _offsets(n, c, s, W, stride_n, stride_c, stride_s, stride_h, SPLIT_S, S_ALIGN)
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)

@@ -18,6 +18,7 @@ from ._common import (
     _channel_block,
     _load_channel_affine,
     _load_channel_stats,
+    _load_residual,
     _next_tile,
     _offsets,
     _tile_rows,
@@ -149,14 +150,17 @@ def _apply_tiles(
     act_param, ACTIVATION: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_S: tl.constexpr, SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
     PREFETCH: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr = False, res_ptr=None, stride_res_n=0, stride_res_c=0, stride_res_s=0, stride_res_h=0,
 ):  # fmt: skip
-    """y = act((x - mean) * scale + bias) over tiles [tile_begin, tile_end); scale = rstd * weight. ``x`` is tile
-    ``tile_begin``, loaded by the caller (:func:`_x_tile`) before the per-channel parameters.
+    """y = act((x - mean) * scale + bias [+ residual]) over tiles [tile_begin, tile_end); scale = rstd * weight.
+    ``x`` is tile ``tile_begin``, loaded by the caller (:func:`_x_tile`) before the per-channel parameters.
 
     PREFETCH: each next tile's load is issued before the tile in hand is computed and stored (the compiler
     cannot hoist a load above a store that may alias it), so a program always has a tile in flight while it
-    works: two tiles live, 2x the data registers of one. Otherwise after the store (one tile live). (x - mean)
-    is formed first: folding the mean into the shift would cancel catastrophically when |mean| >> std.
+    works: two tiles live, 2x the data registers of one. Otherwise after the store (one tile live). The residual
+    (HAS_RESIDUAL, through its own strides) is the tile in hand's, loaded where it is added (in flight with the
+    next x tile when prefetching; never a prefetched tile of its own). (x - mean) is formed first: folding the
+    mean into the shift would cancel catastrophically when |mean| >> std.
     """
     for tile in range(tile_begin, tile_end):
         next_tile = _next_tile(tile, tile_end, n_tiles_s, N, BLOCK_SIZE_N)
@@ -168,6 +172,10 @@ def _apply_tiles(
         n, s, n_mask, s_mask, _ = _tile_rows(tile, n_tiles_s, N, S, BLOCK_SIZE_N, BLOCK_SIZE_S, INDEX_64, S_ALIGN)
         mask = n_mask[:, None, None] & c_mask[None, :, None] & s_mask[None, None, :]
         z = (x.to(tl.float32) - mean[None, :, None]) * scale[None, :, None] + bias[None, :, None]
+        z = _load_residual(
+            z, res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN,
+            HAS_RESIDUAL,
+        )  # fmt: skip
         y = _activation(z, ACTIVATION, act_param)
         y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S, S_ALIGN)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -244,19 +252,21 @@ def _bn_act_fwd_stats_kernel(
 
 @triton.jit
 def _bn_act_fwd_apply_kernel(
-    x_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
+    x_ptr, y_ptr, res_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
     N, C, S, W, n_tiles, n_tiles_s, tiles_per_program, eps, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
+    stride_res_n, stride_res_c, stride_res_s, stride_res_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RSTD_FROM_VAR: tl.constexpr,
+    RSTD_FROM_VAR: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """y = act((x - mean) * rstd * w + b), elementwise over x, y [N, C, S] (each through its strides).
-    Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
+    """y = act((x - mean) * rstd * w + b [+ residual]), elementwise over x, y [N, C, S] (each through its
+    strides). Grid (cdiv(n_tiles, tiles_per_program), cdiv(C, BLOCK_SIZE_C)).
 
     mean, weight, bias are [C]; ``var_ptr`` holds rstd [C] (training, from the combine step) or the running
-    variance [C] (eval, RSTD_FROM_VAR: rstd = 1 / sqrt(var + eps)).
+    variance [C] (eval, RSTD_FROM_VAR: rstd = 1 / sqrt(var + eps)). HAS_RESIDUAL: the residual [N, C, S]
+    (``res_ptr``, through its own strides; unused otherwise).
     """
     c = _channel_block(tl.program_id(1), BLOCK_SIZE_C, INDEX_64)
     c_mask = c < C
@@ -277,22 +287,25 @@ def _bn_act_fwd_apply_kernel(
         x, x_ptr, y_ptr, mean, rstd * w, b, c, c_mask, tile_begin, tile_end, n_tiles_s, N, S, W,
         stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
         act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64, True,
+        HAS_RESIDUAL, res_ptr, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
     )  # fmt: skip
 
 
 @triton.jit
 def _bn_act_fwd_fused_kernel(
-    x_ptr, y_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+    x_ptr, y_ptr, res_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
     N, C, S, W, n_tiles, n_tiles_s, eps, momentum, act_param,
     stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
+    stride_res_n, stride_res_c, stride_res_s, stride_res_h,
     ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_C: tl.constexpr, BLOCK_SIZE_S: tl.constexpr,
     SPLIT_S: tl.constexpr, S_ALIGN: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Whole training forward for one channel block in one launch (small inputs, where launches dominate).
 
     Grid (cdiv(C, BLOCK_SIZE_C),). Over x [N, C, S]: the batch statistics, written as mean[C] and rstd[C],
-    the running statistics updated, and y = act((x - mean) * rstd * w + b).
+    the running statistics updated, and y = act((x - mean) * rstd * w + b [+ residual]) (HAS_RESIDUAL: the
+    residual [N, C, S] read once, through its own strides, where y is formed; ``res_ptr`` is unused otherwise).
     RESIDENT (the host guarantees one tile covers all of N and S: n_tiles == 1): x is loaded once and kept in
     registers; mean = pivot + sum(x - pivot) / n and M2 = sum((x - mean)^2), the exact two-pass formulas, then
     y from the same registers, stored once. Otherwise the statistics are taken tile by tile (as in the split
@@ -315,7 +328,12 @@ def _bn_act_fwd_fused_kernel(
             momentum, HAS_RUNNING,
         )  # fmt: skip
         w, b = _load_channel_affine(weight_ptr, bias_ptr, c, c_mask, HAS_WEIGHT, HAS_BIAS)
-        y = _activation(centred * (rstd * w)[None, :, None] + b[None, :, None], ACTIVATION, act_param)
+        z = centred * (rstd * w)[None, :, None] + b[None, :, None]
+        z = _load_residual(
+            z, res_ptr, n, c, s, mask, W, stride_res_n, stride_res_c, stride_res_s, stride_res_h, SPLIT_S, S_ALIGN,
+            HAS_RESIDUAL,
+        )  # fmt: skip
+        y = _activation(z, ACTIVATION, act_param)
         y_offs = _offsets(n, c, s, W, stride_y_n, stride_y_c, stride_y_s, stride_y_h, SPLIT_S, S_ALIGN)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -341,4 +359,5 @@ def _bn_act_fwd_fused_kernel(
             stride_x_n, stride_x_c, stride_x_s, stride_x_h, stride_y_n, stride_y_c, stride_y_s, stride_y_h,
             act_param, ACTIVATION, BLOCK_SIZE_N, BLOCK_SIZE_S, SPLIT_S, S_ALIGN, INDEX_64,
             False,  # no prefetch: with it this kernel spilled 24 bytes (Triton 3.6, 2048 fp32 elements, int64 indices)
+            HAS_RESIDUAL, res_ptr, stride_res_n, stride_res_c, stride_res_s, stride_res_h,
         )  # fmt: skip

@@ -29,7 +29,7 @@ KERNELS = {spec.name: spec.fn for spec in _REGISTRY}
 
 _FLOAT_SCALARS = {"eps", "momentum", "act_param", "total", "min_abs_weight"}
 #: pointers that carry the activation tensor's dtype; every other pointer is fp32 (statistics, parameters)
-_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "z_ptr"}
+_DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "res_ptr", "dres_ptr", "w_ptr", "z_ptr"}
 #: integer pointers (the split reductions' arrival counters)
 _INT32_POINTERS = {"counter_ptr"}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -6,6 +6,7 @@ copied. Statistics are fp32 whatever the input dtype; outputs take the input's d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -95,6 +96,35 @@ def _check_channel_tensor(t: torch.Tensor | None, name: str, x: torch.Tensor) ->
         raise ValueError(f"{name} must have unit stride, got stride {t.stride(0)}")
 
 
+def _check_residual(residual: torch.Tensor | None, x: torch.Tensor) -> None:
+    """A residual (of y = act(BN(x) + residual)) matches x in shape, dtype and device; any strides."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"residual {tuple(residual.shape)} {residual.dtype} on {residual.device} does not match input "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+
+
+def _layout(tensors: tuple[torch.Tensor, ...], residuals: tuple[torch.Tensor | None, ...]):
+    """(geom, strides of ``tensors``, residual pointers, residual strides flattened) of one launch: the common
+    [N, C, S] view of ``tensors`` and the residual tensors (each read through its own strides). ``residuals``:
+    ``(residual,)`` forward, ``(residual, its gradient)`` backward, or Nones without a residual: then the first
+    tensor and its strides stand in for each (HAS_RESIDUAL off: never read; the kernel is specialised as it was
+    before it took a residual)."""
+    present = tuple(t for t in residuals if t is not None)
+    geom, strides = geometry_of(*tensors, *present)
+    own = strides[: len(tensors)]
+    if present:
+        pointers, theirs = present, strides[len(tensors) :]
+    else:
+        pointers, theirs = (tensors[0],) * len(residuals), (own[0],) * len(residuals)
+    return geom, own, pointers, tuple(v for st in theirs for v in st.args())
+
+
 def _activation_name(activation: str) -> str:
     name = getattr(activation, "value", activation)
     if name not in _ACTIVATIONS:
@@ -168,15 +198,18 @@ def _batch_stats(x, geom, xs, cfg, out_a, out_b, running_mean, running_var, *, e
     )  # fmt: skip
 
 
-def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, *, rstd_from_var, eps, act, act_param):
+def _apply(x, y, geom, xs, ys, cfg, mean, var_or_rstd, weight, bias, res, *, has_residual, rstd_from_var, eps, act,
+           act_param):  # fmt: skip
+    """One launch of the elementwise pass; ``res`` is the residual's (pointers, strides) from :func:`_layout`."""
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = elementwise_grid(cfg, geom, x.device)
     _launch(_bn_act_fwd_apply_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
-        x, y, mean, var_or_rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        x, y, *res[0], mean, var_or_rstd, weight if weight is not None else mean,
+        bias if bias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        *xs.args(), *ys.args(),
+        *xs.args(), *ys.args(), *res[1],
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RSTD_FROM_VAR=rstd_from_var,
-        **_tile_kwargs(cfg, geom),
+        HAS_RESIDUAL=has_residual, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y
 
@@ -192,14 +225,17 @@ def bn_act_fwd_train(
     eps: float,
     activation: str,
     act_param: float = 0.0,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward: y = act(BN(x)) with batch statistics; updates running stats in place.
+    """Training forward: y = act(BN(x) [+ residual]) with batch statistics; updates running stats in place.
 
-    Returns (y, mean, rstd): y like x, mean and rstd fp32 of shape (C,) (what backward needs).
+    Returns (y, mean, rstd): y like x, mean and rstd fp32 of shape (C,) (what backward needs). ``residual``
+    (x's shape, dtype and device, any strides) is read once, in the pass that writes y.
     """
     _check_input(x)
     _check_channel_tensors(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _check_residual(residual, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     act = _activation_name(activation)
@@ -209,26 +245,26 @@ def bn_act_fwd_train(
     rstd = torch.empty(C, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return y, mean.zero_(), rstd.fill_(float("nan"))
-    geom, (xs, ys) = geometry_of(x, y)
+    geom, (xs, ys), res, res_strides = _layout((x, y), (residual,))
     if geom.rows < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     if cfg.num_partials > 1:
         _batch_stats(x, geom, xs, cfg, mean, rstd, running_mean, running_var, eps=eps, momentum=momentum, finalize=True)
         _apply(
-            x, y, geom, xs, ys, cfg, mean, rstd, weight, bias,
-            rstd_from_var=False, eps=eps, act=act, act_param=act_param,
+            x, y, geom, xs, ys, cfg, mean, rstd, weight, bias, (res, res_strides),
+            has_residual=residual is not None, rstd_from_var=False, eps=eps, act=act, act_param=act_param,
         )  # fmt: skip
         return y, mean, rstd
     has_running = running_mean is not None
     n_tiles, n_tiles_s = cfg.tiles(geom)
     _launch(_bn_act_fwd_fused_kernel, (cdiv(C, cfg.block_size_c),),
-        x, y, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        x, y, *res, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
         running_mean if has_running else mean, running_var if has_running else rstd,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, float(eps), float(momentum), float(act_param),
-        *xs.args(), *ys.args(),
+        *xs.args(), *ys.args(), *res_strides,
         ACTIVATION=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        RESIDENT=n_tiles == 1, **_tile_kwargs(cfg, geom),
+        HAS_RESIDUAL=residual is not None, RESIDENT=n_tiles == 1, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return y, mean, rstd
 
@@ -243,22 +279,25 @@ def bn_act_fwd_eval(
     eps: float,
     activation: str,
     act_param: float = 0.0,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Eval forward: y = act((x - running_mean) / sqrt(running_var + eps) * w + b), one elementwise pass."""
+    """Eval forward: y = act((x - running_mean) / sqrt(running_var + eps) * w + b [+ residual]), one elementwise
+    pass."""
     _check_input(x)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode")
     _check_channel_tensors(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _check_residual(residual, x)
     act = _activation_name(activation)
     y = _alloc_like(x)
     if x.numel() == 0:
         return y
-    geom, (xs, ys) = geometry_of(x, y)
+    geom, (xs, ys), res, res_strides = _layout((x, y), (residual,))
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     return _apply(
-        x, y, geom, xs, ys, cfg, running_mean, running_var, weight, bias,
-        rstd_from_var=True, eps=eps, act=act, act_param=act_param,
+        x, y, geom, xs, ys, cfg, running_mean, running_var, weight, bias, (res, res_strides),
+        has_residual=residual is not None, rstd_from_var=True, eps=eps, act=act, act_param=act_param,
     )  # fmt: skip
 
 
@@ -288,20 +327,23 @@ def bn_act_apply(
     *,
     activation: str,
     act_param: float = 0.0,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """y = act((x - mean) * rstd * weight + bias) with given fp32 per-channel mean and rstd; one pass."""
+    """y = act((x - mean) * rstd * weight + bias [+ residual]) with given fp32 per-channel mean and rstd; one
+    pass."""
     _check_input(x)
     _check_channel_tensors(x, weight=weight, bias=bias, mean=mean, rstd=rstd)
+    _check_residual(residual, x)
     act = _activation_name(activation)
     y = _alloc_like(x)
     if x.numel() == 0:
         return y
-    geom, (xs, ys) = geometry_of(x, y)
+    geom, (xs, ys), res, res_strides = _layout((x, y), (residual,))
     cfg = config or default_config(geom, xs, x.element_size(), x.device)
     return _apply(
-        x, y, geom, xs, ys, cfg, mean, rstd, weight, bias,
-        rstd_from_var=False, eps=0.0, act=act, act_param=act_param,
+        x, y, geom, xs, ys, cfg, mean, rstd, weight, bias, (res, res_strides),
+        has_residual=residual is not None, rstd_from_var=False, eps=0.0, act=act, act_param=act_param,
     )  # fmt: skip
 
 
@@ -319,12 +361,25 @@ def _check_invertible(act: str, act_param: float, min_abs_weight: float) -> None
         raise ValueError(f"min_abs_weight must be positive, got {min_abs_weight}")
 
 
-def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, min_abs_weight, config):
-    """Checks, dx allocation and plan of a backward from ``saved`` (x, or y when ``saved_output``).
+@dataclasses.dataclass(frozen=True)
+class _BackwardLaunch:
+    """What every data kernel of one backward takes besides its per-kernel arguments: the gradients to write
+    (dx, and dres when there is a residual), the geometry and plan, the pointers and strides of the tensors
+    (saved, dy, dx) and of the residual tensors (residual, dres; stand-ins without: see :func:`_layout`), and the
+    constexpr switches."""
 
-    Returns (dx, geom, strides, cfg, flags): the strides of (saved, dy, dx) as kernel arguments, and the
-    constexprs every data kernel of the backward takes besides the tiles.
-    """
+    dx: torch.Tensor
+    dres: torch.Tensor | None
+    geom: Geometry
+    cfg: KernelConfig
+    strides: tuple[int, ...]
+    res: tuple[torch.Tensor, torch.Tensor]
+    res_strides: tuple[int, ...]
+    flags: dict
+
+
+def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, min_abs_weight, config, residual):
+    """Checks, gradient allocation and plan of a backward from ``saved`` (x, or y when ``saved_output``)."""
     name = "output" if saved_output else "input"
     _check_input(saved, name)
     _check_input(dy, "grad_output")
@@ -333,11 +388,15 @@ def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, 
             f"grad_output {tuple(dy.shape)} {dy.dtype} does not match {name} {tuple(saved.shape)} {saved.dtype}"
         )
     _check_channel_tensors(saved, weight=weight, bias=bias)
+    _check_residual(residual, saved)
+    if saved_output and residual is not None:
+        raise ValueError("the backward from the output takes no residual (memory saving does not support one)")
     act = _activation_name(activation)
     if saved_output:
         _check_invertible(act, act_param, min_abs_weight)
     dx = _alloc_like(saved)
-    geom, (saved_strides, dys, dxs) = geometry_of(saved, dy, dx)
+    dres = None if residual is None else _alloc_like(residual)
+    geom, (saved_strides, dys, dxs), res, res_strides = _layout((saved, dy, dx), (residual, dres))
     cfg = config or default_config(geom, saved_strides, saved.element_size(), saved.device)
     flags = {
         "ACTIVATION": act,
@@ -345,14 +404,16 @@ def _bwd_setup(dy, saved, weight, bias, *, activation, act_param, saved_output, 
         "HAS_BIAS": bias is not None,
         "SAVED_OUTPUT": saved_output,
     }
-    return dx, geom, (*saved_strides.args(), *dys.args(), *dxs.args()), cfg, flags
+    strides = (*saved_strides.args(), *dys.args(), *dxs.args())
+    return _BackwardLaunch(dx, dres, geom, cfg, strides, res, res_strides, flags)
 
 
-def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias, *,
-              training, eps, act_param, min_abs_weight):  # fmt: skip
+def _bwd_sums(saved, dy, launch, mean, rstd_or_var, weight, bias, dweight, dbias, *, training, eps, act_param,
+              min_abs_weight):  # fmt: skip
     """One launch of the reduce kernel (partials, summed by the last program of each channel block): fp32
-    (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and dx in eval). ``mean`` is any fp32 channel
-    tensor when the output was saved (the kernels do not read it)."""
+    (sum_dz, sum_dz_xhat); also writes dweight/dbias when given (and in eval dx, and the residual's gradient).
+    ``mean`` is any fp32 channel tensor when the output was saved (the kernels do not read it)."""
+    geom, cfg = launch.geom, launch.cfg
     n_tiles, n_tiles_s = cfg.tiles(geom)
     C = geom.C
     P, tiles_per_program = cfg.partials(geom)
@@ -362,27 +423,35 @@ def _bwd_sums(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weigh
     sum_dz_xhat = torch.empty(C, device=saved.device, dtype=torch.float32)
     # without a gradient to return for a parameter, its store repeats the fp32 sum into the sum itself
     _launch(_bn_act_bwd_reduce_kernel, (P, cdiv(C, cfg.block_size_c)),
-        saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean,
+        saved, dy, launch.dx, *launch.res, mean, rstd_or_var, weight if weight is not None else mean,
         bias if bias is not None else mean, part_dz, part_dz_xhat, _arrival_counters(saved.device),
         sum_dz, sum_dz_xhat, dweight if dweight is not None else sum_dz_xhat, dbias if dbias is not None else sum_dz,
         geom.N, C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(eps), float(act_param),
-        float(min_abs_weight), *strides, TRAINING=training, BLOCK_SIZE_P=_partials_block_p(P, cfg.block_size_c),
-        **flags, **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *launch.strides, *launch.res_strides, TRAINING=training,
+        HAS_RESIDUAL=launch.dres is not None, BLOCK_SIZE_P=_partials_block_p(P, cfg.block_size_c),
+        **launch.flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
     return sum_dz, sum_dz_xhat
 
 
-def _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *,
-            act_param, min_abs_weight):  # fmt: skip
+def _bwd_dx(saved, dy, launch, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, *, act_param, min_abs_weight):
+    """One launch of the training dx pass (which also writes the residual's gradient)."""
+    geom, cfg = launch.geom, launch.cfg
     n_tiles, n_tiles_s = cfg.tiles(geom)
     programs, tiles_per_program = elementwise_grid(cfg, geom, saved.device)
     _launch(_bn_act_bwd_dx_kernel, (programs, cdiv(geom.C, cfg.block_size_c)),
-        saved, dy, dx, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean,
-        sum_dz, sum_dz_xhat,
+        saved, dy, launch.dx, *launch.res, mean, rstd, weight if weight is not None else mean,
+        bias if bias is not None else mean, sum_dz, sum_dz_xhat,
         geom.N, geom.C, geom.S, geom.W, n_tiles, n_tiles_s, tiles_per_program, float(total), float(act_param),
-        float(min_abs_weight), *strides, **flags, **_tile_kwargs(cfg, geom),
+        float(min_abs_weight), *launch.strides, *launch.res_strides, HAS_RESIDUAL=launch.dres is not None,
+        **launch.flags, **_tile_kwargs(cfg, geom),
     )  # fmt: skip
-    return dx
+    return launch.dx
+
+
+def _with_dres(grads: tuple, launch: _BackwardLaunch) -> tuple:
+    """The backward's gradients, and the residual's last when there is one."""
+    return grads if launch.dres is None else (*grads, launch.dres)
 
 
 def bn_act_bwd(
@@ -399,19 +468,22 @@ def bn_act_bwd(
     act_param: float = 0.0,
     saved_output: bool = False,
     min_abs_weight: float = 1e-5,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward of y = act(BN(x)): returns (dx, dweight, dbias); dweight/dbias are None without weight/bias.
+) -> tuple[torch.Tensor, ...]:
+    """Backward of y = act(BN(x) [+ residual]): returns (dx, dweight, dbias), dweight/dbias None without
+    weight/bias; with ``residual`` (dx, dweight, dbias, dresidual).
 
     ``saved`` is what the forward kept: the input x, or with ``saved_output`` the output y (memory-saving mode:
     x_hat is rebuilt as (act^-1(y) - b) / w with |w| floored at ``min_abs_weight``; identity and leaky_relu with
-    a positive slope only; ``mean`` is not needed and must be None). Training: ``mean``/``rstd_or_var`` are the
-    fp32 batch mean and rstd saved by the forward. Eval: they are the running mean and running variance
-    (constants, so dx has no statistics terms).
+    a positive slope only; ``mean`` is not needed and must be None; no residual). Training: ``mean``/``rstd_or_var``
+    are the fp32 batch mean and rstd saved by the forward. Eval: they are the running mean and running variance
+    (constants, so dx has no statistics terms). ``residual`` is the forward's (z = x_hat * w + b + residual is
+    rebuilt from it); its gradient dz = dy * act'(z) is written once, in the residual's dtype and memory format.
     """
-    dx, geom, strides, cfg, flags = _bwd_setup(
+    launch = _bwd_setup(
         dy, saved, weight, bias, activation=activation, act_param=act_param, saved_output=saved_output,
-        min_abs_weight=min_abs_weight, config=config,
+        min_abs_weight=min_abs_weight, config=config, residual=residual,
     )  # fmt: skip
     if saved_output and mean is not None:
         raise ValueError("the backward from the output does not use the mean: pass mean=None with saved_output=True")
@@ -421,26 +493,27 @@ def bn_act_bwd(
     mean = rstd_or_var if mean is None else mean  # a placeholder pointer: SAVED_OUTPUT kernels never read it
     dweight = torch.empty_like(weight) if weight is not None else None
     dbias = torch.empty_like(bias) if bias is not None else None
+    geom, cfg, dx = launch.geom, launch.cfg, launch.dx
     if saved.numel() == 0:
-        return dx, *(None if g is None else g.zero_() for g in (dweight, dbias))
+        return _with_dres((dx, *(None if g is None else g.zero_() for g in (dweight, dbias))), launch)
     scalars = {"act_param": act_param, "min_abs_weight": min_abs_weight}
     if cfg.num_partials > 1:
         sums = _bwd_sums(
-            saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, dweight, dbias,
-            training=training, eps=eps, **scalars,
-        )  # fmt: skip
+            saved, dy, launch, mean, rstd_or_var, weight, bias, dweight, dbias, training=training, eps=eps, **scalars
+        )
         if training:
-            _bwd_dx(saved, dy, dx, geom, strides, cfg, flags, mean, rstd_or_var, weight, bias, *sums, geom.rows,
-                    **scalars)  # fmt: skip
-        return dx, dweight, dbias
+            _bwd_dx(saved, dy, launch, mean, rstd_or_var, weight, bias, *sums, geom.rows, **scalars)
+        return _with_dres((dx, dweight, dbias), launch)
     _launch(_bn_act_bwd_fused_kernel, (cdiv(geom.C, cfg.block_size_c),),
-        saved, dy, dx, mean, rstd_or_var, weight if weight is not None else mean, bias if bias is not None else mean,
-        dweight if dweight is not None else mean, dbias if dbias is not None else mean,
+        saved, dy, dx, *launch.res, mean, rstd_or_var, weight if weight is not None else mean,
+        bias if bias is not None else mean, dweight if dweight is not None else mean,
+        dbias if dbias is not None else mean,
         geom.N, geom.C, geom.S, geom.W, *cfg.tiles(geom), float(geom.rows), float(eps), float(act_param),
-        float(min_abs_weight), *strides, TRAINING=training, RESIDENT=cfg.tiles(geom)[0] == 1, **flags,
+        float(min_abs_weight), *launch.strides, *launch.res_strides, TRAINING=training,
+        HAS_RESIDUAL=launch.dres is not None, RESIDENT=cfg.tiles(geom)[0] == 1, **launch.flags,
         **_tile_kwargs(cfg, geom),
     )  # fmt: skip
-    return dx, dweight, dbias
+    return _with_dres((dx, dweight, dbias), launch)
 
 
 def bn_act_bwd_from_output(
@@ -467,11 +540,11 @@ def bn_act_bwd_from_output(
     )  # fmt: skip
 
 
-def _input_bwd_setup(dy, x, weight, bias, activation, act_param, config):
+def _input_bwd_setup(dy, x, weight, bias, activation, act_param, config, residual):
     """The distributed entries below always backpropagate from the input x."""
     return _bwd_setup(
         dy, x, weight, bias, activation=activation, act_param=act_param, saved_output=False, min_abs_weight=1.0,
-        config=config,
+        config=config, residual=residual,
     )  # fmt: skip
 
 
@@ -485,19 +558,21 @@ def bn_act_bwd_sums(
     *,
     activation: str,
     act_param: float = 0.0,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Local per-channel fp32 (sum(dz), sum(dz * x_hat)) of a training backward, for a cross-device sum.
 
-    They are dbias and dweight of the local batch; :func:`bn_act_bwd_dx` takes their global values.
+    They are dbias and dweight of the local batch; :func:`bn_act_bwd_dx` takes their global values. With the
+    forward's ``residual``, z = x_hat * w + b + residual (its gradient is written by :func:`bn_act_bwd_dx`).
     """
-    dx, geom, strides, cfg, flags = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config)
+    launch = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config, residual)
     if x.numel() == 0:
-        zeros = torch.zeros(geom.C, device=x.device, dtype=torch.float32)
+        zeros = torch.zeros(launch.geom.C, device=x.device, dtype=torch.float32)
         return zeros, zeros.clone()
     return _bwd_sums(
-        x, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, None, None,
-        training=True, eps=0.0, act_param=act_param, min_abs_weight=1.0,
+        x, dy, launch, mean, rstd, weight, bias, None, None, training=True, eps=0.0, act_param=act_param,
+        min_abs_weight=1.0,
     )  # fmt: skip
 
 
@@ -514,20 +589,22 @@ def bn_act_bwd_dx(
     *,
     activation: str,
     act_param: float = 0.0,
+    residual: torch.Tensor | None = None,
     config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), one elementwise pass.
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Training dx = w * rstd * (dz - sum_dz / total - x_hat * sum_dz_xhat / total), one elementwise pass;
+    with the forward's ``residual`` returns (dx, dresidual), the residual's gradient dz written in the same pass.
 
     ``total`` is the number of elements per channel the statistics were taken over (all ranks together).
     """
-    dx, geom, strides, cfg, flags = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config)
+    launch = _input_bwd_setup(dy, x, weight, bias, activation, act_param, config, residual)
     _check_channel_tensors(x, mean=mean, rstd=rstd, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
-    if x.numel() == 0:
-        return dx
-    return _bwd_dx(
-        x, dy, dx, geom, strides, cfg, flags, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total,
-        act_param=act_param, min_abs_weight=1.0,
-    )  # fmt: skip
+    if x.numel() > 0:
+        _bwd_dx(
+            x, dy, launch, mean, rstd, weight, bias, sum_dz, sum_dz_xhat, total, act_param=act_param,
+            min_abs_weight=1.0,
+        )  # fmt: skip
+    return launch.dx if launch.dres is None else (launch.dx, launch.dres)
 
 
 # Re-exported for callers that plan launches themselves (the profiler, tests forcing a path).

@@ -8,7 +8,9 @@ Per kernel:
   - ``variants``: the constexpr overrides a compile check must cover besides the defaults (e.g. the backward
     from the saved output, which needs an invertible activation);
   - ``tensor_passes``: full-tensor reads plus writes (of x, y, dy, dx) when it streams, or None for a kernel
-    that touches only per-channel partials.
+    that touches only per-channel partials. Without a residual: with one, the forward kernels read it once more
+    and the backward kernels read it once more wherever they rebuild z, and write its gradient once (where dx is
+    written).
 """
 
 from __future__ import annotations
@@ -53,7 +55,13 @@ _AFFINE = {"ACTIVATION": "relu", "HAS_WEIGHT": True, "HAS_BIAS": True}
 _FROM_OUTPUT = {"from_output": {"SAVED_OUTPUT": True, "ACTIVATION": "leaky_relu"}}
 #: the small path's register-resident form (one tile covers N*S: x and dy are loaded once)
 _RESIDENT = {"resident": {"RESIDENT": True}}
+#: act(BN(x) + residual): the residual read where z is formed (and its gradient written where dx is)
+_RESIDUAL = {"residual": {"HAS_RESIDUAL": True}}
+#: the same in the register-resident form (the residual's tile is live beside x's and dy's)
+_RESIDENT_RESIDUAL = {"resident_residual": {"RESIDENT": True, "HAS_RESIDUAL": True}}
 _BACKWARD = {**_TILES, **_AFFINE, "SAVED_OUTPUT": False}
+#: the kernels that take a residual: off by default (they compile as they did before they took one)
+_NO_RESIDUAL = {"HAS_RESIDUAL": False}
 #: the split reductions' merge (by the last program of each channel block) holds BLOCK_SIZE_P partials per step
 _MERGE = {"BLOCK_SIZE_P": 16}
 #: the matmul kernels' tiles: what the GEMM launcher picks for large bf16 inputs on Hopper
@@ -72,18 +80,30 @@ _MATMUL = {
 # the backward reduce kernel also writes dx and no dx kernel runs).
 KERNELS: tuple[KernelSpec, ...] = (
     KernelSpec(_bn_act_fwd_stats_kernel, "forward", 1, {**_TILES, **_MERGE, "HAS_RUNNING": True, "FINALIZE": True}),
-    KernelSpec(_bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, "RSTD_FROM_VAR": False}),
     KernelSpec(
-        _bn_act_fwd_fused_kernel, "forward", 3, {**_TILES, **_AFFINE, "HAS_RUNNING": True, "RESIDENT": False}, _RESIDENT
+        _bn_act_fwd_apply_kernel, "forward", 2, {**_TILES, **_AFFINE, **_NO_RESIDUAL, "RSTD_FROM_VAR": False}, _RESIDUAL
     ),
-    KernelSpec(_bn_act_bwd_reduce_kernel, "backward", 2, {**_BACKWARD, **_MERGE, "TRAINING": True}, _FROM_OUTPUT),
-    KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, dict(_BACKWARD), _FROM_OUTPUT),
+    KernelSpec(
+        _bn_act_fwd_fused_kernel,
+        "forward",
+        3,
+        {**_TILES, **_AFFINE, **_NO_RESIDUAL, "HAS_RUNNING": True, "RESIDENT": False},
+        {**_RESIDENT, **_RESIDUAL, **_RESIDENT_RESIDUAL},
+    ),
+    KernelSpec(
+        _bn_act_bwd_reduce_kernel,
+        "backward",
+        2,
+        {**_BACKWARD, **_MERGE, **_NO_RESIDUAL, "TRAINING": True},
+        {**_FROM_OUTPUT, **_RESIDUAL},
+    ),
+    KernelSpec(_bn_act_bwd_dx_kernel, "backward", 3, {**_BACKWARD, **_NO_RESIDUAL}, {**_FROM_OUTPUT, **_RESIDUAL}),
     KernelSpec(
         _bn_act_bwd_fused_kernel,
         "backward",
         5,
-        {**_BACKWARD, "TRAINING": True, "RESIDENT": False},
-        {**_FROM_OUTPUT, **_RESIDENT},
+        {**_BACKWARD, **_NO_RESIDUAL, "TRAINING": True, "RESIDENT": False},
+        {**_FROM_OUTPUT, **_RESIDENT, **_RESIDUAL, **_RESIDENT_RESIDUAL},
     ),
     # Linear / 1x1-conv + BatchNorm: the matmul's bytes are counted by bench.bytes_model.matmul_bn_act_bytes
     KernelSpec(_gemm_bn_stats_kernel, "matmul", None, {**_MATMUL, "STATS": True}),

@@ -114,3 +114,23 @@ def test_cuda_autocast(dtype, activation, training, launches, seed):
     x = torch.randn(8, 2, 16, 16, device="cuda")
     _compare_under_autocast(eager, fused, x, "cuda", dtype, training)
     assert launches["fwd_train" if training else "fwd_eval"] == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_bf16_with_a_residual(training, launches, seed):
+    """A ResNet block's tail under autocast: the residual is the bf16 output of the shortcut's conv, as in the eager
+    relu(bn(conv(x)) + shortcut(x)); a residual of another dtype than the input is a TypeError naming both."""
+    eager, fused = _pair("relu", "triton", torch.device("cpu"))
+    shortcut = nn.Conv2d(2, 3, 1, bias=False)
+    x = torch.randn(2, 2, 4, 3)
+    eager.train(training)
+    fused.train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = shortcut(x)
+        y_ref = eager[2](eager[1](eager[0](x)) + r)
+        y = fused[1](fused[0](x), r)
+        assert y.dtype == y_ref.dtype == r.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"residual has dtype torch\.float32 but input has dtype torch\.bfloat16"):
+            fused[1](fused[0](x), r.float())
+    assert _rel_err(y, y_ref) < TOLERANCE[torch.bfloat16]
+    assert launches["fwd_train" if training else "fwd_eval"] == 1

@@ -108,3 +108,46 @@ def test_momentum_none_matches_nn_batchnorm_in_compiled_model():
     torch.testing.assert_close(fused.running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused.running_var, reference.running_var, rtol=1e-6, atol=1e-7)
     assert fused.num_batches_tracked.item() == reference.num_batches_tracked.item() == 4
+
+
+class _ResidualBlock(nn.Module):
+    """The tail of a ResNet block: relu(bn(conv(x)) + x), with the fused layer taking the residual."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = bnbench.BatchNormAct2d(3, momentum=None, activation="relu", backend=backend)
+
+    def forward(self, x):
+        return self.bn(self.conv(x), x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_with_a_residual(backend, launches):
+    """act(BN(x) + residual) compiles into one graph per mode (the custom ops take the optional residual, their fake
+    implementations give its gradient's metadata): outputs, input and parameter gradients and buffers as eager."""
+    torch.manual_seed(0)
+    eager = _ResidualBlock(backend)
+    compiled_model = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(2, 3, 3, 3) + step
+        grad = torch.randn(2, 3, 3, 3)
+        y_ref, dx_ref = _step(eager, x, grad)
+        y, dx = _step(compiled, x, grad)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)  # through the conv and the residual
+        for (name, p_ref), p in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)
+            p.grad = p_ref.grad = None
+        for (name, b_ref), b in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+            torch.testing.assert_close(b, b_ref, rtol=1e-6, atol=1e-7, msg=name)
+    assert counter.frame_count == 1
+    eager.eval()
+    compiled_model.eval()
+    x = torch.randn(2, 3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    if backend == "triton":
+        assert launches["fwd_train"] == 4 and launches["bwd"] == 4 and launches["fwd_eval"] == 2

@@ -31,13 +31,19 @@ def _layer(momentum, memory_saving: bool) -> bnbench.BatchNormAct2d:
     return layer.cuda()
 
 
-def _eager_step(layer, x, grad):
+def _eager_step(layer, x, grad, residual=None):
+    """(y, dx) of one training step; with a residual (act(BN(x) + residual)) also its gradient."""
     for p in layer.parameters():
         p.grad = None
     x = x.clone().requires_grad_()
-    y = layer(x)
+    if residual is None:
+        y = layer(x)
+        y.backward(grad)
+        return y.detach(), x.grad
+    r = residual.clone().requires_grad_()
+    y = layer(x, r)
     y.backward(grad)
-    return y.detach(), x.grad
+    return y.detach(), x.grad, r.grad
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -57,28 +63,34 @@ def test_training_step_has_no_host_sync(momentum, memory_saving, launches):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("memory_saving", [False, True])
-def test_graphed_training_step_matches_eager(momentum, memory_saving, launches):
+@pytest.mark.parametrize(("memory_saving", "residual"), [(False, False), (True, False), (False, True)])
+def test_graphed_training_step_matches_eager(momentum, memory_saving, residual, launches):
     layer = _layer(momentum, memory_saving)
     eager = copy.deepcopy(layer)
     static_x = torch.randn(SHAPE, device="cuda", requires_grad=True)
     static_grad = torch.randn(SHAPE, device="cuda")
+    # act(BN(x) + residual) with an NCHW residual beside a channels_last x: read and its gradient written in place
+    static_r = torch.randn(SHAPE, device="cuda", requires_grad=True) if residual else None
+    if residual:
+        static_x = static_x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    args = (static_x,) if static_r is None else (static_x, static_r)
+    detached = lambda: () if static_r is None else (static_r.detach(),)  # noqa: E731
 
     # Warm up on a side stream (kernel compilation, autograd state), mirrored on the eager copy.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            _eager_step(layer, static_x.detach(), static_grad)
+            _eager_step(layer, static_x.detach(), static_grad, *detached())
     torch.cuda.current_stream().wait_stream(side)
     for _ in range(3):
-        _eager_step(eager, static_x.detach(), static_grad)
+        _eager_step(eager, static_x.detach(), static_grad, *detached())
 
     for p in layer.parameters():
         p.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = layer(static_x)
+        static_y = layer(*args)
         static_y.backward(static_grad)
 
     torch.manual_seed(1)
@@ -88,10 +100,15 @@ def test_graphed_training_step_matches_eager(momentum, memory_saving, launches):
         with torch.no_grad():
             static_x.copy_(x)
             static_grad.copy_(grad)
+            if static_r is not None:
+                static_r.copy_(torch.randn(SHAPE, device="cuda"))
         graph.replay()
-        y_ref, dx_ref = _eager_step(eager, x, grad)
+        x_eager = x.to(memory_format=torch.channels_last) if residual else x
+        y_ref, dx_ref, *dr_ref = _eager_step(eager, x_eager, grad, *detached())
         torch.testing.assert_close(static_y, y_ref, rtol=0, atol=0)
         torch.testing.assert_close(static_x.grad, dx_ref, rtol=0, atol=0)
+        if static_r is not None:
+            torch.testing.assert_close(static_r.grad, dr_ref[0], rtol=0, atol=0)
         torch.testing.assert_close(layer.weight.grad, eager.weight.grad, rtol=0, atol=0)
         torch.testing.assert_close(layer.bias.grad, eager.bias.grad, rtol=0, atol=0)
         for name in ("running_mean", "running_var", "num_batches_tracked"):

@@ -100,3 +100,33 @@ def test_refused_second_derivative_raises_on_every_path():
     with torch.no_grad():  # a plain backward: the gradients pass through untouched
         plain = (torch.randn(3),)
         assert refuse_second_derivative(plain, (y,), "nope") is plain
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_first_second_derivatives_and_jvp(training):
+    """With a residual r, z = BN(x) + r: backward_through_torch gives r's gradient (and its second derivatives)
+    and bn_act_jvp adds r's tangent, against F.batch_norm + r + silu in float64."""
+    act = Activation.SILU
+    x, w, b, rm, rv = _inputs(torch.float32)
+    r = torch.randn(4, 3, 5).requires_grad_()
+    x64, w64, b64, r64 = (t.detach().double().requires_grad_() for t in (x, w, b, r))
+    grad = torch.randn(4, 3, 5, dtype=torch.float64)
+    first = backward_through_torch(grad.float(), x, w, b, rm.float(), rv.float(), (True, True, True, True),
+                                   training=training, eps=1e-3, activation=act, act_param=0.0, residual=r)  # fmt: skip
+    y64 = apply_activation(F.batch_norm(x64, rm.clone(), rv.clone(), w64, b64, training, 0.1, 1e-3) + r64, act, 0.0)
+    first_ref = torch.autograd.grad(y64, (x64, w64, b64, r64), grad, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), (x, w, b, r))
+    second_ref = torch.autograd.grad(sum(g.square().sum() for g in first_ref), (x64, w64, b64, r64))
+    for got, expected in zip(first + second, first_ref + second_ref, strict=True):
+        assert rel_err(got, expected) < tolerance(torch.float32)
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b, r))
+    got = bn_act_jvp(x.detach(), w.detach(), b.detach(), rm.float(), rv.float(), tangents, training=training,
+                     eps=1e-3, activation=act, act_param=0.0, residual=r.detach())  # fmt: skip
+    _, expected = torch.func.jvp(
+        lambda x, w, b, r: apply_activation(
+            F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3) + r, act, 0.0
+        ),
+        (x64.detach(), w64.detach(), b64.detach(), r64.detach()),
+        tuple(t.double() for t in tangents),
+    )
+    assert rel_err(got, expected) < tolerance(torch.float32)

@@ -136,9 +136,11 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.1, channels_last=False, offset=0.0,
-                      backend="torch", tol=2e-5, steps=2, affine=True, device="cpu", dtype=torch.float32):  # fmt: skip
+                      backend="torch", tol=2e-5, steps=2, affine=True, device="cpu", dtype=torch.float32,
+                      residual=False):  # fmt: skip
     """SyncBatchNormAct on this rank's slice vs nn.BatchNorm + activation (float64) on the global batch: outputs,
-    input/weight/bias gradients and running statistics over ``steps`` training steps, then eval outputs."""
+    input/weight/bias gradients and running statistics over ``steps`` training steps, then eval outputs. With
+    ``residual``: act(BN(x) + r), r contiguous (so of other strides than a channels_last x), and r's gradient."""
     act, act_param = parse_activation(activation, param)
     C, sizes = shape[1], _splits(shape[0], world)
     gen = torch.Generator().manual_seed(sum(shape) + len(activation))
@@ -152,21 +154,26 @@ def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.
     for step in range(steps):
         xg = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)  # the reference sees the same rounded input
         gg = torch.randn(shape, generator=gen).to(dtype)
+        rg = torch.randn(shape, generator=gen).to(dtype) if residual else None
         x = _local(xg, rank, sizes).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
+        r = _local(rg, rank, sizes).to(device).requires_grad_(True) if residual else None
         layer.zero_grad(set_to_none=True)
-        y = layer(x)
+        y = layer(x) if r is None else layer(x, r)
         y.backward(_local(gg, rank, sizes).to(device))
         xr = xg.double().requires_grad_(True)
+        rr = rg.double().requires_grad_(True) if residual else None
         ref.zero_grad(set_to_none=True)
-        yr = apply_activation(ref(xr), act, act_param)
+        yr = apply_activation(ref(xr) if rr is None else ref(xr) + rr, act, act_param)
         yr.backward(gg.double())
         what = f"{shape} {activation} step {step} rank {rank}"
         if x.numel():
             _close(y, _local(yr, rank, sizes), tol, f"output {what}")
             _close(x.grad, _local(xr.grad, rank, sizes), tol, f"input grad {what}")
+            if r is not None:
+                _close(r.grad, _local(rr.grad, rank, sizes), tol, f"residual grad {what}")
         else:
             assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
         if affine:  # local sums, as nn.SyncBatchNorm returns them: over the ranks they are the global gradient
@@ -177,8 +184,10 @@ def _compare_training(rank, world, *, shape, activation, param=None, momentum=0.
         assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1
     layer.eval(), ref.eval()
     x = torch.randn(shape, generator=gen) + offset
+    r = torch.randn(shape, generator=gen) if residual else torch.zeros(shape)
     with torch.no_grad():
-        _close(layer(x.to(device)), apply_activation(ref(x.double()), act, act_param), tol, f"eval {shape}")
+        y = layer(x.to(device), r.to(device)) if residual else layer(x.to(device))
+        _close(y, apply_activation(ref(x.double()) + r.double(), act, act_param), tol, f"eval {shape}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,6 +206,8 @@ def check_matches_global_batch(rank: int, world: int) -> None:
     _compare_training(rank, world, shape=(6, 5), activation="silu", dtype=torch.bfloat16, tol=1e-2, steps=1)
     # (N, C, D, H, W): 5-D input as nn.SyncBatchNorm accepts it
     _compare_training(rank, world, shape=(4, 2, 2, 3, 2), activation="sigmoid", steps=1)
+    # act(BN(x) + residual): a channels_last x with a contiguous residual, and its gradient
+    _compare_training(rank, world, shape=(5, 3, 3, 2), activation="relu", channels_last=True, residual=True, steps=1)
 
 
 def check_triton_path(rank: int, world: int) -> None:
@@ -224,6 +235,9 @@ def check_triton_path(rank: int, world: int) -> None:
                           device=device)  # fmt: skip
         _compare_training(rank, world, shape=(4, 3, 2, 3), activation="silu", backend="triton", tol=1e-5, steps=1,
                           channels_last=True, device=device)  # fmt: skip
+        # with a residual of other strides than x: read by the apply pass, its gradient written by the dx pass
+        _compare_training(rank, world, shape=(4, 3, 2, 3), activation="relu", backend="triton", tol=1e-5, steps=1,
+                          channels_last=True, device=device, residual=True)  # fmt: skip
     finally:
         for name, fn in originals.items():
             setattr(kernels, name, fn)
@@ -284,6 +298,11 @@ def check_errors_raise_on_every_rank(rank: int, world: int) -> None:
     x = torch.randn(4) if rank == last else torch.randn(3, 4)
     with pytest.raises(ValueError, match=f"rank {last}: unsupported input"):
         layer(x)
+    # one rank's residual does not match its input: reported through the gather, raised on every rank
+    x = torch.randn(3, 4)
+    r = torch.randn(3, 4, dtype=torch.float64 if rank == last else torch.float32)
+    with pytest.raises(ValueError, match=f"rank {last}: residual does not match the input"):
+        layer(x, r)
     # a single value per channel over all ranks together: the same error everywhere
     x = torch.randn(1 if rank == 0 else 0, 4)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, got 1 over all"):

@@ -24,7 +24,8 @@ _SCRIPT = r"""
 import json, sys, torch
 from bnbench.kernels import kernel_spec
 from bnbench.kernels.aot import compile_kernel
-ONES = ("S", "W", "n_tiles_s", "tiles_per_program", "stride_x_s", "stride_y_s", "stride_dy_s", "stride_dx_s")
+ONES = ("S", "W", "n_tiles_s", "tiles_per_program", "stride_x_s", "stride_y_s", "stride_dy_s", "stride_dx_s",
+        "stride_res_s", "stride_dres_s")
 variants = json.loads(sys.argv[1])
 out = []
 for v in variants:
@@ -77,6 +78,12 @@ def test_the_registry_lists_every_kernel_with_a_default_for_each_constexpr():
     # the small path's register-resident form is a variant of both fused kernels
     resident = [spec.name for spec in KERNELS if "resident" in spec.variants]
     assert resident == ["_bn_act_fwd_fused_kernel", "_bn_act_bwd_fused_kernel"]
+    # act(BN(x) + residual): a variant of every kernel that forms z (not of the statistics kernel), off by default;
+    # the fused kernels also with their resident form
+    residual = [spec.name for spec in KERNELS if "residual" in spec.variants]
+    assert set(residual) == {name for name in defined if name.startswith("_bn_act_") and "stats" not in name}
+    assert all(spec.defaults["HAS_RESIDUAL"] is False for spec in KERNELS if spec.name in residual)
+    assert [spec.name for spec in KERNELS if "resident_residual" in spec.variants] == resident
 
 
 def test_every_kernel_and_variant_compiles_for_sm90_in_both_index_widths_and_with_unit_specialisation(run_python):
@@ -102,8 +109,10 @@ def test_every_kernel_and_variant_compiles_for_sm90_in_both_index_widths_and_wit
                     num_warps=8,
                 )
             )
-    # the three backward data kernels also compile from y, the two fused kernels register-resident
-    assert len(variants) == 2 * (len(BN_KERNELS) + 3 + 2)
+    # the three backward data kernels also compile from y, the two fused kernels register-resident, and the kernels
+    # that take a residual with one (the fused kernels also resident with one)
+    residual = [spec.name for spec in BN_KERNELS if "residual" in spec.variants]
+    assert len(variants) == 2 * (len(BN_KERNELS) + 3 + 2 + len(residual) + 2)
     results = _compile(run_python, variants)
     assert [r["name"] for r in results] == [v["name"] for v in variants]
     for r in results:

@@ -62,9 +62,10 @@ def _case_id(case) -> str:
 # --- 1. plans -----------------------------------------------------------------------------------------------------
 
 
-def _record(shape, layout, dtype, monkeypatch) -> dict[str, list[dict]]:
+def _record(shape, layout, dtype, monkeypatch, residual=None) -> dict[str, list[dict]]:
     """Launches of a training forward and backward, by pass: kernel, grid, warps, the compile arguments and (in
-    ``args``, not a compile argument) the tile counts."""
+    ``args``, not a compile argument) the tile counts. ``residual``: the layout of a residual (act(BN(x) +
+    residual)), or None for none."""
     monkeypatch.setattr(_plan, "_sm_count", lambda device: SMS)
     passes: dict[str, list[dict]] = {"forward": [], "backward": []}
     current = passes["forward"]
@@ -86,14 +87,18 @@ def _record(shape, layout, dtype, monkeypatch) -> dict[str, list[dict]]:
     x = torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
+    r = None
+    if residual is not None:
+        r = torch.empty(shape, device="meta", dtype=x.dtype)
+        r = r.to(memory_format=torch.channels_last) if residual == "channels_last" else r
     C = shape[1]
     w = torch.empty(C, device="meta")
     y, mean, rstd = launchers.bn_act_fwd_train(
         x, w, w, torch.empty(C, device="meta"), torch.empty(C, device="meta"), momentum=0.1, eps=1e-5,
-        activation="relu",
+        activation="relu", residual=r,
     )  # fmt: skip
     current = passes["backward"]
-    launchers.bn_act_bwd(y, x, mean, rstd, w, w, training=True, eps=1e-5, activation="relu")
+    launchers.bn_act_bwd(y, x, mean, rstd, w, w, training=True, eps=1e-5, activation="relu", residual=r)
     return passes
 
 
@@ -184,11 +189,13 @@ def _loops(sass: str) -> list[dict]:
     return facts
 
 
-def _compile_cases(cases, run_python, monkeypatch) -> list[tuple[dict, dict]]:
+def _compile_cases(cases, run_python, monkeypatch, residual=None) -> list[tuple[dict, dict]]:
+    """Compile every distinct launch of ``cases``; ``residual``: None, or a function of a case giving the layout
+    of its residual."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     launches = {}
     for case in cases:
-        for p in _record(*case, monkeypatch).values():
+        for p in _record(*case, monkeypatch, residual=residual(case) if residual else None).values():
             for launch in p:
                 key = json.dumps({k: v for k, v in launch.items() if k not in ("grid", "args")}, sort_keys=True)
                 launches[key] = launch  # one compile per specialisation
@@ -263,6 +270,26 @@ def test_nchw_small_spatial_loads_and_padding(run_python, monkeypatch):
             assert launch["constexprs"]["S_ALIGN"] == 4 and bits in (32, 64), what
             if launch["name"] in REDUCTIONS:
                 assert bits == 64, what
+
+
+def _residual_layouts(case) -> str:
+    """The residual of a ResNet block: laid out as x (its identity path), except NCHW for a channels_last x (the
+    residual addressed through other strides than x)."""
+    return "nchw" if case[1] == "channels_last" and case[0] == (128, 256, 28, 28) else case[1]
+
+
+def test_compiled_kernels_with_a_residual(run_python, monkeypatch):
+    """act(BN(x) + residual) (issue 15): every launch of the representative shapes with a residual, at most 128
+    registers and no spills (its tile is read beside x's, its gradient written beside dx)."""
+    compiled = _compile_cases(DEFAULT, run_python, monkeypatch, residual=_residual_layouts)
+    assert all(launch["constexprs"].get("HAS_RESIDUAL", True) for launch, _ in compiled)
+    _check_compiled(compiled)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_with_a_residual_of_every_resnet50_shape(run_python, monkeypatch):
+    resnet = [c for c in CASES if len(c[0]) == 4 and c not in DEFAULT]
+    _check_compiled(_compile_cases(resnet, run_python, monkeypatch, residual=_residual_layouts))
 
 
 # --- 3. bnbench inspect -------------------------------------------------------------------------------------------

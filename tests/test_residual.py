@@ -92,14 +92,6 @@ def test_memory_saving_refuses_a_residual():
     layer(torch.randn(4, 3))  # without one it runs
 
 
-@pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_triton_path_does_not_fall_back_silently(backend):
-    """Until the kernels take a residual, a call that would run them says so instead of running PyTorch."""
-    x = torch.randn(4, 3)
-    with pytest.raises(NotImplementedError, match='do not take a residual yet; use backend="torch"'):
-        bnbench.batch_norm_act(x, None, None, training=True, backend=backend, residual=torch.randn(4, 3))
-
-
 def test_sync_layer_without_process_group_takes_a_residual():
     layer = bnbench.SyncBatchNormAct(3, activation="tanh", backend="torch")
     bn = nn.BatchNorm1d(3)

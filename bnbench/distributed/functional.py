@@ -43,7 +43,7 @@ from bnbench.activations import Activation, apply_activation
 __all__ = ["CollectiveRecord", "record_collectives", "sync_batch_norm_act"]
 
 _HEADER = 4  # count, C_input, device kind, problem code
-_CHANNELS, _DEVICE, _UNSUPPORTED = 1, 2, 3
+_CHANNELS, _DEVICE, _UNSUPPORTED, _RESIDUAL = 1, 2, 3, 4
 _DEVICE_KINDS = {"cpu": 0.0, "cuda": 1.0}
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -136,8 +136,10 @@ def _channel_view(x: Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
-def _local_problem(x: Tensor, num_features: int, home: torch.device, use_triton: bool) -> tuple[int, str] | None:
-    """(code, message) when this rank's input cannot join the merge, else None."""
+def _local_problem(
+    x: Tensor, num_features: int, home: torch.device, use_triton: bool, residual: Tensor | None = None
+) -> tuple[int, str] | None:
+    """(code, message) when this rank's input (or residual) cannot join the merge, else None."""
     if x.dim() < 2 or x.dim() > 5:
         return _UNSUPPORTED, f"expected a 2-D to 5-D input (N, C, ...), got shape {tuple(x.shape)}"
     if x.shape[1] != num_features:
@@ -146,6 +148,16 @@ def _local_problem(x: Tensor, num_features: int, home: torch.device, use_triton:
         return _DEVICE, f"input is on {x.device} but the layer's parameters and buffers are on {home}"
     if use_triton and x.dtype not in _TRITON_DTYPES:
         return _UNSUPPORTED, f"input dtype {x.dtype} is not supported by the Triton kernels (float32/16, bfloat16)"
+    if residual is not None and (
+        not isinstance(residual, Tensor)
+        or (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device)
+    ):
+        found = (
+            f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
+            if isinstance(residual, Tensor)
+            else type(residual).__name__
+        )
+        return _RESIDUAL, f"residual {found} does not match input {tuple(x.shape)} {x.dtype} on {x.device}"
     return None
 
 
@@ -168,14 +180,16 @@ def _describe(code: int, c_input: int, num_features: int) -> str:
         return f"input has {c_input} channels, the layer {num_features}"
     if code == _DEVICE:
         return "input is on another device than the layer"
+    if code == _RESIDUAL:
+        return "residual does not match the input (shape, dtype or device)"
     return "unsupported input (shape or dtype)"
 
 
-def _exchange_stats(x, num_features, home, group, use_triton) -> tuple[Tensor, Tensor, int]:
+def _exchange_stats(x, num_features, home, group, use_triton, residual) -> tuple[Tensor, Tensor, int]:
     """The forward collective: global (mean, M2) as float64 (C,) on ``home``, and the global count."""
     if dist.get_backend(group) == "nccl" and home.type != "cuda":
         raise ValueError(f"the process group's backend is nccl, which needs CUDA tensors; the layer is on {home}")
-    problem = _local_problem(x, num_features, home, use_triton)
+    problem = _local_problem(x, num_features, home, use_triton, residual)
     buf = torch.zeros(_HEADER + 2 * num_features, device=home, dtype=torch.float64)
     count = 0 if problem is not None else x.numel() // max(x.shape[1], 1)
     c_input = x.shape[1] if x.dim() >= 2 else -1
@@ -231,9 +245,9 @@ def _torch_dz(z: Tensor, dy: Tensor, act: Activation, param: float) -> Tensor:
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, param, group, home, use_triton,
-                num_features):  # fmt: skip
-        mean64, m2_64, total = _exchange_stats(x, num_features, home, group, use_triton)
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, act, param, group, home,
+                use_triton, num_features):  # fmt: skip
+        mean64, m2_64, total = _exchange_stats(x, num_features, home, group, use_triton, residual)
         if running_mean is not None:
             with torch.no_grad():
                 factor = momentum.to(home) if isinstance(momentum, Tensor) else momentum
@@ -245,69 +259,80 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         if use_triton:
             from bnbench import kernels
 
-            y = kernels.bn_act_apply(x, mean, rstd, weight, bias, activation=act.value, act_param=param)
+            y = kernels.bn_act_apply(
+                x, mean, rstd, weight, bias, activation=act.value, act_param=param, residual=residual
+            )
         else:
-            y = _torch_apply(x, mean, rstd, weight, bias, act, param)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+            y = _torch_apply(x, mean, rstd, weight, bias, act, param, residual)
+        ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
         ctx.config = (act, param, group, total, use_triton)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         act, param, group, total, use_triton = ctx.config
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+        need_dr = need_dr and residual is not None
         if use_triton:
             from bnbench import kernels
         if use_triton and x.numel() > 0:
             sum_dz, sum_dz_xhat = kernels.bn_act_bwd_sums(
-                dy, x, mean, rstd, weight, bias, activation=act.value, act_param=param
+                dy, x, mean, rstd, weight, bias, activation=act.value, act_param=param, residual=residual
             )
         else:
-            sum_dz, sum_dz_xhat, dz, x_hat = _torch_sums(dy, x, mean, rstd, weight, bias, act, param)
+            sum_dz, sum_dz_xhat, dz, x_hat = _torch_sums(dy, x, mean, rstd, weight, bias, act, param, residual)
         dweight = sum_dz_xhat.to(weight.dtype) if need_dw and weight is not None else None
         dbias = sum_dz.to(bias.dtype) if need_db and bias is not None else None
-        dx = None
+        dx = dresidual = None
         if need_dx:  # the backward collective: global sums for dx (every rank joins, also with an empty batch)
             C = mean.numel()
             sums = _all_reduce(torch.cat([sum_dz.float(), sum_dz_xhat.float()]), group)
             g_dz, g_dz_xhat = sums[:C].to(mean.dtype), sums[C:].to(mean.dtype)
-            if x.numel() == 0:
-                dx = torch.zeros_like(x)
-            elif use_triton:
-                dx = kernels.bn_act_bwd_dx(
-                    dy, x, mean, rstd, weight, bias, g_dz, g_dz_xhat, total, activation=act.value, act_param=param
-                )
-            else:
-                w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
-                shape = _channel_view(x)
-                scale = (w * rstd).view(shape)
-                dx = scale * (dz - (g_dz / total).view(shape) - x_hat * (g_dz_xhat / total).view(shape))
-                dx = dx.to(x.dtype)
-        return dx, dweight, dbias, *([None] * 10)
+        else:  # the residual's gradient dz alone needs no global sums (the dx pass that writes it ignores them)
+            g_dz, g_dz_xhat = sum_dz, sum_dz_xhat
+        if (need_dx or need_dr) and x.numel() == 0:
+            dx, dresidual = torch.zeros_like(x), None if residual is None else torch.zeros_like(residual)
+        elif (need_dx or need_dr) and use_triton:
+            grads = kernels.bn_act_bwd_dx(
+                dy, x, mean, rstd, weight, bias, g_dz, g_dz_xhat, total, activation=act.value, act_param=param,
+                residual=residual,
+            )  # fmt: skip
+            dx, dresidual = grads if residual is not None else (grads, None)
+        elif need_dx or need_dr:
+            w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+            shape = _channel_view(x)
+            scale = (w * rstd).view(shape)
+            dx = scale * (dz - (g_dz / total).view(shape) - x_hat * (g_dz_xhat / total).view(shape))
+            dx = dx.to(x.dtype)
+            dresidual = None if residual is None else dz.to(residual.dtype)
+        return (dx if need_dx else None), dweight, dbias, (dresidual if need_dr else None), *([None] * 10)
 
 
-def _torch_apply(x, mean, rstd, weight, bias, act, param) -> Tensor:
+def _torch_z(x_hat, weight, bias, residual, shape, dtype) -> Tensor:
+    """z = x_hat * weight + bias (+ residual) in ``dtype``."""
+    z = x_hat * weight.to(dtype).view(shape) if weight is not None else x_hat
+    z = z + bias.to(dtype).view(shape) if bias is not None else z
+    return z + residual.to(dtype) if residual is not None else z
+
+
+def _torch_apply(x, mean, rstd, weight, bias, act, param, residual) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
     shape = _channel_view(x)
-    z = (x.to(mean.dtype) - mean.view(shape)) * rstd.view(shape)
-    if weight is not None:
-        z = z * weight.to(mean.dtype).view(shape)
-    if bias is not None:
-        z = z + bias.to(mean.dtype).view(shape)
+    x_hat = (x.to(mean.dtype) - mean.view(shape)) * rstd.view(shape)
+    z = _torch_z(x_hat, weight, bias, residual, shape, mean.dtype)
     return apply_activation(z, act, param).to(x.dtype)
 
 
-def _torch_sums(dy, x, mean, rstd, weight, bias, act, param):
+def _torch_sums(dy, x, mean, rstd, weight, bias, act, param, residual):
     """Local (sum_dz, sum_dz_xhat, dz, x_hat) in plain torch ops (the ``torch`` backend, and empty batches)."""
     if x.numel() == 0:
         zeros = torch.zeros_like(mean)
         return zeros, zeros.clone(), None, None
     shape, dims = _channel_view(x), _reduce_dims(x)
     x_hat = (x.to(mean.dtype) - mean.view(shape)) * rstd.view(shape)
-    z = x_hat * weight.to(mean.dtype).view(shape) if weight is not None else x_hat
-    z = z + bias.to(mean.dtype).view(shape) if bias is not None else z
+    z = _torch_z(x_hat, weight, bias, residual, shape, mean.dtype)
     dz = _torch_dz(z, dy.to(mean.dtype), act, param)
     return dz.sum(dims), (dz * x_hat).sum(dims), dz, x_hat
 
@@ -324,8 +349,10 @@ def sync_batch_norm_act(
     activation_param: float,
     process_group,
     use_triton: bool,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """Training-mode ``activation(batch_norm(input))`` with statistics over every rank of ``process_group``.
+    """Training-mode ``activation(batch_norm(input) [+ residual])`` with statistics over every rank of
+    ``process_group``. A residual that does not match the input is reported through the forward collective.
 
     Updates the running statistics (when given) from the global batch: unbiased variance with the global count,
     ``momentum`` a number or a 0-dim tensor (``1 / num_batches_tracked`` for the cumulative average). A 5-D input
@@ -336,11 +363,13 @@ def sync_batch_norm_act(
         raise ValueError(f"expected a 2-D to 5-D input (N, C, ...), got shape {tuple(input.shape)}")
     num_features = anchor.numel() if anchor is not None else input.shape[1]
     anchor = input if anchor is None else anchor
-    x = input
+    x, r = input, residual
     if use_triton and x.dim() == 5 and x.device == anchor.device:
         x = x.view(x.shape[0], x.shape[1], -1)  # both standard 5-D layouts flatten to a view, never a copy
+        if isinstance(r, Tensor) and r.shape == input.shape:
+            r = r.view(x.shape)
     y = _SyncBatchNormActFunction.apply(
-        x, weight, bias, running_mean, running_var, momentum, float(eps), activation, float(activation_param),
+        x, weight, bias, r, running_mean, running_var, momentum, float(eps), activation, float(activation_param),
         process_group, anchor.device, bool(use_triton), num_features,
     )  # fmt: skip
     return y.view(input.shape) if y.dim() != input.dim() else y

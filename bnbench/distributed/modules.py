@@ -120,17 +120,13 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
                 self.activation, self.activation_param, self.backend, residual=r,
             )  # fmt: skip
             return y.view(input.shape) if input.dim() == 5 else y
-        if residual is not None:
-            raise NotImplementedError(
-                "SyncBatchNormAct does not take a residual yet while synchronising over a process group"
-            )
         # Input checks that can differ between ranks travel in the forward collective (no rank raises alone), so the
         # backend follows the layer's device, not the input's (an input on another device is reported, not raised).
         anchor = next((t for t in (self.weight, self.running_mean) if t is not None), input)
         use_triton = resolve_backend(self.backend, anchor) == "triton"
         return sync_batch_norm_act(
             input, running_mean, running_var, self.weight, self.bias, factor, self.eps, self.activation,
-            self.activation_param, group, use_triton,
+            self.activation_param, group, use_triton, residual,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
