@@ -41,7 +41,6 @@ from bnbench.convert_residual import (
     match_add,
     record_module_inputs,
     residual_mismatch,
-    residual_refusal,
     tensor_shapes,
 )
 from bnbench.functional import BACKENDS, RESIDUAL_MEMORY_SAVING_ERROR, TRITON_DTYPES, memory_saving_unsupported
@@ -279,18 +278,11 @@ class _Converter:
         return None
 
     def _residual_blocker(self, bn: nn.Module) -> str | None:
-        """Why the fused layer could not take a residual here (None if it can): memory saving, or a backend that
-        refuses one on the BatchNorm's device (the Triton kernels, until they take a residual)."""
+        """Why the fused layer could not take a residual here (None if it can): memory saving refuses one (every
+        backend takes it otherwise)."""
         if self.memory_saving:
             return f"its output feeds a residual add: {RESIDUAL_MEMORY_SAVING_ERROR}"
-        if self.backend == "torch":
-            return None
-        device = next((t.device for t in (bn.weight, bn.running_mean) if t is not None), torch.device("cpu"))
-        refusal = residual_refusal(self.backend, device)
-        if refusal is None:
-            return None
-        return (f"its output feeds a residual add, which backend={self.backend!r} refuses on {device}: {refusal} "
-                '(backend="torch" converts it)')  # fmt: skip
+        return None
 
     def _fused(self, bn: nn.Module, act: Activation, param: float, name: str) -> nn.Module | None:
         """The fused layer sharing bn's tensors, or None (and a skip reason) when memory saving rules it out."""

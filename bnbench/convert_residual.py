@@ -6,8 +6,7 @@ call_function and ``a.add(b)`` / ``a.add_(b)`` as call_methods; all are matched 
 the fused layer, ``bn(x, r)``, which needs ``r`` to be a tensor of the BatchNorm output's shape and dtype (no
 broadcasting, no type promotion). Nothing in a graph says so, so a residual is converted only when one forward
 of the caller's example inputs showed it, every time the block ran (:func:`record_module_inputs`, then
-:func:`tensor_shapes` of each call), and only for a backend that takes a residual on the model's device
-(:func:`residual_refusal`: until the Triton kernels take one, bnbench refuses it there).
+:func:`tensor_shapes` of each call).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ __all__ = [
     "match_add",
     "record_module_inputs",
     "residual_mismatch",
-    "residual_refusal",
     "tensor_shapes",
 ]
 
@@ -144,21 +142,3 @@ def tensor_shapes(calls: ModuleCalls, name: str, graph: fx.Graph) -> tuple[str |
             ShapeProp(runner).propagate(*args)
             shapes.append({node.name: node.meta.get("tensor_meta") for node in graph.nodes})
     return None, shapes
-
-
-def residual_refusal(backend: str, device: torch.device | str) -> str | None:
-    """Why :func:`bnbench.batch_norm_act` with ``backend`` refuses a residual on ``device`` (its
-    NotImplementedError's message), or None when it takes one there. Asks the function itself, on a 2x1 tensor:
-    where the kernels take a residual that is one tiny launch. Any other error (no CUDA, no interpreter) is not a
-    refusal of the residual and gives None: the call says so itself when it runs."""
-    from bnbench.functional import batch_norm_act
-
-    x = torch.zeros(2, 1, device=device)
-    try:
-        with torch.no_grad():
-            batch_norm_act(x, None, None, training=True, backend=backend, residual=x)
-    except NotImplementedError as refusal:
-        return str(refusal)
-    except Exception:  # not about the residual
-        return None
-    return None

@@ -10,9 +10,8 @@ and for a :class:`~bnbench.bench.cases.ResidualCase` (``bn_add_act``) a keyword 
   ``torch._dynamo.reset()`` (after 8 recompiles Dynamo silently falls back to eager);
 - ``compile-max-autotune``: the same with ``mode="max-autotune"`` (optional; not in the default list);
 - ``triton``: :func:`bnbench.batch_norm_act` with ``backend="triton"`` (the fused kernels; the residual passed
-  through, so it is added inside them; skipped, saying why, while bnbench's kernels refuse a residual). Without CUDA
-  it runs
-  only under ``TRITON_INTERPRET=1``, as a correctness check of tiny cases (timer ``interpreter``);
+  through, so it is added inside them). Without CUDA it runs only under ``TRITON_INTERPRET=1``, as a correctness
+  check of tiny cases (timer ``interpreter``);
 - ``triton-compile``: that fused call under ``torch.compile(dynamic=False)`` (optional): shows whether the
   custom-op registration costs anything when a model using the layer is compiled.
 """
@@ -104,7 +103,7 @@ def triton_skip_reason(case: Case, device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
-        return _residual_skip(case, device)
+        return None
     if not interpreter_active():
         return (
             "no CUDA device in use: on CPU tensors the Triton kernels run only in the interpreter; set "
@@ -115,16 +114,7 @@ def triton_skip_reason(case: Case, device: torch.device) -> str | None:
             f"Triton interpreter: case has {case.numel} elements, more than the {INTERPRETER_MAX_NUMEL} the "
             "interpreter checks (it simulates every program in numpy)"
         )
-    return _residual_skip(case, device)
-
-
-def _residual_skip(case: Case, device: torch.device) -> str | None:
-    if case.family != "bn_add_act":
-        return None
-    from bnbench.convert_residual import residual_refusal
-
-    refusal = residual_refusal("triton", device)
-    return None if refusal is None else f"bnbench's Triton kernels refuse a residual here: {refusal}"
+    return None
 
 
 def triton_timer(device: torch.device) -> str | None:

@@ -23,8 +23,8 @@ step's latency apart (compile_s), peak GPU memory, the share of the step in Batc
 the same network's in float64 (same weights and data; the bound is the compute precision's tolerance or 100x the
 eager network's own error, whichever is larger). convert_bn_act is given two images of the batch, so a
 BatchNorm feeding a residual add fuses with the add (a ResNet's downsample BatchNorm, the add's other input, fuses
-without activation); BatchNorms it leaves alone (e.g. those feeding a residual add while the fused backend's
-kernels refuse a residual) are counted in bn_unfused, with the reason.
+without activation); BatchNorms it leaves alone (e.g. one whose output has another use) are counted in bn_unfused,
+with the reason.
 
 Networks: resnet18 and resnet50 (torchvision's when it imports, else the project's identical definitions; 224x224,
 1000 classes), cnn (32x32) and mlp (3x8x8) for quick CPU runs. Precision: fp32, or bf16 under torch.autocast.
