@@ -38,6 +38,7 @@ from bnbench.activations import Activation, describe
 from bnbench.convert_residual import (
     ModuleCalls,
     ResidualAdd,
+    fused_residual,
     match_add,
     record_module_inputs,
     residual_mismatch,
@@ -486,13 +487,15 @@ class _Use:
 
 
 def _rewrite(graph: fx.Graph, name: str, bn_node: fx.Node, use: _Use) -> None:
-    """Replace ``bn -> act`` by the fused child's call, ``bn -> add r -> act`` by ``name(x, r)``."""
+    """Replace ``bn -> act`` by the fused child's call, ``bn -> add r -> act`` by ``fused_residual(name, x, r)``
+    (``name(x, r)`` where r is a tensor of x's shape and dtype, as in the example forward)."""
     if use.add is None:
         use.act.replace_all_uses_with(bn_node)
         graph.erase_node(use.act)
         return
     with graph.inserting_before(use.add.add):  # where both the BatchNorm's input and r exist
-        fused_call = graph.call_module(name, (bn_node.args[0], use.add.residual))
+        layer = graph.get_attr(name)
+        fused_call = graph.call_function(fused_residual, (layer, bn_node.args[0], use.add.residual))
     use.act.replace_all_uses_with(fused_call)
     for node in (use.act, use.add.add, bn_node):
         graph.erase_node(node)

@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 __all__ = [
     "ModuleCalls",
     "ResidualAdd",
+    "fused_residual",
     "match_add",
     "record_module_inputs",
     "residual_mismatch",
@@ -68,7 +69,37 @@ def match_add(bn_node: fx.Node, user: fx.Node) -> tuple[str | None, ResidualAdd 
     if user.op == "call_method" and user.target == "add_" and a is residual:
         return ("its output is added in place into the residual (r.add_(bn(x))), whose new value the fused layer "
                 "would not write"), None  # fmt: skip
+    later = [u.name for u in residual.users if u is not user and _runs_after(u, user)]
+    if later:
+        return (f"the residual {residual.name} is used after the add (by {', '.join(later)}): fx records "
+                "`r += bn(x)`, which changes r, as `r + bn(x)`, and the fused layer keeps r for its backward, so a "
+                "later in-place change of r would break it"), None  # fmt: skip
     return None, ResidualAdd(user, residual)
+
+
+def _runs_after(node: fx.Node, ref: fx.Node) -> bool:
+    """Whether ``node`` comes after ``ref`` in their graph's order."""
+    cursor = ref.next
+    while cursor.op != "root":  # the graph's sentinel closes the ring of nodes
+        if cursor is node:
+            return True
+        cursor = cursor.next
+    return False
+
+
+def fused_residual(layer: nn.Module, input: torch.Tensor, residual) -> torch.Tensor:
+    """What a converted residual tail calls: ``layer(input, residual)``, or, where this call's residual is not a
+    tensor of the input's shape, dtype and device (the example forward showed one, but autocast may promote the
+    sum, and a residual may broadcast over a batch the example did not have), the unfused composition the model
+    wrote, ``act(bn(input) + residual)`` with the layer's BatchNorm (eager's result and dtype)."""
+    if (
+        isinstance(residual, torch.Tensor)
+        and residual.shape == input.shape
+        and residual.dtype == input.dtype
+        and residual.device == input.device
+    ):
+        return layer(input, residual)
+    return layer.activate(layer.normalize(input) + residual)
 
 
 def residual_mismatch(bn_meta, residual_meta) -> str | None:

@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from bnbench.activations import Activation, parse_activation
+from bnbench.activations import Activation, apply_activation, parse_activation
 from bnbench.functional import BACKENDS, batch_norm_act, memory_saving_unsupported
 
 __all__ = ["NN_BATCHNORM_HAS_BIAS", "BatchNormAct1d", "BatchNormAct2d", "count_batch"]
@@ -98,6 +98,19 @@ class _BatchNormActMixin:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """act(BN(input)), or act(BN(input) + residual) given a residual of the input's shape, dtype and device
         (any strides or memory format; see :func:`bnbench.batch_norm_act`)."""
+        return self._batch_norm_act(input, residual, self.activation, self.activation_param)
+
+    def normalize(self, input: Tensor) -> Tensor:
+        """BN(input) alone, as ``nn.BatchNorm`` computes it with this layer's parameters and statistics (running
+        statistics updated in training): the first half of ``forward``, for a caller that adds something the fused
+        layer cannot take (a broadcasting or type-promoting residual) before :meth:`activate`."""
+        return self._batch_norm_act(input, None, Activation.IDENTITY, None)
+
+    def activate(self, z: Tensor) -> Tensor:
+        """This layer's activation of ``z`` (PyTorch ops): the second half of ``forward``, after :meth:`normalize`."""
+        return apply_activation(z, self.activation, self.activation_param)
+
+    def _batch_norm_act(self, input, residual, activation, activation_param) -> Tensor:
         self._check_input_dim(input)
         exponential_average_factor = count_batch(self)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -112,8 +125,8 @@ class _BatchNormActMixin:
             bn_training,
             exponential_average_factor,
             self.eps,
-            self.activation,
-            self.activation_param,
+            activation,
+            activation_param,
             self.backend,
             residual=residual,
             memory_saving=self.memory_saving,

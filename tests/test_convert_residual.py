@@ -10,6 +10,7 @@ single block (:func:`test_block_runs_the_triton_residual_path`). C=3 keeps a non
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -19,6 +20,7 @@ from torch import fx, nn
 
 import bnbench
 from bnbench.convert import convert_bn_act
+from bnbench.convert_residual import fused_residual
 from bnbench.models import resnet, small, torchvision_available
 
 from .test_convert import _assert_same_training_step, _randomise
@@ -77,8 +79,8 @@ def test_each_residual_pattern_is_converted(seed, pattern):
     block = converted[0]
     assert isinstance(block, fx.GraphModule) and isinstance(block.bn, bnbench.BatchNormAct2d)
     assert _adds(block) == []  # the sum is inside the fused layer now
-    (call,) = [n for n in block.graph.nodes if n.op == "call_module" and n.target == "bn"]
-    assert [a.target for a in call.args] == ["x", "conv"]
+    (call,) = [n for n in block.graph.nodes if n.target is fused_residual]  # bn(x, r), guarded (see below)
+    assert [a.target for a in call.args] == ["bn", "x", "conv"]
     _assert_same_training_step(model, converted, x)  # gradients reach the residual's conv through the fused layer
     model.eval()
     converted.eval()
@@ -271,3 +273,63 @@ def test_a_block_called_with_keywords_is_skipped_saying_so():
     _, report = convert_bn_act(KeywordCaller(), backend="torch", example_inputs=torch.randn(2, 3, 2, 2),
                                return_report=True)  # fmt: skip
     assert report.converted == {} and "called with keyword arguments (x)" in report.skipped["block.bn"]
+
+
+# --- what the example forward could not show (found by review) --------------------------------------------------
+
+
+class AliasedResidual(nn.Module):
+    """``r += bn(x)`` where r has another name used after the add: fx records the in-place add as ``r + bn(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        r = x * 1.0
+        keep = r
+        r += self.bn(x)
+        return F.relu(r), keep
+
+
+def test_a_residual_used_after_the_add_is_left_alone(seed):
+    model = _randomise(AliasedResidual())
+    x = torch.randn(2, 3, 2, 2)
+    converted, report = convert_bn_act(model, backend="torch", example_inputs=x, return_report=True)
+    assert report.converted == {} and "used after the add" in report.skipped["bn"]
+    for got, want in zip(converted(x), model(x), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+class Shifted(nn.Module):
+    """A residual parameter that broadcasts over the batch: the same shape as bn(x) only at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.pos = nn.Parameter(torch.randn(1, 3, 2, 2))
+
+    def forward(self, x):
+        return F.relu(self.bn(x) + self.pos)
+
+
+def test_a_residual_that_broadcasts_beyond_the_example_batch_runs_unfused(seed):
+    model = _randomise(Shifted())
+    converted, report = convert_bn_act(model, backend="torch", example_inputs=torch.randn(1, 3, 2, 2),
+                                       return_report=True)  # fmt: skip
+    assert report.with_residual == {"bn": "pos"}  # batch 1: the shapes matched
+    _assert_same_training_step(model, converted, torch.randn(4, 3, 2, 2))  # batch 4: pos broadcasts
+
+
+def test_a_converted_block_under_autocast_keeps_eager_s_promotion(seed):
+    """Under autocast a block fed float32 adds the bfloat16 BatchNorm output to a float32 identity (eager
+    promotes the sum); the fused layer takes a residual of its input's dtype only, so that call runs unfused."""
+    from bnbench.models.resnet import BasicBlock
+
+    model = _randomise(BasicBlock(3, 3))
+    x = torch.randn(2, 3, 4, 4)
+    converted = convert_bn_act(copy.deepcopy(model), backend="torch", example_inputs=x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), converted(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 convolutions: the same ops, in one order
