@@ -471,3 +471,14 @@ def test_convert_sync_bn_act():
     group = object()  # stored, not used outside a process group
     assert all(m.process_group is group for m in convert_sync_bn_act(_model(), group).modules()
                if isinstance(m, SyncBatchNormAct))  # fmt: skip
+
+
+def test_a_5d_tensor_that_does_not_flatten_without_a_copy_is_refused_clearly():
+    """Without a process group the 5-D path reads (N, C, D*H*W) views; D, H, W transposed have no such view."""
+    layer = SyncBatchNormAct(3, backend="torch")
+    x = torch.randn(2, 3, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"residual of shape \(2, 3, 2, 2, 2\) has strides"):
+        layer(x, torch.randn(2, 3, 2, 2, 2).transpose(2, 4))
+    with pytest.raises(ValueError, match=r"input of shape \(2, 3, 2, 2, 2\) has strides"):
+        layer(x.transpose(2, 4))
+    layer(x, torch.randn(2, 3, 2, 2, 2).to(memory_format=torch.channels_last_3d))  # flattens as a view: fine

@@ -29,6 +29,17 @@ from bnbench.modules import BatchNormAct1d, BatchNormAct2d, count_batch
 __all__ = ["SyncBatchNormAct", "convert_sync_bn_act"]
 
 
+def _flattened(t: Tensor, name: str) -> Tensor:
+    """A 5-D tensor as its (N, C, D*H*W) view (never a copy), or a ValueError naming its strides."""
+    try:
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} has strides {t.stride()}, in which D, H and W do not flatten into one "
+            "axis without a copy (the 5-D path reads (N, C, D*H*W)); pass it contiguous or channels_last_3d"
+        ) from None
+
+
 class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
     r"""``nn.SyncBatchNorm`` followed by an activation, fused, with the statistics over every rank's batch.
 
@@ -112,9 +123,9 @@ class SyncBatchNormAct(nn.modules.batchnorm._BatchNorm):
             self._check_input_dim(input)
             check_residual(input, residual)
             x, r = input, residual
-            if input.dim() == 5:
-                x = input.view(input.shape[0], input.shape[1], -1)
-                r = None if residual is None else residual.view(x.shape)
+            if input.dim() == 5:  # (N, C, D*H*W) views: the kernels take at most 4-D
+                x = _flattened(input, "input")
+                r = None if residual is None else _flattened(residual, "residual")
             y = batch_norm_act(
                 x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
                 self.activation, self.activation_param, self.backend, residual=r,
