@@ -100,11 +100,12 @@ def triton36(session: nox.Session) -> None:
         "tests/test_kernels_compile.py",
         "tests/test_kernels_properties.py",  # registers, spills, LDGSTS and barriers as the GPU image compiles them
         "tests/test_kernels.py",
-        "tests/test_kernels_residual.py",
         "tests/test_memory_saving.py",
         "tests/test_inspect.py",  # the recording driver against Triton 3.6's driver interface
         "tests/test_launch.py",  # the direct launch against Triton 3.6's launcher convention
         "tests/test_module_db.py",
+        # the residual kernels' numerics run under 3.9's interpreter (tests session); here their sm_90 builds are
+        # checked by test_kernels_compile and test_kernels_properties
         *session.posargs,
         env={"TRITON_INTERPRET": "1", "BNBENCH_TEST_INSTALLED": "1", "MPLBACKEND": "Agg"},
     )
