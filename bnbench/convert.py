@@ -278,13 +278,6 @@ class _Converter:
             )
         return None
 
-    def _residual_blocker(self, bn: nn.Module) -> str | None:
-        """Why the fused layer could not take a residual here (None if it can): memory saving refuses one (every
-        backend takes it otherwise)."""
-        if self.memory_saving:
-            return f"its output feeds a residual add: {RESIDUAL_MEMORY_SAVING_ERROR}"
-        return None
-
     def _fused(self, bn: nn.Module, act: Activation, param: float, name: str) -> nn.Module | None:
         """The fused layer sharing bn's tensors, or None (and a skip reason) when memory saving rules it out."""
         if self.memory_saving and (reason := memory_saving_unsupported(act, param)):
@@ -367,7 +360,10 @@ class _Converter:
             if reason is None:
                 reason, use = self._traced_pattern(module, nodes)
             if reason is None and use.add is not None:
-                reason = self._residual_blocker(bn)
+                # every backend takes a residual; memory saving refuses one
+                reason = (
+                    f"its output feeds a residual add: {RESIDUAL_MEMORY_SAVING_ERROR}" if self.memory_saving else None
+                )
                 if reason is None:
                     shapes = shapes or tensor_shapes(self.calls, prefix[:-1], graph)
                     reason = _residual_reason(nodes[0], use.add.residual, *shapes)
